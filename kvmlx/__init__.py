@@ -1,0 +1,36 @@
+"""kvmlx: publish a document's KV cache once; load it with MLX and continue token-exactly.
+
+    import kvmlx
+    lm = kvmlx.load_model()                      # or "Qwen/Qwen3-4B", or a local path
+    kvmlx.publish(lm, open("doc.txt").read(), "doc.kvmlx")
+    kv = kvmlx.load_artifact("doc.kvmlx", lm)    # kv.caches work as mlx_lm prompt_cache=
+    gen, _ = kvmlx.generate("doc.kvmlx", lm, "\\nQuestion: ...")
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ArtifactError,
+    DtypeMismatchError,
+    IntegrityError,
+    KvmlxError,
+    MismatchError,
+    ModelLoadError,
+    ModelMismatchError,
+    PrefixMismatchError,
+    TokenizerMismatchError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+)
+from .format import Artifact, read_header  # noqa: E402
+from .generate import Generation, Verification, continue_from, from_scratch, generate, verify  # noqa: E402
+from .load import LoadedKV, load_artifact, split_prompt  # noqa: E402
+from .models import LoadedModel, load_model  # noqa: E402
+from .publish import PublishResult, publish  # noqa: E402
+
+__all__ = [
+    "Artifact", "ArtifactError", "DtypeMismatchError", "Generation", "IntegrityError", "KvmlxError", "LoadedKV",
+    "LoadedModel", "MismatchError", "ModelLoadError", "ModelMismatchError", "PrefixMismatchError", "PublishResult",
+    "TokenizerMismatchError", "UnsupportedModelError", "UnsupportedVersionError", "Verification", "continue_from",
+    "from_scratch", "generate", "load_artifact", "load_model", "publish", "read_header", "split_prompt", "verify",
+]

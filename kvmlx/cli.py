@@ -1,0 +1,221 @@
+"""The `kvmlx` command: a thin Click layer over the Python API.
+
+Exit codes: 0 success; 1 a kvmlx error (bad, mismatched or unreadable artifact or model: one line on
+stderr); 2 a usage error (Click's); 3 `--verify`/`demo` ran but reuse was not token-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from . import __version__
+from .errors import KvmlxError
+from .format import read_header
+from .generate import DEFAULT_MAX_TOKENS, generate as generate_api, verify as verify_api
+from .models import load_model
+from .publish import DEFAULT_CHUNK, publish as publish_api
+
+DTYPE_CHOICE = click.Choice(["float16", "bfloat16", "float32"])
+EXIT_NOT_EXACT = 3
+DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache instead of running prefill?\nAnswer:"
+
+
+class KvmlxGroup(click.Group):
+    """Turns every `KvmlxError` into Click's one-line `Error: ...` and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KvmlxError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=KvmlxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kvmlx")
+def main() -> None:
+    """Publish a document's KV cache once; load it and continue token-exactly instead of prefilling."""
+
+
+def _progress(desc: str, quiet: bool):
+    """A tqdm bar on stderr, shown only to a person at a terminal (never in --json or piped runs)."""
+    bar = tqdm(total=0, desc=desc, unit="tok", disable=quiet or not sys.stderr.isatty(), file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def _emit(obj: dict) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _stream_printer(lm, enabled: bool):
+    """Print tokens as they arrive (plain text on stdout) unless output is JSON."""
+    detok = lm.tokenizer.detokenizer
+
+    def on_token(token: int) -> None:
+        if enabled:
+            detok.add_token(token)
+            click.echo(detok.last_segment, nl=False)
+
+    return on_token
+
+
+@main.command()
+@click.argument("document", type=click.File("r", encoding="utf-8"))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, writable=True), help="Artifact file to write (.kvmlx).")
+@click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the built-in tiny Qwen3).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Run the model (and store the KV) in this dtype (default: the model's).")
+@click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size (recorded; agents reuse it).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def publish(document, out, model, dtype, chunk_size, as_json) -> None:
+    """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact."""
+    lm = load_model(model, dtype)
+    bar, update = _progress("prefill", as_json)
+    with bar:
+        result = publish_api(lm, document.read(), out, chunk_size=chunk_size, progress=update)
+    summary = {
+        "artifact": str(result.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": result.num_tokens,
+        "artifact_bytes": result.artifact_bytes, "kv_bytes": result.kv_bytes,
+        "prefill_seconds": result.prefill_seconds, "write_seconds": result.write_seconds,
+        "model_fingerprint": result.header["model"]["fingerprint"],
+    }
+    if as_json:
+        _emit(summary)
+    else:
+        click.echo(f"published {result.num_tokens} tokens of KV ({result.artifact_bytes / 1e6:.1f} MB, {lm.dtype}) "
+                   f"to {result.path} in {result.prefill_seconds:.2f} s prefill + {result.write_seconds:.2f} s write")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt", "-p", default=None, help="Text that continues the document (tokenized without special tokens).")
+@click.option("--prompt-file", type=click.File("r", encoding="utf-8"), default=None, help="Read the continuation from a file.")
+@click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the model id the artifact names).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Model dtype (default: the artifact's KV dtype).")
+@click.option("--max-tokens", "-n", default=DEFAULT_MAX_TOKENS, show_default=True, type=click.IntRange(1))
+@click.option("--verify", is_flag=True, help="Also prefill document + prompt from scratch and compare tokens and logits.")
+@click.option("--single-pass", is_flag=True, help="With --verify, also compare against one unchunked forward pass.")
+@click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate(artifact, prompt, prompt_file, model, dtype, max_tokens, verify, single_pass, no_verify_digests, as_json) -> None:
+    """Load ARTIFACT, append the prompt, and continue greedily without re-running the document's prefill."""
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    text = prompt_file.read() if prompt_file is not None else (prompt or "")
+    header = read_header(artifact)
+    lm = load_model(model or header["model"]["id"], dtype or header["kv"]["dtype"])
+    printer = _stream_printer(lm, not as_json)
+    if verify:
+        report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer)
+        _finish_verification(lm, report, as_json)
+        return
+    gen, loaded = generate_api(artifact, lm, text, max_tokens=max_tokens, on_token=printer,
+                               verify_digests=not no_verify_digests)
+    if as_json:
+        _emit({
+            "text": lm.tokenizer.decode(gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,
+            "prefilled_tokens": gen.prefilled_tokens, "load_seconds": loaded.load_seconds,
+            "reuse_first_token_seconds": gen.first_token_seconds, "total_seconds": gen.total_seconds,
+            "load_path": loaded.load_path, "artifact_bytes": loaded.header["file_bytes"],
+        })
+    else:
+        click.echo()
+
+
+def _finish_verification(lm, report, as_json: bool) -> None:
+    """Print a verification's result and exit with EXIT_NOT_EXACT when reuse diverged."""
+    if as_json:
+        _emit({**report.to_json(), "text": lm.tokenizer.decode(report.reuse.tokens)})
+    else:
+        click.echo()
+        click.echo(_verification_words(report))
+    if not report.token_exact:
+        sys.exit(EXIT_NOT_EXACT)
+
+
+def _verification_words(report) -> str:
+    r = report.to_json()
+    verdict = "TOKEN-EXACT" if r["token_exact"] else f"NOT exact (first difference at token {r['first_mismatch']})"
+    lines = [
+        f"verify: {verdict}: {r['tokens_compared']} greedy tokens compared with prefilling from scratch; "
+        f"max |logit difference| = {r['max_abs_logit_diff']:.3g}" + (" (bit-identical)" if r["logits_identical"] else ""),
+        f"reused {r['reused_tokens']} tokens from a {r['artifact_bytes'] / 1e6:.2f} MB artifact, prefilled {r['prefilled_tokens']}; "
+        f"first token after {r['reuse_first_token_seconds'] * 1e3:.1f} ms (load {r['load_seconds'] * 1e3:.1f} ms) "
+        f"vs {r['prefill_seconds'] * 1e3:.1f} ms from scratch ({r['speedup_first_token']:.1f}x)",
+    ]
+    if report.single_pass:
+        sp = report.single_pass
+        lines.append(f"single unchunked forward pass: tokens {'equal' if sp['token_exact'] else 'differ'}, "
+                     f"max |logit difference| = {sp['max_abs_logit_diff']:.3g}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole validated header as JSON.")
+def inspect(artifact, as_json) -> None:
+    """Show ARTIFACT's header: what produced it, its geometry, tokens and tensors (validated, digests unchecked)."""
+    h = read_header(artifact)
+    if as_json:
+        _emit(h)
+        return
+    m, kv, tensors = h["model"], h["kv"], h["tensors"]
+    kv_bytes = sum(t["nbytes"] for t in tensors if t["name"].startswith("layers."))
+    tokens = h["document"]["tokens"]
+    preview = " ".join(map(str, tokens[:12])) + (" ..." if len(tokens) > 12 else "")
+    rows = [
+        ("format", f"kvmlx v{h['version']} ({h.get('created_by', '?')})"),
+        ("model", f"{m['id']} ({m['model_type']})"),
+        ("model fingerprint", m["fingerprint"]),
+        ("tokenizer fingerprint", h["tokenizer"]["fingerprint"]),
+        ("geometry", f"{m['num_layers']} layers x {m['num_kv_heads']} KV heads x head_dim {m['head_dim']}, layout {kv['layout']}"),
+        ("rope", json.dumps(m["rope"], sort_keys=True)),
+        ("kv", f"{kv['dtype']}, {kv['num_tokens']} tokens, prefill chunk {kv['chunk_size']}"),
+        ("bytes", f"{h['file_bytes']} in the file, {kv_bytes} of KV ({h['file_bytes'] / max(kv_bytes, 1):.3f}x)"),
+        ("tensors", f"{len(tensors)} ({h['digest']} digest each), 16 KiB-aligned"),
+        ("tokens", preview),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@main.command()
+@click.option("--model", "-m", default="builtin:tiny", show_default=True, help="Model to demonstrate with.")
+@click.option("--max-tokens", "-n", default=DEFAULT_MAX_TOKENS, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Keep the artifact here (default: a temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def demo(model, max_tokens, out, as_json) -> None:
+    """Publish the bundled sample document, generate from its artifact, and verify against prefill."""
+    say = (lambda s: None) if as_json else click.echo
+    document = resources.files("kvmlx").joinpath("data/sample_document.txt").read_text(encoding="utf-8")
+    say(f"1. loading {model} (built on first use, offline)")
+    lm = load_model(model)
+    with tempfile.TemporaryDirectory(prefix="kvmlx-demo-") as tmp:
+        path = Path(out or Path(tmp) / "sample.kvmlx")
+        bar, update = _progress("prefill", as_json)
+        with bar:
+            pub = publish_api(lm, document, path, progress=update)
+        say(f"2. published the sample document: {pub.num_tokens} tokens -> {path.name}, "
+            f"{pub.artifact_bytes / 1e6:.2f} MB of {lm.dtype} KV, prefill {pub.prefill_seconds:.2f} s")
+        say(f"3. generating from the artifact with the prompt {DEMO_PROMPT.strip()!r}:\n")
+        report = verify_api(path, lm, DEMO_PROMPT, max_tokens=max_tokens, single_pass=True,
+                            on_token=_stream_printer(lm, not as_json))
+        if as_json:
+            _emit({**report.to_json(), "model": lm.model_id, "dtype": lm.dtype, "document_tokens": pub.num_tokens,
+                   "publish_prefill_seconds": pub.prefill_seconds, "text": lm.tokenizer.decode(report.reuse.tokens)})
+        else:
+            say("\n\n4. " + _verification_words(report))
+    if not report.token_exact:
+        sys.exit(EXIT_NOT_EXACT)

@@ -1,0 +1,340 @@
+"""The `.kvmlx` artifact format, version 1: a 64-byte preamble, a JSON header, then raw tensors.
+
+Layout (all integers little-endian; see docs/FORMAT.md):
+
+    0   8  magic  b"\\x89KVMLX\\r\\n"
+    8   4  format version (u32)
+    12  4  flags (u32, 0 in v1)
+    16  8  header length in bytes (u64)
+    24  8  data offset: where the first tensor starts (u64, a multiple of ALIGN)
+    32 32  BLAKE3 digest of the header bytes
+    64  .  header: canonical UTF-8 JSON
+    ... zero padding; each tensor at an ALIGN-aligned offset, padded to ALIGN; file ends padded.
+
+This module knows nothing about models: it writes and validates files. Reading is defensive: every
+length and offset is checked against the file before anything is used, and every failure is a
+typed `ArtifactError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
+
+import blake3
+
+from .errors import ArtifactError, IntegrityError, UnsupportedVersionError
+
+MAGIC = b"\x89KVMLX\r\n"
+VERSION = 1
+ALIGN = 16384  # Apple Silicon page size: tensors can be handed to Metal without a copy
+PREAMBLE = struct.Struct("<8sIIQQ32s")
+assert PREAMBLE.size == 64
+MAX_HEADER_BYTES = 64 << 20  # a 3774-token header is ~30 KB; anything near this is hostile
+MAX_TOKENS = 1 << 24
+DIGEST = "blake3"
+
+# dtype name -> bytes per element. KV and logits are floating; nothing else is accepted in v1.
+DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+ENCODINGS = ("raw",)
+
+ProgressFn = Callable[[int, int], None]
+
+
+def align(n: int) -> int:
+    """Round n up to the next multiple of ALIGN."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def digest(data: Any) -> str:
+    """Hex BLAKE3 of a bytes-like object (multithreaded for large inputs)."""
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte string a header (or a fingerprint's input) serialises to."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live in the file, and what they are."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    digest: str
+    encoding: str = "raw"
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset,
+            "nbytes": self.nbytes, "digest": self.digest, "encoding": self.encoding,
+        }
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A tensor to write: its bytes (any C-contiguous buffer) plus dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+
+def _layout(header: dict, tensors: Sequence[TensorData], digests: Sequence[str]) -> tuple[bytes, int]:
+    """Fix the tensor offsets and return (header bytes, data offset).
+
+    The offsets depend on the header's length, which depends on the offsets' digits: iterate until
+    the header fits before the data offset it declares (two rounds in practice).
+    """
+    data_offset = align(PREAMBLE.size + 1)
+    while True:
+        entries, pos = [], data_offset
+        for t, d in zip(tensors, digests):
+            entries.append(TensorEntry(t.name, t.dtype, t.shape, pos, t.data.nbytes, d).to_json())
+            pos = align(pos + t.data.nbytes)
+        body = canonical_json({**header, "tensors": entries, "file_bytes": pos})
+        needed = align(PREAMBLE.size + len(body))
+        if needed <= data_offset:
+            return body, data_offset
+        data_offset = needed
+
+
+def write_artifact(
+    path: str | os.PathLike,
+    header: dict,
+    tensors: Sequence[TensorData],
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Write an artifact atomically (temp file, fsync, rename, fsync dir); return its full header.
+
+    `header` holds everything but `tensors` and `file_bytes`, which are computed here. A crash at
+    any point leaves either no file or the previous one at `path`, never a partial artifact.
+    """
+    path = Path(path)
+    for t in tensors:
+        if t.dtype not in DTYPE_SIZES:
+            raise ArtifactError(f"cannot write tensor {t.name}: unsupported dtype {t.dtype}")
+        if t.data.nbytes != _prod(t.shape) * DTYPE_SIZES[t.dtype]:
+            raise ArtifactError(f"cannot write tensor {t.name}: {t.data.nbytes} bytes do not match shape {t.shape}")
+    digests = [digest(t.data) for t in tensors]
+    body, data_offset = _layout({**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}, tensors, digests)
+    preamble = PREAMBLE.pack(MAGIC, VERSION, 0, len(body), data_offset, blake3.blake3(body).digest())
+    total = sum(t.data.nbytes for t in tensors)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            _write_all(f, preamble + body + bytes(data_offset - PREAMBLE.size - len(body)))
+            done = 0
+            for t in tensors:
+                _write_all(f, t.data)
+                _write_all(f, bytes(align(t.data.nbytes) - t.data.nbytes))
+                done += t.data.nbytes
+                if progress:
+                    progress(done, total)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return json.loads(body)
+
+
+def _write_all(f: BinaryIO, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class Artifact:
+    """An open, validated artifact: its header and a read-only memory map of the whole file.
+
+    Opening checks the preamble, the header digest and the header's structure (every tensor inside
+    the file, aligned, non-overlapping, sized as its shape says) before any tensor byte is touched.
+    Tensor digests are checked on demand by `tensor_bytes(verify=True)`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < PREAMBLE.size:
+                    raise ArtifactError(f"{self.path.name}: truncated ({size} bytes, smaller than the 64-byte preamble)")
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise ArtifactError(f"{path}: cannot open ({e.strerror or e})") from e
+        try:
+            self.header, self.data_offset = _parse(self._mmap, size, self.path.name)
+        except BaseException:
+            self._mmap.close()
+            raise
+        self.size = size
+        self.tensors = {t.name: t for t in (_entry(e) for e in self.header["tensors"])}
+
+    def tensor_bytes(self, name: str, verify: bool = True) -> memoryview:
+        """A zero-copy view of one tensor's bytes in the map; with `verify`, its digest is checked."""
+        t = self.tensors[name]
+        view = memoryview(self._mmap)[t.offset : t.offset + t.nbytes]
+        if verify and digest(view) != t.digest:
+            raise IntegrityError(f"{self.path.name}: tensor {name} does not match its digest (file altered or corrupt)")
+        return view
+
+    def close(self) -> None:
+        """Unmap the file; fails (BufferError) while views from `tensor_bytes` are still alive."""
+        self._mmap.close()
+
+    def __enter__(self) -> "Artifact":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.close()
+        except BufferError:
+            pass  # a caller still holds a view; the map is released when the last view goes
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The validated header of an artifact, without touching tensor data."""
+    with Artifact(path) as art:
+        return art.header
+
+
+def _parse(buf: Any, size: int, name: str) -> tuple[dict, int]:
+    magic, version, flags, header_len, data_offset, header_digest = PREAMBLE.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise ArtifactError(f"{name}: not a kvmlx artifact (bad magic bytes)")
+    if version > VERSION:
+        raise UnsupportedVersionError(f"{name}: format version {version} is newer than this kvmlx reads ({VERSION}); upgrade kvmlx")
+    if version < 1:
+        raise ArtifactError(f"{name}: invalid format version {version}")
+    if flags != 0:
+        raise ArtifactError(f"{name}: unknown flags {flags:#x} in a version-{version} file")
+    if header_len > MAX_HEADER_BYTES:
+        raise ArtifactError(f"{name}: declared header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if PREAMBLE.size + header_len > size:
+        raise ArtifactError(f"{name}: truncated (header needs {PREAMBLE.size + header_len} bytes, file has {size})")
+    if data_offset % ALIGN or data_offset < PREAMBLE.size + header_len:
+        raise ArtifactError(f"{name}: invalid data offset {data_offset}")
+    body = bytes(buf[PREAMBLE.size : PREAMBLE.size + header_len])
+    if blake3.blake3(body).digest() != header_digest:
+        raise IntegrityError(f"{name}: header does not match its digest (file altered or corrupt)")
+    try:
+        header = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(f"{name}: header is not valid JSON ({type(e).__name__})") from None
+    _validate(header, size, data_offset, name)
+    return header, data_offset
+
+
+def _reject_constant(token: str) -> None:
+    raise ValueError(f"non-finite number {token}")
+
+
+def _entry(e: dict) -> TensorEntry:
+    return TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"], e["nbytes"], e["digest"], e["encoding"])
+
+
+def _require(cond: bool, name: str, what: str) -> None:
+    if not cond:
+        raise ArtifactError(f"{name}: invalid header: {what}")
+
+
+def _is_int(x: Any, lo: int = 0, hi: int = 1 << 62) -> bool:
+    return type(x) is int and lo <= x <= hi
+
+
+def _get(d: Any, key: str, typ: type | tuple[type, ...], name: str) -> Any:
+    _require(isinstance(d, dict) and key in d, name, f"missing field {key!r}")
+    _require(isinstance(d[key], typ) and not (typ is int and isinstance(d[key], bool)), name, f"field {key!r} has the wrong type")
+    return d[key]
+
+
+def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
+    """Structural checks on a header: types, ranges, and tensors that fit the file exactly."""
+    _require(isinstance(h, dict), name, "not a JSON object")
+    _require(h.get("format") == "kvmlx", name, "format is not 'kvmlx'")
+    _require(h.get("digest") == DIGEST, name, f"unknown digest algorithm {h.get('digest')!r}")
+    file_bytes = _get(h, "file_bytes", int, name)
+    if file_bytes != size:
+        raise ArtifactError(f"{name}: truncated or padded (header declares {file_bytes} bytes, file has {size})")
+    model = _get(h, "model", dict, name)
+    for key in ("id", "fingerprint", "model_type"):
+        _get(model, key, str, name)
+    for key in ("num_layers", "num_kv_heads", "head_dim"):
+        _require(_is_int(_get(model, key, int, name), 1, 1 << 20), name, f"model.{key} out of range")
+    _get(model, "rope", dict, name)
+    _get(_get(h, "tokenizer", dict, name), "fingerprint", str, name)
+    kv = _get(h, "kv", dict, name)
+    kv_dtype = _get(kv, "dtype", str, name)
+    _require(kv_dtype in DTYPE_SIZES, name, f"unsupported KV dtype {kv_dtype!r}")
+    _require(_get(kv, "layout", str, name) == "BHLD", name, "unknown KV layout")
+    n_tokens = _get(kv, "num_tokens", int, name)
+    _require(_is_int(n_tokens, 1, MAX_TOKENS), name, "kv.num_tokens out of range")
+    _require(_is_int(_get(kv, "chunk_size", int, name), 1, MAX_TOKENS), name, "kv.chunk_size out of range")
+    tokens = _get(_get(h, "document", dict, name), "tokens", list, name)
+    _require(len(tokens) == n_tokens, name, f"{len(tokens)} token ids for kv.num_tokens={n_tokens}")
+    _require(all(_is_int(t, 0, (1 << 31) - 1) for t in tokens), name, "token ids must be non-negative integers")
+
+    entries = _get(h, "tensors", list, name)
+    seen: set[str] = set()
+    end = data_offset
+    for e in sorted(entries, key=lambda e: e["offset"] if isinstance(e, dict) and _is_int(e.get("offset")) else -1):
+        tname = _get(e, "name", str, name)
+        _require(tname not in seen, name, f"tensor {tname!r} listed twice")
+        seen.add(tname)
+        dtype = _get(e, "dtype", str, name)
+        _require(dtype in DTYPE_SIZES, name, f"tensor {tname!r} has unsupported dtype {dtype!r}")
+        _require(_get(e, "encoding", str, name) in ENCODINGS, name, f"tensor {tname!r} has unknown encoding {e['encoding']!r}")
+        shape = _get(e, "shape", list, name)
+        _require(len(shape) <= 8 and all(_is_int(s, 0, 1 << 40) for s in shape), name, f"tensor {tname!r} has an invalid shape")
+        nbytes, offset = _get(e, "nbytes", int, name), _get(e, "offset", int, name)
+        _require(nbytes == _prod(shape) * DTYPE_SIZES[dtype], name, f"tensor {tname!r}: nbytes does not match shape and dtype")
+        _require(offset % ALIGN == 0, name, f"tensor {tname!r} is not {ALIGN}-byte aligned")
+        _require(offset >= end, name, f"tensor {tname!r} overlaps the header or another tensor")
+        _require(offset + nbytes <= size, name, f"tensor {tname!r} extends past the end of the file")
+        d = _get(e, "digest", str, name)
+        _require(len(d) == 64 and all(c in "0123456789abcdef" for c in d), name, f"tensor {tname!r} has a malformed digest")
+        end = offset + nbytes
+
+    n_layers, heads, head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
+    expected = [f"layers.{i}.{kind}" for i in range(n_layers) for kind in ("keys", "values")]
+    by_name = {e["name"]: e for e in entries}
+    for tname in expected:
+        _require(tname in by_name, name, f"tensor {tname!r} is missing")
+        e = by_name[tname]
+        _require(e["shape"] == [1, heads, n_tokens, head_dim], name, f"tensor {tname!r} has shape {e['shape']}, expected {[1, heads, n_tokens, head_dim]}")
+        _require(e["dtype"] == kv_dtype, name, f"tensor {tname!r} is {e['dtype']}, the header says KV is {kv_dtype}")
+    _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
+    _require(len(entries) == len(expected) + 1, name, "unexpected extra tensors")

@@ -1,0 +1,111 @@
+"""The publisher's path: document -> tokens -> one chunked prefill -> artifact on disk."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+from . import __version__
+from .format import TensorData, digest, write_artifact
+from .identity import check_supported, model_fingerprint, rope_settings, tokenizer_fingerprint
+from .models import LoadedModel
+
+DEFAULT_CHUNK = 512
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class PublishResult:
+    """What `publish` wrote and how long each part took."""
+
+    path: Path
+    num_tokens: int
+    artifact_bytes: int
+    kv_bytes: int
+    prefill_seconds: float
+    write_seconds: float
+    header: dict
+
+
+def prefill(model, tokens: Sequence[int], cache: list, chunk_size: int, progress: ProgressFn | None = None) -> mx.array:
+    """Run `tokens` through the model in chunks of `chunk_size`, filling `cache`; return the last logits row.
+
+    Chunking is part of an artifact's identity: logits are bit-identical between two runs only when
+    both split the sequence at the same positions (docs/FORMAT.md, "What exact means").
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be positive")
+    if not tokens:
+        raise ValueError("cannot prefill an empty token sequence")
+    logits = None
+    for start in range(0, len(tokens), chunk_size):
+        chunk = mx.array(tokens[start : start + chunk_size])[None]
+        logits = model(chunk, cache=cache)[0, -1]
+        mx.eval(logits, [c.state for c in cache])
+        if progress:
+            progress(min(start + chunk_size, len(tokens)), len(tokens))
+    return logits
+
+
+def publish(
+    lm: LoadedModel,
+    document: str | Sequence[int],
+    out: str | os.PathLike,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    progress: ProgressFn | None = None,
+) -> PublishResult:
+    """Prefill `document` (text, or token ids) once with `lm` and write its KV artifact to `out`.
+
+    Text is tokenized with the model's tokenizer including its special tokens (a BOS where the model
+    uses one), exactly as an agent's prompt that starts with the document would be.
+    """
+    check_supported(lm.model)
+    text_digest = digest(document.encode()) if isinstance(document, str) else None
+    tokens = list(lm.tokenizer.encode(document)) if isinstance(document, str) else [int(t) for t in document]
+    if not tokens:
+        raise ValueError("the document is empty: nothing to prefill")
+
+    cache = make_prompt_cache(lm.model)
+    t0 = time.perf_counter()
+    logits = prefill(lm.model, tokens, cache, chunk_size, progress)
+    prefill_seconds = time.perf_counter() - t0
+
+    n = len(tokens)
+    tensors = []
+    for i, c in enumerate(cache):
+        for kind, buf in (("keys", c.keys), ("values", c.values)):
+            tensors.append(_tensor(f"layers.{i}.{kind}", mx.contiguous(buf[..., :n, :])))
+    tensors.append(_tensor("logits", logits))
+    _, heads, _, head_dim = cache[0].keys.shape
+    header = {
+        "created_by": f"kvmlx {__version__} (mlx {mx.__version__})",
+        "model": {
+            "id": lm.model_id,
+            "fingerprint": model_fingerprint(lm.model, lm.config),
+            "model_type": str(lm.config.get("model_type", "unknown")),
+            "num_layers": len(cache),
+            "num_kv_heads": heads,
+            "head_dim": head_dim,
+            "rope": rope_settings(lm.config),
+        },
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(lm.tokenizer)},
+        "kv": {"dtype": tensors[0].dtype, "layout": "BHLD", "num_tokens": n, "chunk_size": chunk_size},
+        "document": {"tokens": tokens, "text_blake3": text_digest},
+    }
+    t1 = time.perf_counter()
+    written = write_artifact(out, header, tensors)
+    write_seconds = time.perf_counter() - t1
+    kv_bytes = sum(t.data.nbytes for t in tensors[:-1])
+    return PublishResult(Path(out), n, written["file_bytes"], kv_bytes, prefill_seconds, write_seconds, written)
+
+
+def _tensor(name: str, x: mx.array) -> TensorData:
+    mx.eval(x)
+    return TensorData(name, str(x.dtype).split(".")[-1], tuple(x.shape), memoryview(x).cast("B"))

@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated KVMLX_HOME and the built-in tiny model, built once per session."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kvmlx_home(tmp_path_factory):
+    """Keep built models and artifacts out of the user's cache directory."""
+    home = tmp_path_factory.mktemp("kvmlx-home")
+    old = os.environ.get("KVMLX_HOME")
+    os.environ["KVMLX_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("KVMLX_HOME", None)
+    else:
+        os.environ["KVMLX_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def models(kvmlx_home):
+    """`models(dtype)` -> the tiny built-in model in that dtype, loaded once per session."""
+    from kvmlx.models import load_model
+
+    loaded = {}
+
+    def get(dtype: str = "bfloat16"):
+        if dtype not in loaded:
+            loaded[dtype] = load_model("builtin:tiny", dtype=dtype)
+        return loaded[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny(models):
+    return models("bfloat16")
+
+
+@pytest.fixture(scope="session")
+def document(tiny):
+    """The bundled sample document, as text."""
+    from importlib import resources
+
+    return resources.files("kvmlx").joinpath("data/sample_document.txt").read_text(encoding="utf-8")

@@ -1,0 +1,198 @@
+"""The artifact format alone: layout, round trip, and refusals of broken or hostile files (no model)."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from kvmlx.errors import ArtifactError, IntegrityError, KvmlxError, UnsupportedVersionError
+from kvmlx.format import ALIGN, MAGIC, PREAMBLE, Artifact, TensorData, canonical_json, read_header, write_artifact
+
+LAYERS, HEADS, TOKENS, HEAD_DIM, VOCAB = 2, 2, 5, 8, 16
+
+
+def synthetic(tmp_path, name="a.kvmlx", tokens=TOKENS):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for i in range(LAYERS):
+        for kind in ("keys", "values"):
+            arrays[f"layers.{i}.{kind}"] = rng.standard_normal((1, HEADS, tokens, HEAD_DIM)).astype(np.float16)
+    arrays["logits"] = rng.standard_normal(VOCAB).astype(np.float16)
+    header = {
+        "model": {"id": "test", "fingerprint": "blake3:00", "model_type": "qwen3", "num_layers": LAYERS,
+                  "num_kv_heads": HEADS, "head_dim": HEAD_DIM, "rope": {"rope_theta": 10000.0}},
+        "tokenizer": {"fingerprint": "blake3:11"},
+        "kv": {"dtype": "float16", "layout": "BHLD", "num_tokens": tokens, "chunk_size": 4},
+        "document": {"tokens": list(range(tokens)), "text_blake3": None},
+    }
+    tensors = [TensorData(k, "float16", v.shape, memoryview(v).cast("B")) for k, v in arrays.items()]
+    path = tmp_path / name
+    write_artifact(path, header, tensors)
+    return path, arrays
+
+
+def rewrite_header(path, mutate):
+    """Re-encode the header after `mutate(header)`, with a valid digest, so only the structure is wrong."""
+    import blake3
+
+    raw = bytearray(path.read_bytes())
+    magic, version, flags, hlen, data_offset, _ = PREAMBLE.unpack_from(raw, 0)
+    header = json.loads(raw[64 : 64 + hlen])
+    mutate(header)
+    body = canonical_json(header)
+    assert 64 + len(body) <= data_offset, "mutated header no longer fits"
+    raw[64:data_offset] = body + bytes(data_offset - 64 - len(body))
+    PREAMBLE.pack_into(raw, 0, magic, version, flags, len(body), data_offset, blake3.blake3(body).digest())
+    path.write_bytes(bytes(raw))
+
+
+def test_round_trip_and_alignment(tmp_path):
+    path, arrays = synthetic(tmp_path)
+    with Artifact(path) as art:
+        assert art.size == path.stat().st_size == art.header["file_bytes"]
+        assert art.size % ALIGN == 0
+        for name, arr in arrays.items():
+            entry = art.tensors[name]
+            assert entry.offset % ALIGN == 0
+            assert bytes(art.tensor_bytes(name)) == arr.tobytes()
+    assert path.read_bytes()[:8] == MAGIC
+    assert read_header(path)["document"]["tokens"] == list(range(TOKENS))
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    good, _ = synthetic(tmp_path, "keep.kvmlx")
+    before = good.read_bytes()
+    import kvmlx.format as fmt
+
+    def boom(f, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fmt, "_write_all", boom)
+    with pytest.raises(OSError):
+        synthetic(tmp_path, "keep.kvmlx")
+    assert good.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.kvmlx"]
+
+
+@pytest.mark.parametrize("cut", [0, 10, 63, 64, 100, ALIGN, ALIGN + 1, -ALIGN, -1])
+def test_truncation_is_refused(tmp_path, cut):
+    path, _ = synthetic(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    with pytest.raises(ArtifactError, match="truncated|magic"):
+        read_header(path)
+
+
+def test_bad_magic(tmp_path):
+    path, _ = synthetic(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="not a kvmlx artifact"):
+        read_header(path)
+
+
+def test_newer_version_is_refused_clearly(tmp_path):
+    path, _ = synthetic(tmp_path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, 8, 2)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedVersionError, match="newer"):
+        read_header(path)
+
+
+def test_header_bit_flip_fails_digest(tmp_path):
+    path, _ = synthetic(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[80] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="header"):
+        read_header(path)
+
+
+def test_payload_bit_flip_fails_tensor_digest(tmp_path):
+    path, _ = synthetic(tmp_path)
+    with Artifact(path) as art:
+        off = art.tensors["layers.1.values"].offset
+    data = bytearray(path.read_bytes())
+    data[off + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+    with Artifact(path) as art:
+        art.tensor_bytes("layers.0.keys")  # untouched tensors still verify
+        with pytest.raises(IntegrityError, match="layers.1.values"):
+            art.tensor_bytes("layers.1.values")
+
+
+def test_huge_declared_header_is_refused_without_allocating(tmp_path):
+    path, _ = synthetic(tmp_path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<Q", data, 16, 1 << 60)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="exceeds"):
+        read_header(path)
+
+
+def _set_tensor(field, value, name="layers.0.keys"):
+    def mutate(h):
+        for t in h["tensors"]:
+            if t["name"] == name:
+                t[field] = value
+    return mutate
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_set_tensor("offset", 1 << 50), "past the end"),
+        (_set_tensor("offset", ALIGN + 8), "aligned"),
+        (_set_tensor("offset", 0), "overlaps"),
+        (_set_tensor("dtype", "int64"), "unsupported dtype"),
+        (_set_tensor("dtype", "float32"), "nbytes does not match"),
+        (_set_tensor("shape", [1, HEADS, TOKENS + 1, HEAD_DIM]), "nbytes does not match"),
+        (_set_tensor("shape", [-1]), "invalid shape"),
+        (_set_tensor("encoding", "pickle"), "unknown encoding"),
+        (_set_tensor("digest", "zz"), "malformed digest"),
+        (_set_tensor("name", "layers.1.keys"), "twice"),
+        (lambda h: h["tensors"].pop(0), "missing"),
+        (lambda h: h.update(file_bytes=h["file_bytes"] + 1), "truncated or padded"),
+        (lambda h: h["kv"].update(num_tokens=TOKENS + 1), "token ids"),
+        (lambda h: h["kv"].update(dtype="float64"), "unsupported KV dtype"),
+        (lambda h: h["document"].update(tokens=[-1] * TOKENS), "non-negative"),
+        (lambda h: h["model"].update(num_layers="2"), "wrong type"),
+        (lambda h: h["model"].update(num_layers=True), "wrong type"),
+        (lambda h: h.pop("model"), "missing field 'model'"),
+        (lambda h: h.update(format="gguf"), "format"),
+        (lambda h: h["model"].update(num_kv_heads=HEADS + 1), "shape"),
+    ],
+)
+def test_structural_lies_are_refused(tmp_path, mutate, message):
+    path, _ = synthetic(tmp_path)
+    rewrite_header(path, mutate)
+    with pytest.raises(ArtifactError, match=message):
+        read_header(path)
+
+
+@pytest.mark.parametrize("body", [b"[" * 100000 + b"]" * 100000, b"\xff\xfe", b"{\"a\": NaN}", b"[]"])
+def test_hostile_json_is_refused(tmp_path, body):
+    import blake3
+
+    path = tmp_path / "hostile.kvmlx"
+    data_offset = -(-(64 + len(body)) // ALIGN) * ALIGN
+    pre = PREAMBLE.pack(MAGIC, 1, 0, len(body), data_offset, blake3.blake3(body).digest())
+    path.write_bytes(pre + body + bytes(data_offset - 64 - len(body)))
+    with pytest.raises(ArtifactError):
+        read_header(path)
+
+
+def test_every_error_is_a_one_line_kvmlx_error(tmp_path):
+    path, _ = synthetic(tmp_path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(KvmlxError) as info:
+        read_header(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_is_a_kvmlx_error(tmp_path):
+    with pytest.raises(ArtifactError, match="cannot open"):
+        read_header(tmp_path / "nope.kvmlx")
