@@ -1,0 +1,5 @@
+"""`python -m kvmlx` runs the CLI."""
+
+from .cli import main
+
+main()

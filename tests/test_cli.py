@@ -1,0 +1,131 @@
+"""The `kvmlx` command: help everywhere, JSON outputs, exit codes, one-line errors."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from kvmlx.cli import EXIT_NOT_EXACT, main
+
+COMMANDS = ["publish", "generate", "inspect", "demo"]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, runner, tiny, document):
+    tmp = tmp_path_factory.mktemp("cli")
+    doc = tmp / "doc.txt"
+    doc.write_text(document[:600], encoding="utf-8")
+    out = tmp / "doc.kvmlx"
+    result = runner.invoke(main, ["publish", str(doc), "--out", str(out), "--chunk-size", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.output)
+
+
+@pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])
+def test_help_everywhere(runner, command):
+    result = runner.invoke(main, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_publish_json(published):
+    path, summary = published
+    assert path.exists() and summary["tokens"] > 50 and summary["dtype"] == "bfloat16"
+    assert summary["artifact_bytes"] == path.stat().st_size
+    assert summary["model_fingerprint"].startswith("blake3:")
+
+
+def test_publish_from_stdin(runner, tmp_path, document):
+    out = tmp_path / "stdin.kvmlx"
+    result = runner.invoke(main, ["publish", "-", "--out", str(out)], input=document[:200])
+    assert result.exit_code == 0, result.output
+    assert "published" in result.output and out.exists()
+
+
+def test_inspect(runner, published):
+    path, summary = published
+    text = runner.invoke(main, ["inspect", str(path)])
+    assert text.exit_code == 0 and "builtin:tiny" in text.output and "bfloat16" in text.output
+    header = json.loads(runner.invoke(main, ["inspect", str(path), "--json"]).output)
+    assert header["kv"]["num_tokens"] == summary["tokens"] and header["version"] == 1
+
+
+def test_generate_streams_text(runner, published):
+    path, _ = published
+    result = runner.invoke(main, ["generate", str(path), "--prompt", " Next:", "-n", "8"])
+    assert result.exit_code == 0 and result.output.strip()
+
+
+def test_generate_json(runner, published):
+    path, summary = published
+    out = json.loads(runner.invoke(main, ["generate", str(path), "--prompt", " Next:", "-n", "8", "--json"]).output)
+    assert out["reused_tokens"] == summary["tokens"] and out["prefilled_tokens"] > 0 and len(out["tokens"]) <= 8
+    assert out["load_path"] == "copy"
+
+
+def test_generate_verify_json(runner, published):
+    path, summary = published
+    result = runner.invoke(main, ["generate", str(path), "--prompt", " Next:", "--verify", "--single-pass", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    for key in ("token_exact", "tokens_compared", "max_abs_logit_diff", "artifact_bytes", "load_seconds",
+                "prefill_seconds", "reuse_first_token_seconds"):
+        assert key in out
+    assert out["token_exact"] is True and out["tokens_compared"] >= 24 and out["max_abs_logit_diff"] == 0.0
+    assert out["artifact_bytes"] == summary["artifact_bytes"]
+    assert out["single_pass"]["token_exact"] is True
+
+
+def test_not_exact_exits_3(runner, published, monkeypatch):
+    """A diverging reuse (simulated: the comparison reports a mismatch) must fail the command."""
+    gen = importlib.import_module("kvmlx.generate")  # `kvmlx.generate` the attribute is the function
+    real = gen.compare
+    monkeypatch.setattr(gen, "compare", lambda a, b: {**real(a, b), "token_exact": False, "first_mismatch": 3})
+    result = runner.invoke(main, ["generate", str(published[0]), "--verify"])
+    assert result.exit_code == EXIT_NOT_EXACT
+    assert "NOT exact (first difference at token 3)" in result.output
+
+
+def test_errors_are_one_line_with_exit_1(runner, tmp_path, published):
+    bad = tmp_path / "bad.kvmlx"
+    bad.write_bytes(published[0].read_bytes()[:5000])
+    for args in (["inspect", str(bad)], ["generate", str(bad)]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 1
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:") and "truncated" in lines[0]
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+def test_wrong_dtype_flag_is_refused(runner, published):
+    result = runner.invoke(main, ["generate", str(published[0]), "--dtype", "float32"])
+    assert result.exit_code == 1 and "float32" in result.output
+
+
+def test_usage_error_exit_2(runner, published):
+    result = runner.invoke(main, ["generate", str(published[0]), "--max-tokens", "0"])
+    assert result.exit_code == 2
+
+
+def test_demo_json(runner):
+    result = runner.invoke(main, ["demo", "--json", "-n", "24"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["token_exact"] is True and out["tokens_compared"] == 24
+    assert out["max_abs_logit_diff"] == 0.0 and out["reused_tokens"] == out["document_tokens"]
+
+
+def test_console_script_runs_in_a_subprocess(tmp_path):
+    """The installed entry point, as a user runs it (piped: no progress bar, plain output)."""
+    env = {**os.environ}
+    result = subprocess.run([sys.executable, "-m", "kvmlx", "demo"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "TOKEN-EXACT" in result.stdout and result.stderr == ""
