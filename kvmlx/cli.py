@@ -219,3 +219,43 @@ def demo(model, max_tokens, out, as_json) -> None:
             say("\n\n4. " + _verification_words(report))
     if not report.token_exact:
         sys.exit(EXIT_NOT_EXACT)
+
+
+@main.command("cost")
+@click.option("--readers", type=click.IntRange(1), default=None, help="Number of readers (agents) N.  [default: 80,000,000]")
+@click.option("--tokens", type=click.IntRange(1), default=None, help="Document length in tokens.  [default: 3774, or the artifact's]")
+@click.option("--price-per-mtok", type=float, default=None, help="Input-token price, $ per million tokens.  [default: 5]")
+@click.option("--tariff", type=float, default=None, help="Cache-read price as a fraction of the input price.  [default: 0.1]")
+@click.option("--ratio", type=float, default=None, help="Measured prefill time / reuse time.  [default: 49.7, the paper's M1 Pro]")
+@click.option("--egress-per-gb", type=float, default=None, help="Egress, $ per GB downloaded.  [default: 0.09]")
+@click.option("--storage-per-gb-month", type=float, default=None, help="Storage, $ per GB-month.  [default: 0]")
+@click.option("--months", type=float, default=None, help="Storage horizon in months.  [default: 1]")
+@click.option("--bytes-per-token", type=float, default=None, help="KV bytes per token.  [default: 147456, fp16 Qwen3-4B]")
+@click.option("--compression-ratio", type=float, default=None, help="Add a 'ship compressed' strategy at size / C.")
+@click.option("--gb-unit", type=click.Choice(["paper", "si", "iec"]), default=None,
+              help="What a GB is: paper = 1.024e9 B (reproduces the paper), si = 1e9, iec = 2^30.  [default: paper]")
+@click.option("--artifact", type=click.Path(exists=True, dir_okay=False), default=None, help="Take the KV size and token count from this artifact.")
+@click.option("--model", "-m", default=None, help="Take the KV size from this model's config.json (local path or hub repo id).")
+@click.option("--bench", type=click.Path(exists=True, dir_okay=False), default=None, help="Take the ratio from `kvmlx bench --json` output.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a PNG: cost per reader vs readers, break-even points marked.")
+def cost(readers, tokens, price_per_mtok, tariff, ratio, egress_per_gb, storage_per_gb_month, months,
+         bytes_per_token, compression_ratio, gb_unit, artifact, model, bench, as_json, plot_path) -> None:
+    """What N readers pay to re-prefill a document vs. load its published KV (the paper's cost model)."""
+    from . import cost as cost_api
+
+    inputs, sources = cost_api.resolve_inputs(
+        readers=readers, tokens=tokens, price_per_mtok=price_per_mtok, tariff=tariff, ratio=ratio,
+        egress_per_gb=egress_per_gb, storage_per_gb_month=storage_per_gb_month, months=months,
+        bytes_per_token=bytes_per_token, compression_ratio=compression_ratio, gb_unit=gb_unit,
+        artifact=artifact, model=model, bench=bench, read_header=read_header)
+    costs = cost_api.strategy_costs(inputs)
+    if plot_path is not None:
+        cost_api.plot(inputs, plot_path)
+    if as_json:
+        _emit(cost_api.report_dict(inputs, costs, sources, plot_path))
+    else:
+        click.echo(cost_api.format_table(inputs, costs, sources))
+        if plot_path is not None:
+            click.echo(f"\nplot: {plot_path}")

@@ -43,3 +43,7 @@ class UnsupportedModelError(KvmlxError):
 
 class ModelLoadError(KvmlxError):
     """The model could not be found or loaded."""
+
+
+class CostError(KvmlxError, ValueError):
+    """Inputs to the cost model are missing, inconsistent or out of range."""

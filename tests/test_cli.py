@@ -129,3 +129,14 @@ def test_console_script_runs_in_a_subprocess(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kvmlx", "demo"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "TOKEN-EXACT" in result.stdout and result.stderr == ""
+
+
+def test_cost_defaults_reproduce_the_paper(runner, published, tmp_path):
+    out = json.loads(runner.invoke(main, ["cost", "--json"]).output)
+    totals = {s["name"]: s["total"] for s in out["strategies"]}
+    assert round(totals["re-prefill"]) == 1_509_600
+    from_artifact = json.loads(runner.invoke(main, ["cost", "--json", "--artifact", str(published[0])]).output)
+    assert from_artifact["inputs"]["tokens"] == published[1]["tokens"]
+    png = tmp_path / "cost.png"
+    assert runner.invoke(main, ["cost", "--plot", str(png)]).exit_code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
