@@ -180,27 +180,22 @@ def _prod(shape: Iterable[int]) -> int:
 class Artifact:
     """An open, validated artifact: its header and a read-only memory map of the whole file.
 
-    Opening checks the preamble, the header digest and the header's structure (every tensor inside
-    the file, aligned, non-overlapping, sized as its shape says) before any tensor byte is touched.
-    Tensor digests are checked on demand by `tensor_bytes(verify=True)`.
+    Opening reads the preamble and header with plain reads and checks them (digest, structure, every
+    tensor inside the file, aligned, non-overlapping, sized as its shape says) before the file is
+    mapped at all. Tensor digests are checked on demand by `tensor_bytes(verify=True)`. With
+    `populate`, the map is pre-faulted (Linux MAP_POPULATE, else MADV_WILLNEED) because the caller
+    is about to read every byte.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, populate: bool = False):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < PREAMBLE.size:
-                    raise ArtifactError(f"{self.path.name}: truncated ({size} bytes, smaller than the 64-byte preamble)")
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self.size = os.fstat(f.fileno()).st_size
+                self.header, self.data_offset = _parse(f, self.size, self.path.name)
+                self._mmap = _map(f.fileno(), populate)
         except OSError as e:
             raise ArtifactError(f"{path}: cannot open ({e.strerror or e})") from e
-        try:
-            self.header, self.data_offset = _parse(self._mmap, size, self.path.name)
-        except BaseException:
-            self._mmap.close()
-            raise
-        self.size = size
         self.tensors = {t.name: t for t in (_entry(e) for e in self.header["tensors"])}
 
     def tensor_bytes(self, name: str, verify: bool = True) -> memoryview:
@@ -231,8 +226,20 @@ def read_header(path: str | os.PathLike) -> dict:
         return art.header
 
 
-def _parse(buf: Any, size: int, name: str) -> tuple[dict, int]:
-    magic, version, flags, header_len, data_offset, header_digest = PREAMBLE.unpack_from(buf, 0)
+def _map(fd: int, populate: bool) -> mmap.mmap:
+    if populate and hasattr(mmap, "MAP_POPULATE"):
+        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    if populate and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_WILLNEED)
+    return mapped
+
+
+def _parse(f: BinaryIO, size: int, name: str) -> tuple[dict, int]:
+    """Read and check the preamble and header; never reads past what the file holds."""
+    if size < PREAMBLE.size:
+        raise ArtifactError(f"{name}: truncated ({size} bytes, smaller than the 64-byte preamble)")
+    magic, version, flags, header_len, data_offset, header_digest = PREAMBLE.unpack(os.pread(f.fileno(), PREAMBLE.size, 0))
     if magic != MAGIC:
         raise ArtifactError(f"{name}: not a kvmlx artifact (bad magic bytes)")
     if version > VERSION:
@@ -247,7 +254,9 @@ def _parse(buf: Any, size: int, name: str) -> tuple[dict, int]:
         raise ArtifactError(f"{name}: truncated (header needs {PREAMBLE.size + header_len} bytes, file has {size})")
     if data_offset % ALIGN or data_offset < PREAMBLE.size + header_len:
         raise ArtifactError(f"{name}: invalid data offset {data_offset}")
-    body = bytes(buf[PREAMBLE.size : PREAMBLE.size + header_len])
+    body = os.pread(f.fileno(), header_len, PREAMBLE.size)
+    if len(body) != header_len:
+        raise ArtifactError(f"{name}: truncated while reading the header")
     if blake3.blake3(body).digest() != header_digest:
         raise IntegrityError(f"{name}: header does not match its digest (file altered or corrupt)")
     try:

@@ -45,6 +45,20 @@ def test_reuse_equals_prefill(tmp_path, models, document, dtype, length, suffix_
     assert not np.array_equal(reuse.logits[0], reuse.logits[1])
 
 
+@pytest.mark.parametrize("load_path", ["copy", "overlap"])
+def test_every_load_path_is_exact(tmp_path, tiny, document, load_path):
+    doc = doc_tokens(tiny, document, 70)
+    suffix = doc[5:25]
+    path = tmp_path / "doc.kvmlx"
+    publish(tiny, doc, path, chunk_size=CHUNK)
+    loaded = load_artifact(path, tiny, load_path=load_path)
+    assert loaded.load_path == load_path
+    reuse = continue_from(tiny, loaded, suffix, max_tokens=MAX_TOKENS, stop_at_eos=False, keep_logits=True)
+    scratch = from_scratch(tiny, doc, suffix, chunk_size=CHUNK, max_tokens=MAX_TOKENS, stop_at_eos=False, keep_logits=True)
+    result = compare(reuse, scratch)
+    assert result["token_exact"] and result["max_abs_logit_diff"] == 0.0
+
+
 def test_the_comparison_can_fail(tmp_path, tiny, document):
     """A perturbed KV must be caught by the same comparison the exactness tests rely on."""
     doc = doc_tokens(tiny, document, 40)

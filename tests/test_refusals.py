@@ -10,7 +10,7 @@ from kvmlx.errors import (
     TokenizerMismatchError,
     UnsupportedModelError,
 )
-from kvmlx.generate import verify
+from kvmlx.generate import continue_from, verify
 from kvmlx.identity import check_supported, model_fingerprint, tokenizer_fingerprint
 from kvmlx.load import load_artifact, split_prompt
 from kvmlx.models import build_builtin, default_corpus, load_model
@@ -66,6 +66,10 @@ def test_tampered_tensor_is_refused_on_load(tmp_path, tiny, artifact):
     bad.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="layers.2.values"):
         load_artifact(bad, tiny)
+    # the overlap path returns before layer 2 is checked: the first use of the KV must fail instead
+    loaded = load_artifact(bad, tiny, load_path="overlap")
+    with pytest.raises(IntegrityError, match="layers.2.values"):
+        continue_from(tiny, loaded, [1, 2, 3], max_tokens=2)
 
 
 def test_unsupported_cache_kinds_are_refused():
