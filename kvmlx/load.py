@@ -125,7 +125,7 @@ def read_caches(
         mx.eval(logits, arrays)
         return _caches(arrays, n), logits, used
     capacity = -(-(n + headroom) // KVCache.step) * KVCache.step
-    arrays = [mx.zeros(_with_capacity(art.tensors[name].shape, capacity), DTYPES[art.tensors[name].dtype]) for name in names]
+    arrays = [_uninitialized(_with_capacity(art.tensors[name].shape, capacity), art.tensors[name].dtype) for name in names]
     mx.eval(logits, arrays)
     copy_layer = lambda i: [_copy_heads(art, names[j], arrays[j], verify_digests) for j in (2 * i, 2 * i + 1)]  # noqa: E731
     if used == "copy":
@@ -212,6 +212,17 @@ def _adopt(art: Artifact, name: str) -> mx.array:
     entry = art.tensors[name]
     raw = np.frombuffer(art.tensor_bytes(name, verify=False), dtype=np.uint16 if entry.dtype != "float32" else np.uint32)
     return mx.asarray(raw, copy=False).view(DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+def _uninitialized(shape: tuple[int, ...], dtype: str) -> mx.array:
+    """An MLX buffer whose contents do not matter (every slot is written before it is read).
+
+    On the CPU backend `mx.zeros` fills element by element (~1.5 GB/s here); importing an untouched
+    `np.empty` (the kernel's zero page) is a plain memcpy into the new buffer, 4-5x faster.
+    """
+    itemsize = 4 if dtype == "float32" else 2
+    raw = np.empty(int(np.prod(shape)), dtype=np.uint32 if itemsize == 4 else np.uint16)
+    return mx.array(raw).view(DTYPES[dtype]).reshape(shape)
 
 
 def _with_capacity(shape: Sequence[int], capacity: int) -> tuple[int, ...]:
