@@ -4,11 +4,12 @@ Layout (all integers little-endian; see docs/FORMAT.md):
 
     0   8  magic  b"\\x89KVMLX\\r\\n"
     8   4  format version (u32)
-    12  4  flags (u32, 0 in v1)
-    16  8  header length in bytes (u64)
+    12  4  flags (u32): bit 0 = signed; no other bit is defined in v1
+    16  8  header length H in bytes (u64)
     24  8  data offset: where the first tensor starts (u64, a multiple of ALIGN)
     32 32  BLAKE3 digest of the header bytes
-    64  .  header: canonical UTF-8 JSON
+    64  H  header: canonical UTF-8 JSON
+    64+H 96 signature block: Ed25519 public key (32) + signature of the header digest (64); zeros if unsigned
     ... zero padding; each tensor at an ALIGN-aligned offset, padded to ALIGN; file ends padded.
 
 This module knows nothing about models: it writes and validates files. Reading is defensive: every
@@ -36,6 +37,8 @@ VERSION = 1
 ALIGN = 16384  # Apple Silicon page size: tensors can be handed to Metal without a copy
 PREAMBLE = struct.Struct("<8sIIQQ32s")
 assert PREAMBLE.size == 64
+SIGNATURE_BLOCK = struct.Struct("<32s64s")  # Ed25519 public key, signature of the 32-byte header digest
+FLAG_SIGNED = 1
 MAX_HEADER_BYTES = 64 << 20  # a 3774-token header is ~30 KB; anything near this is hostile
 MAX_TOKENS = 1 << 24
 DIGEST = "blake3"
@@ -45,6 +48,8 @@ DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 ENCODINGS = ("raw",)
 
 ProgressFn = Callable[[int, int], None]
+# Given the header digest, returns (raw 32-byte public key, 64-byte signature). See kvmlx/trust.py.
+Signer = Callable[[bytes], tuple[bytes, bytes]]
 
 
 def align(n: int) -> int:
@@ -104,7 +109,7 @@ def _layout(header: dict, tensors: Sequence[TensorData], digests: Sequence[str])
             entries.append(TensorEntry(t.name, t.dtype, t.shape, pos, t.data.nbytes, d).to_json())
             pos = align(pos + t.data.nbytes)
         body = canonical_json({**header, "tensors": entries, "file_bytes": pos})
-        needed = align(PREAMBLE.size + len(body))
+        needed = align(PREAMBLE.size + len(body) + SIGNATURE_BLOCK.size)
         if needed <= data_offset:
             return body, data_offset
         data_offset = needed
@@ -115,11 +120,13 @@ def write_artifact(
     header: dict,
     tensors: Sequence[TensorData],
     progress: ProgressFn | None = None,
+    sign: Signer | None = None,
 ) -> dict:
     """Write an artifact atomically (temp file, fsync, rename, fsync dir); return its full header.
 
-    `header` holds everything but `tensors` and `file_bytes`, which are computed here. A crash at
-    any point leaves either no file or the previous one at `path`, never a partial artifact.
+    `header` holds everything but `tensors` and `file_bytes`, which are computed here. With `sign`,
+    the header digest (which covers every tensor digest) is signed into the signature block. A crash
+    at any point leaves either no file or the previous one at `path`, never a partial artifact.
     """
     path = Path(path)
     for t in tensors:
@@ -129,12 +136,15 @@ def write_artifact(
             raise ArtifactError(f"cannot write tensor {t.name}: {t.data.nbytes} bytes do not match shape {t.shape}")
     digests = [digest(t.data) for t in tensors]
     body, data_offset = _layout({**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}, tensors, digests)
-    preamble = PREAMBLE.pack(MAGIC, VERSION, 0, len(body), data_offset, blake3.blake3(body).digest())
+    header_digest = blake3.blake3(body).digest()
+    signature = SIGNATURE_BLOCK.pack(*sign(header_digest)) if sign else bytes(SIGNATURE_BLOCK.size)
+    preamble = PREAMBLE.pack(MAGIC, VERSION, FLAG_SIGNED if sign else 0, len(body), data_offset, header_digest)
+    head = preamble + body + signature
     total = sum(t.data.nbytes for t in tensors)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
-            _write_all(f, preamble + body + bytes(data_offset - PREAMBLE.size - len(body)))
+            _write_all(f, head + bytes(data_offset - len(head)))
             done = 0
             for t in tensors:
                 _write_all(f, t.data)
@@ -192,7 +202,7 @@ class Artifact:
         try:
             with open(self.path, "rb") as f:
                 self.size = os.fstat(f.fileno()).st_size
-                self.header, self.data_offset = _parse(f, self.size, self.path.name)
+                self.header, self.data_offset, self.header_digest, self.signature = _parse(f, self.size, self.path.name)
                 self._mmap = _map(f.fileno(), populate)
         except OSError as e:
             raise ArtifactError(f"{path}: cannot open ({e.strerror or e})") from e
@@ -235,8 +245,12 @@ def _map(fd: int, populate: bool) -> mmap.mmap:
     return mapped
 
 
-def _parse(f: BinaryIO, size: int, name: str) -> tuple[dict, int]:
-    """Read and check the preamble and header; never reads past what the file holds."""
+def _parse(f: BinaryIO, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes, bytes] | None]:
+    """Read and check the preamble, header and signature block; never reads past what the file holds.
+
+    Returns (header, data offset, header digest, (public key, signature) or None). The signature is
+    only extracted here; whether it is valid and trusted is kvmlx/trust.py's business.
+    """
     if size < PREAMBLE.size:
         raise ArtifactError(f"{name}: truncated ({size} bytes, smaller than the 64-byte preamble)")
     magic, version, flags, header_len, data_offset, header_digest = PREAMBLE.unpack(os.pread(f.fileno(), PREAMBLE.size, 0))
@@ -246,17 +260,25 @@ def _parse(f: BinaryIO, size: int, name: str) -> tuple[dict, int]:
         raise UnsupportedVersionError(f"{name}: format version {version} is newer than this kvmlx reads ({VERSION}); upgrade kvmlx")
     if version < 1:
         raise ArtifactError(f"{name}: invalid format version {version}")
-    if flags != 0:
+    if flags & ~FLAG_SIGNED:
         raise ArtifactError(f"{name}: unknown flags {flags:#x} in a version-{version} file")
     if header_len > MAX_HEADER_BYTES:
         raise ArtifactError(f"{name}: declared header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     if PREAMBLE.size + header_len > size:
         raise ArtifactError(f"{name}: truncated (header needs {PREAMBLE.size + header_len} bytes, file has {size})")
-    if data_offset % ALIGN or data_offset < PREAMBLE.size + header_len:
+    head_end = PREAMBLE.size + header_len + SIGNATURE_BLOCK.size
+    if data_offset % ALIGN or data_offset < head_end:
         raise ArtifactError(f"{name}: invalid data offset {data_offset}")
-    body = os.pread(f.fileno(), header_len, PREAMBLE.size)
-    if len(body) != header_len:
+    if data_offset > size:
+        raise ArtifactError(f"{name}: truncated (data starts at {data_offset}, file has {size} bytes)")
+    if data_offset - head_end > ALIGN:
+        raise ArtifactError(f"{name}: {data_offset - head_end} bytes of padding after the header (at most {ALIGN})")
+    rest = os.pread(f.fileno(), data_offset - PREAMBLE.size, PREAMBLE.size)
+    if len(rest) != data_offset - PREAMBLE.size:
         raise ArtifactError(f"{name}: truncated while reading the header")
+    body, block = rest[:header_len], rest[header_len : header_len + SIGNATURE_BLOCK.size]
+    if any(rest[header_len + SIGNATURE_BLOCK.size :]) or (not flags & FLAG_SIGNED and any(block)):
+        raise ArtifactError(f"{name}: non-zero bytes in the padding after the header")
     if blake3.blake3(body).digest() != header_digest:
         raise IntegrityError(f"{name}: header does not match its digest (file altered or corrupt)")
     try:
@@ -264,7 +286,8 @@ def _parse(f: BinaryIO, size: int, name: str) -> tuple[dict, int]:
     except (ValueError, RecursionError) as e:
         raise ArtifactError(f"{name}: header is not valid JSON ({type(e).__name__})") from None
     _validate(header, size, data_offset, name)
-    return header, data_offset
+    signature = SIGNATURE_BLOCK.unpack(block) if flags & FLAG_SIGNED else None
+    return header, data_offset, header_digest, signature
 
 
 def _reject_constant(token: str) -> None:

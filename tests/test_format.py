@@ -196,3 +196,41 @@ def test_every_error_is_a_one_line_kvmlx_error(tmp_path):
 def test_missing_file_is_a_kvmlx_error(tmp_path):
     with pytest.raises(ArtifactError, match="cannot open"):
         read_header(tmp_path / "nope.kvmlx")
+
+
+def test_signature_block_round_trip(tmp_path):
+    path, arrays = synthetic(tmp_path)
+    with Artifact(path) as art:
+        assert art.signature is None
+    tensors = [TensorData(k, "float16", v.shape, memoryview(v).cast("B")) for k, v in arrays.items()]
+    seen = []
+
+    def sign(header_digest):
+        seen.append(header_digest)
+        return b"K" * 32, b"S" * 64
+
+    signed = tmp_path / "signed.kvmlx"
+    write_artifact(signed, read_header(path) | {}, tensors, sign=sign)
+    with Artifact(signed) as art:
+        assert art.signature == (b"K" * 32, b"S" * 64)
+        assert seen == [art.header_digest]
+
+
+@pytest.mark.parametrize("where", ["signature block", "padding"])
+def test_hidden_bytes_after_the_header_are_refused(tmp_path, where):
+    path, _ = synthetic(tmp_path)
+    raw = bytearray(path.read_bytes())
+    hlen = struct.unpack_from("<Q", raw, 16)[0]
+    raw[64 + hlen + (0 if where == "signature block" else 200)] = 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="non-zero bytes"):
+        read_header(path)
+
+
+def test_unknown_flags_are_refused(tmp_path):
+    path, _ = synthetic(tmp_path)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 12, 4)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="unknown flags"):
+        read_header(path)
