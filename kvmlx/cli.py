@@ -43,16 +43,31 @@ def main() -> None:
     """Publish a document's KV cache once; load it and continue token-exactly instead of prefilling."""
 
 
-def _progress(desc: str, quiet: bool):
+class _Progress:
     """A tqdm bar on stderr, shown only to a person at a terminal (never in --json or piped runs)."""
-    bar = tqdm(total=0, desc=desc, unit="tok", disable=quiet or not sys.stderr.isatty(), file=sys.stderr, leave=False)
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    def __init__(self, desc: str, quiet: bool, unit: str = "tok"):
+        self.desc, self.unit, self.bar = desc, unit, None
+        self.enabled = not quiet and sys.stderr.isatty()
 
-    return bar, update
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(desc: str, quiet: bool, unit: str = "tok") -> _Progress:
+    """A progress callback `(done, total)` that is also a context manager closing its bar."""
+    return _Progress(desc, quiet, unit)
 
 
 def _emit(obj: dict) -> None:
@@ -81,9 +96,8 @@ def _stream_printer(lm, enabled: bool):
 def publish(document, out, model, dtype, chunk_size, as_json) -> None:
     """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact."""
     lm = load_model(model, dtype)
-    bar, update = _progress("prefill", as_json)
-    with bar:
-        result = publish_api(lm, document.read(), out, chunk_size=chunk_size, progress=update)
+    with _progress("prefill", as_json) as progress:
+        result = publish_api(lm, document.read(), out, chunk_size=chunk_size, progress=progress)
     summary = {
         "artifact": str(result.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": result.num_tokens,
         "artifact_bytes": result.artifact_bytes, "kv_bytes": result.kv_bytes,
@@ -204,9 +218,8 @@ def demo(model, max_tokens, out, as_json) -> None:
     lm = load_model(model)
     with tempfile.TemporaryDirectory(prefix="kvmlx-demo-") as tmp:
         path = Path(out or Path(tmp) / "sample.kvmlx")
-        bar, update = _progress("prefill", as_json)
-        with bar:
-            pub = publish_api(lm, document, path, progress=update)
+        with _progress("prefill", as_json) as progress:
+            pub = publish_api(lm, document, path, progress=progress)
         say(f"2. published the sample document: {pub.num_tokens} tokens -> {path.name}, "
             f"{pub.artifact_bytes / 1e6:.2f} MB of {lm.dtype} KV, prefill {pub.prefill_seconds:.2f} s")
         say(f"3. generating from the artifact with the prompt {DEMO_PROMPT.strip()!r}:\n")
