@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import KvmlxError
-from .format import read_header
+from .format import ENCODINGS, read_header
 from .generate import DEFAULT_MAX_TOKENS, generate as generate_api, verify as verify_api
 from .models import load_model
 from .publish import DEFAULT_CHUNK, publish as publish_api
@@ -92,17 +92,19 @@ def _stream_printer(lm, enabled: bool):
 @click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the built-in tiny Qwen3).")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Run the model (and store the KV) in this dtype (default: the model's).")
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size (recorded; agents reuse it).")
+@click.option("--encoding", type=click.Choice(list(ENCODINGS)), default="raw", show_default=True,
+              help="KV encoding: raw, lossless (bytesplit-zstd, expsplit-zstd) or lossy (int8-tensor, q8, q4).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def publish(document, out, model, dtype, chunk_size, as_json) -> None:
+def publish(document, out, model, dtype, chunk_size, encoding, as_json) -> None:
     """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact."""
     lm = load_model(model, dtype)
     with _progress("prefill", as_json) as progress:
-        result = publish_api(lm, document.read(), out, chunk_size=chunk_size, progress=progress)
+        result = publish_api(lm, document.read(), out, chunk_size=chunk_size, encoding=encoding, progress=progress)
     summary = {
         "artifact": str(result.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": result.num_tokens,
         "artifact_bytes": result.artifact_bytes, "kv_bytes": result.kv_bytes,
         "prefill_seconds": result.prefill_seconds, "write_seconds": result.write_seconds,
-        "model_fingerprint": result.header["model"]["fingerprint"],
+        "model_fingerprint": result.header["model"]["fingerprint"], "encoding": encoding,
     }
     if as_json:
         _emit(summary)
@@ -121,8 +123,10 @@ def publish(document, out, model, dtype, chunk_size, as_json) -> None:
 @click.option("--verify", is_flag=True, help="Also prefill document + prompt from scratch and compare tokens and logits.")
 @click.option("--single-pass", is_flag=True, help="With --verify, also compare against one unchunked forward pass.")
 @click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
+@click.option("--require-exact", is_flag=True, help="Refuse lossily encoded (quantised) artifacts.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(artifact, prompt, prompt_file, model, dtype, max_tokens, verify, single_pass, no_verify_digests, as_json) -> None:
+def generate(artifact, prompt, prompt_file, model, dtype, max_tokens, verify, single_pass, no_verify_digests,
+             require_exact, as_json) -> None:
     """Load ARTIFACT, append the prompt, and continue greedily without re-running the document's prefill."""
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
@@ -135,7 +139,7 @@ def generate(artifact, prompt, prompt_file, model, dtype, max_tokens, verify, si
         _finish_verification(lm, report, as_json)
         return
     gen, loaded = generate_api(artifact, lm, text, max_tokens=max_tokens, on_token=printer,
-                               verify_digests=not no_verify_digests)
+                               verify_digests=not no_verify_digests, require_exact=require_exact)
     if as_json:
         _emit({
             "text": lm.tokenizer.decode(gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,

@@ -37,6 +37,10 @@ class PrefixMismatchError(MismatchError):
     """The agent's prompt does not start with the artifact's document tokens."""
 
 
+class LossyArtifactError(MismatchError):
+    """The artifact's KV is lossily encoded (quantised) but an exact load was required."""
+
+
 class UnsupportedModelError(KvmlxError):
     """The model's caches are not plain mlx-lm KV caches (sliding window, quantized, recurrent...)."""
 

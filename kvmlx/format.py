@@ -24,7 +24,7 @@ import mmap
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
@@ -45,7 +45,9 @@ DIGEST = "blake3"
 
 # dtype name -> bytes per element. KV and logits are floating; nothing else is accepted in v1.
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
-ENCODINGS = ("raw",)
+# encoding name -> lossless? The arithmetic lives in kvmlx/compress.py; raw tensors can be mapped as-is.
+ENCODINGS = {"raw": True, "bytesplit-zstd": True, "expsplit-zstd": True, "int8-tensor": False, "q8": False, "q4": False}
+MAX_EXPANSION = 64  # an encoded tensor may decode to at most this many times its stored bytes (+1 MiB)
 
 ProgressFn = Callable[[int, int], None]
 # Given the header digest, returns (raw 32-byte public key, 64-byte signature). See kvmlx/trust.py.
@@ -78,22 +80,25 @@ class TensorEntry:
     nbytes: int
     digest: str
     encoding: str = "raw"
+    params: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
             "name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset,
-            "nbytes": self.nbytes, "digest": self.digest, "encoding": self.encoding,
+            "nbytes": self.nbytes, "digest": self.digest, "encoding": self.encoding, "params": self.params,
         }
 
 
 @dataclass(frozen=True)
 class TensorData:
-    """A tensor to write: its bytes (any C-contiguous buffer) plus dtype and shape."""
+    """A tensor to write: its stored bytes (any C-contiguous buffer), decoded dtype and shape, encoding."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     data: memoryview
+    encoding: str = "raw"
+    params: dict = field(default_factory=dict)
 
 
 def _layout(header: dict, tensors: Sequence[TensorData], digests: Sequence[str]) -> tuple[bytes, int]:
@@ -106,7 +111,7 @@ def _layout(header: dict, tensors: Sequence[TensorData], digests: Sequence[str])
     while True:
         entries, pos = [], data_offset
         for t, d in zip(tensors, digests):
-            entries.append(TensorEntry(t.name, t.dtype, t.shape, pos, t.data.nbytes, d).to_json())
+            entries.append(TensorEntry(t.name, t.dtype, t.shape, pos, t.data.nbytes, d, t.encoding, t.params).to_json())
             pos = align(pos + t.data.nbytes)
         body = canonical_json({**header, "tensors": entries, "file_bytes": pos})
         needed = align(PREAMBLE.size + len(body) + SIGNATURE_BLOCK.size)
@@ -132,7 +137,7 @@ def write_artifact(
     for t in tensors:
         if t.dtype not in DTYPE_SIZES:
             raise ArtifactError(f"cannot write tensor {t.name}: unsupported dtype {t.dtype}")
-        if t.data.nbytes != _prod(t.shape) * DTYPE_SIZES[t.dtype]:
+        if t.encoding == "raw" and t.data.nbytes != _prod(t.shape) * DTYPE_SIZES[t.dtype]:
             raise ArtifactError(f"cannot write tensor {t.name}: {t.data.nbytes} bytes do not match shape {t.shape}")
     digests = [digest(t.data) for t in tensors]
     body, data_offset = _layout({**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}, tensors, digests)
@@ -295,7 +300,7 @@ def _reject_constant(token: str) -> None:
 
 
 def _entry(e: dict) -> TensorEntry:
-    return TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"], e["nbytes"], e["digest"], e["encoding"])
+    return TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["offset"], e["nbytes"], e["digest"], e["encoding"], e.get("params", {}))
 
 
 def _require(cond: bool, name: str, what: str) -> None:
@@ -352,7 +357,12 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
         shape = _get(e, "shape", list, name)
         _require(len(shape) <= 8 and all(_is_int(s, 0, 1 << 40) for s in shape), name, f"tensor {tname!r} has an invalid shape")
         nbytes, offset = _get(e, "nbytes", int, name), _get(e, "offset", int, name)
-        _require(nbytes == _prod(shape) * DTYPE_SIZES[dtype], name, f"tensor {tname!r}: nbytes does not match shape and dtype")
+        decoded = _prod(shape) * DTYPE_SIZES[dtype]
+        if e["encoding"] == "raw":
+            _require(nbytes == decoded, name, f"tensor {tname!r}: nbytes does not match shape and dtype")
+        else:
+            _require(0 < nbytes and decoded <= MAX_EXPANSION * nbytes + (1 << 20), name, f"tensor {tname!r}: implausible encoded size")
+            _require(isinstance(e.get("params", {}), dict), name, f"tensor {tname!r}: params must be an object")
         _require(offset % ALIGN == 0, name, f"tensor {tname!r} is not {ALIGN}-byte aligned")
         _require(offset >= end, name, f"tensor {tname!r} overlaps the header or another tensor")
         _require(offset + nbytes <= size, name, f"tensor {tname!r} extends past the end of the file")
@@ -369,4 +379,8 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
         _require(e["shape"] == [1, heads, n_tokens, head_dim], name, f"tensor {tname!r} has shape {e['shape']}, expected {[1, heads, n_tokens, head_dim]}")
         _require(e["dtype"] == kv_dtype, name, f"tensor {tname!r} is {e['dtype']}, the header says KV is {kv_dtype}")
     _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
+    _require(by_name["logits"]["encoding"] == "raw", name, "tensor 'logits' must be raw")
+    kv_encoding = kv.get("encoding", "raw")
+    _require(kv_encoding in ENCODINGS, name, f"unknown KV encoding {kv_encoding!r}")
+    _require(all(by_name[t]["encoding"] == kv_encoding for t in expected), name, "KV tensors' encodings differ from kv.encoding")
     _require(len(entries) == len(expected) + 1, name, "unexpected extra tensors")

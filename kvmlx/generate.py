@@ -161,8 +161,9 @@ def encode_continuation(lm: LoadedModel, prompt: str) -> list[int]:
     return list(lm.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
 
 
-def _load_with_prompt(artifact, lm: LoadedModel, prompt: str, verify_digests: bool) -> tuple[LoadedKV, list[int]]:
-    loaded = load_artifact(artifact, lm, verify_digests=verify_digests)
+def _load_with_prompt(artifact, lm: LoadedModel, prompt: str, verify_digests: bool,
+                      require_exact: bool = False) -> tuple[LoadedKV, list[int]]:
+    loaded = load_artifact(artifact, lm, verify_digests=verify_digests, require_exact=require_exact)
     return loaded, split_prompt(loaded, loaded.tokens + encode_continuation(lm, prompt))
 
 
@@ -174,10 +175,11 @@ def generate(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     on_token: TokenFn | None = None,
     verify_digests: bool = True,
+    require_exact: bool = False,
 ) -> tuple[Generation, LoadedKV]:
     """Load `artifact` for `lm`, append `prompt` (text continuing the document) and decode greedily."""
     t0 = time.perf_counter()
-    loaded, suffix = _load_with_prompt(artifact, lm, prompt, verify_digests)
+    loaded, suffix = _load_with_prompt(artifact, lm, prompt, verify_digests, require_exact)
     return continue_from(lm, loaded, suffix, max_tokens=max_tokens, on_token=on_token, started=t0), loaded
 
 

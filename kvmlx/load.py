@@ -34,8 +34,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from .errors import PrefixMismatchError
-from .format import Artifact
+from .compress import decode
+from .errors import LossyArtifactError, PrefixMismatchError
+from .format import ENCODINGS, Artifact
 from .identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
 from .models import LoadedModel
 
@@ -69,11 +70,13 @@ def load_artifact(
     verify_digests: bool = True,
     headroom: int = DEFAULT_HEADROOM,
     load_path: str = "auto",
+    require_exact: bool = False,
 ) -> LoadedKV:
     """Load an artifact's KV for `lm`, refusing any model, tokenizer or dtype it was not made for.
 
     With `verify_digests` (the default) every tensor's BLAKE3 digest is checked before it is used;
-    turn it off only for files you wrote yourself.
+    turn it off only for files you wrote yourself. With `require_exact`, lossily encoded (quantised)
+    artifacts are refused.
     """
     t0 = time.perf_counter()
     check_supported(lm.model)
@@ -87,6 +90,9 @@ def load_artifact(
             dtype=lm.dtype,
             geometry=config_geometry(lm.model, lm.config),
         )
+        encoding = art.header["kv"].get("encoding", "raw")
+        if require_exact and not ENCODINGS[encoding]:
+            raise LossyArtifactError(f"artifact KV is {encoding}-quantised (lossy) but an exact load was required")
         caches, logits, used = read_caches(art, verify_digests=verify_digests, headroom=headroom, load_path=load_path)
     except BaseException:
         _release(art)
@@ -113,8 +119,11 @@ def read_caches(
         raise ValueError(f"load_path must be one of {LOAD_PATHS}")
     names = [f"layers.{i}.{kind}" for i in range(art.header["model"]["num_layers"]) for kind in ("keys", "values")]
     n = art.header["kv"]["num_tokens"]
-    used = "zero-copy" if load_path == "zero-copy" or (load_path == "auto" and zero_copy_available()) else load_path
+    raw = art.header["kv"].get("encoding", "raw") == "raw"
+    used = "zero-copy" if load_path == "zero-copy" or (load_path == "auto" and raw and zero_copy_available()) else load_path
     used = "copy" if used == "auto" else used
+    if used == "zero-copy" and not raw:
+        raise ValueError("only raw artifacts can be loaded without a copy")
     entry = art.tensors["logits"]
     logits = mx.array(np.frombuffer(art.tensor_bytes("logits", verify_digests), dtype=np.uint8))
     logits = logits.view(DTYPES[entry.dtype]).reshape(entry.shape)
@@ -231,9 +240,13 @@ def _with_capacity(shape: Sequence[int], capacity: int) -> tuple[int, ...]:
 
 
 def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool) -> None:
-    """Copy one [1, H, L, D] tensor (digest checked first) into the first L slots of each head of `dst`."""
-    heads = art.tensors[name].shape[1]
-    src = np.frombuffer(art.tensor_bytes(name, verify=verify), dtype=np.uint8).reshape(heads, -1)
+    """Copy one [1, H, L, D] tensor (digest checked, then decoded if encoded) into the first L slots
+    of each head of `dst`."""
+    entry = art.tensors[name]
+    stored = art.tensor_bytes(name, verify=verify)
+    raw = stored if entry.encoding == "raw" else decode(stored, entry.encoding, entry.params, entry.dtype, entry.shape)
+    heads = entry.shape[1]
+    src = np.frombuffer(raw, dtype=np.uint8).reshape(heads, -1)
     out = np.frombuffer(memoryview(dst).cast("B"), dtype=np.uint8).reshape(heads, -1)
     np.copyto(out[:, : src.shape[1]], src)
 

@@ -12,7 +12,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 from . import __version__
-from .format import TensorData, digest, write_artifact
+from .compress import encode
+from .format import ENCODINGS, Signer, TensorData, digest, write_artifact
 from .identity import check_supported, model_fingerprint, rope_settings, tokenizer_fingerprint
 from .models import LoadedModel
 
@@ -59,13 +60,19 @@ def publish(
     out: str | os.PathLike,
     *,
     chunk_size: int = DEFAULT_CHUNK,
+    encoding: str = "raw",
     progress: ProgressFn | None = None,
+    sign: Signer | None = None,
 ) -> PublishResult:
     """Prefill `document` (text, or token ids) once with `lm` and write its KV artifact to `out`.
 
     Text is tokenized with the model's tokenizer including its special tokens (a BOS where the model
-    uses one), exactly as an agent's prompt that starts with the document would be.
+    uses one), exactly as an agent's prompt that starts with the document would be. `encoding` is one
+    of `kvmlx.format.ENCODINGS` (lossy ones are marked so that exact loads refuse them); `sign`
+    signs the header digest (see `kvmlx.trust`).
     """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
     check_supported(lm.model)
     text_digest = digest(document.encode()) if isinstance(document, str) else None
     tokens = list(lm.tokenizer.encode(document)) if isinstance(document, str) else [int(t) for t in document]
@@ -81,8 +88,8 @@ def publish(
     tensors = []
     for i, c in enumerate(cache):
         for kind, buf in (("keys", c.keys), ("values", c.values)):
-            tensors.append(_tensor(f"layers.{i}.{kind}", mx.contiguous(buf[..., :n, :])))
-    tensors.append(_tensor("logits", logits))
+            tensors.append(_tensor(f"layers.{i}.{kind}", mx.contiguous(buf[..., :n, :]), encoding))
+    tensors.append(_tensor("logits", logits, "raw"))
     _, heads, _, head_dim = cache[0].keys.shape
     header = {
         "created_by": f"kvmlx {__version__} (mlx {mx.__version__})",
@@ -96,16 +103,21 @@ def publish(
             "rope": rope_settings(lm.config),
         },
         "tokenizer": {"fingerprint": tokenizer_fingerprint(lm.tokenizer)},
-        "kv": {"dtype": tensors[0].dtype, "layout": "BHLD", "num_tokens": n, "chunk_size": chunk_size},
+        "kv": {"dtype": tensors[0].dtype, "layout": "BHLD", "num_tokens": n, "chunk_size": chunk_size,
+               "encoding": encoding, "lossless": ENCODINGS[encoding]},
         "document": {"tokens": tokens, "text_blake3": text_digest},
     }
     t1 = time.perf_counter()
-    written = write_artifact(out, header, tensors)
+    written = write_artifact(out, header, tensors, sign=sign)
     write_seconds = time.perf_counter() - t1
-    kv_bytes = sum(t.data.nbytes for t in tensors[:-1])
+    kv_bytes = 2 * len(cache) * heads * n * head_dim * cache[0].keys.itemsize
     return PublishResult(Path(out), n, written["file_bytes"], kv_bytes, prefill_seconds, write_seconds, written)
 
 
-def _tensor(name: str, x: mx.array) -> TensorData:
+def _tensor(name: str, x: mx.array, encoding: str) -> TensorData:
     mx.eval(x)
-    return TensorData(name, str(x.dtype).split(".")[-1], tuple(x.shape), memoryview(x).cast("B"))
+    dtype = str(x.dtype).split(".")[-1]
+    if encoding == "raw":
+        return TensorData(name, dtype, tuple(x.shape), memoryview(x).cast("B"))
+    blob, params = encode(x, encoding)
+    return TensorData(name, dtype, tuple(x.shape), memoryview(blob), encoding, params)

@@ -144,3 +144,39 @@ def test_other_chunkings(tmp_path, tiny, document, publish_chunk, reference_chun
     assert result["token_exact"]
     if mx.default_device() == mx.cpu:
         assert result["max_abs_logit_diff"] == 0.0
+
+
+@pytest.mark.parametrize("encoding", ["bytesplit-zstd", "expsplit-zstd"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_lossless_encodings_are_bit_exact(tmp_path, models, document, encoding, dtype):
+    lm = models(dtype)
+    tokens = lm.tokenizer.encode(document)
+    doc, suffix = tokens[:90], tokens[90:100]
+    raw, packed = tmp_path / "raw.kvmlx", tmp_path / "packed.kvmlx"
+    publish(lm, doc, raw, chunk_size=CHUNK)
+    result = publish(lm, doc, packed, chunk_size=CHUNK, encoding=encoding)
+    assert result.header["kv"]["lossless"] is True
+    a, b = load_artifact(raw, lm), load_artifact(packed, lm, require_exact=True)
+    for ca, cb in zip(a.caches, b.caches):
+        assert mx.array_equal(ca.keys[..., :90, :], cb.keys[..., :90, :]).item()
+        assert mx.array_equal(ca.values[..., :90, :], cb.values[..., :90, :]).item()
+    ra = continue_from(lm, a, suffix, max_tokens=MAX_TOKENS, stop_at_eos=False, keep_logits=True)
+    rb = continue_from(lm, b, suffix, max_tokens=MAX_TOKENS, stop_at_eos=False, keep_logits=True)
+    assert compare(ra, rb)["logits_identical"]
+
+
+@pytest.mark.parametrize("encoding", ["int8-tensor", "q8", "q4"])
+def test_lossy_encodings_are_marked_and_refused_by_exact_loads(tmp_path, tiny, document, encoding):
+    from kvmlx.errors import LossyArtifactError
+
+    path = tmp_path / "lossy.kvmlx"
+    result = publish(tiny, tiny.tokenizer.encode(document)[:64], path, chunk_size=CHUNK, encoding=encoding)
+    assert result.header["kv"] == {**result.header["kv"], "encoding": encoding, "lossless": False}
+    stored = lambda header: sum(t["nbytes"] for t in header["tensors"] if t["name"] != "logits")  # noqa: E731
+    raw = publish(tiny, tiny.tokenizer.encode(document)[:64], tmp_path / "r.kvmlx")
+    assert stored(result.header) <= 0.6 * stored(raw.header)
+    with pytest.raises(LossyArtifactError, match="lossy"):
+        load_artifact(path, tiny, require_exact=True)
+    loaded = load_artifact(path, tiny)  # allowed when exactness is not required
+    gen = continue_from(tiny, loaded, [5, 6], max_tokens=4)
+    assert len(gen.tokens) >= 1
