@@ -24,6 +24,7 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
@@ -193,37 +194,85 @@ def _prod(shape: Iterable[int]) -> int:
 
 
 class Artifact:
-    """An open, validated artifact: its header and a read-only memory map of the whole file.
+    """An open, validated artifact: its header, an open file, and (on demand) a read-only map of it.
 
     Opening reads the preamble and header with plain reads and checks them (digest, structure, every
-    tensor inside the file, aligned, non-overlapping, sized as its shape says) before the file is
-    mapped at all. Tensor digests are checked on demand by `tensor_bytes(verify=True)`. With
-    `populate`, the map is pre-faulted (Linux MAP_POPULATE, else MADV_WILLNEED) because the caller
-    is about to read every byte.
+    tensor inside the file, aligned, non-overlapping, sized as its shape says) before any tensor byte
+    is read or mapped. Tensor bytes come either as a view of the map (`tensor_bytes`, for zero-copy
+    and decoding) or read straight into a caller's buffers (`read_into`, the one-copy load path).
+    Digests are checked by both when `verify` is set. With `populate`, the map is pre-faulted
+    (Linux MAP_POPULATE, else MADV_WILLNEED) when it is first needed.
     """
 
     def __init__(self, path: str | os.PathLike, *, populate: bool = False):
         self.path = Path(path)
+        self._populate = populate
+        self._mmap: mmap.mmap | None = None
+        self._lock = threading.Lock()
         try:
-            with open(self.path, "rb") as f:
-                self.size = os.fstat(f.fileno()).st_size
-                self.header, self.data_offset, self.header_digest, self.signature = _parse(f, self.size, self.path.name)
-                self._mmap = _map(f.fileno(), populate)
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except OSError as e:
             raise ArtifactError(f"{path}: cannot open ({e.strerror or e})") from e
+        try:
+            self.size = os.fstat(self._fd).st_size
+            self.header, self.data_offset, self.header_digest, self.signature = _parse(self._fd, self.size, self.path.name)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self.tensors = {t.name: t for t in (_entry(e) for e in self.header["tensors"])}
 
+    def _map(self) -> mmap.mmap:
+        with self._lock:
+            if self._mmap is None:
+                self._mmap = _map(self._fd, self._populate)
+            return self._mmap
+
     def tensor_bytes(self, name: str, verify: bool = True) -> memoryview:
-        """A zero-copy view of one tensor's bytes in the map; with `verify`, its digest is checked."""
+        """A zero-copy view of one tensor's stored bytes in the map; with `verify`, its digest is checked."""
         t = self.tensors[name]
-        view = memoryview(self._mmap)[t.offset : t.offset + t.nbytes]
+        view = memoryview(self._map())[t.offset : t.offset + t.nbytes]
         if verify and digest(view) != t.digest:
-            raise IntegrityError(f"{self.path.name}: tensor {name} does not match its digest (file altered or corrupt)")
+            self._corrupt(name)
         return view
 
+    def read_into(self, name: str, buffers: Sequence[memoryview], verify: bool = True) -> None:
+        """Read one tensor's stored bytes, in order, into `buffers` (whose sizes add up to its length).
+
+        One `preadv` per call (page cache -> the caller's memory, the only copy); with `verify`, the
+        digest is computed over the buffers afterwards, while they are still hot in the CPU caches.
+        """
+        t = self.tensors[name]
+        views = [memoryview(b).cast("B") for b in buffers]
+        if sum(v.nbytes for v in views) != t.nbytes:
+            raise ValueError(f"buffers for {name} hold {sum(v.nbytes for v in views)} bytes, the tensor {t.nbytes}")
+        offset = t.offset
+        while views:
+            n = os.preadv(self._fd, views, offset)
+            if n <= 0:
+                raise ArtifactError(f"{self.path.name}: truncated while reading tensor {name}")
+            offset += n
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+        if verify:
+            h = blake3.blake3()
+            for b in buffers:
+                h.update(b)
+            if h.hexdigest() != t.digest:
+                self._corrupt(name)
+
+    def _corrupt(self, name: str) -> None:
+        raise IntegrityError(f"{self.path.name}: tensor {name} does not match its digest (file altered or corrupt)")
+
     def close(self) -> None:
-        """Unmap the file; fails (BufferError) while views from `tensor_bytes` are still alive."""
-        self._mmap.close()
+        """Close the file and unmap it; the unmap fails (BufferError) while views from `tensor_bytes` live."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._mmap is not None:
+            self._mmap.close()
 
     def __enter__(self) -> "Artifact":
         return self
@@ -250,7 +299,7 @@ def _map(fd: int, populate: bool) -> mmap.mmap:
     return mapped
 
 
-def _parse(f: BinaryIO, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes, bytes] | None]:
+def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes, bytes] | None]:
     """Read and check the preamble, header and signature block; never reads past what the file holds.
 
     Returns (header, data offset, header digest, (public key, signature) or None). The signature is
@@ -258,7 +307,7 @@ def _parse(f: BinaryIO, size: int, name: str) -> tuple[dict, int, bytes, tuple[b
     """
     if size < PREAMBLE.size:
         raise ArtifactError(f"{name}: truncated ({size} bytes, smaller than the 64-byte preamble)")
-    magic, version, flags, header_len, data_offset, header_digest = PREAMBLE.unpack(os.pread(f.fileno(), PREAMBLE.size, 0))
+    magic, version, flags, header_len, data_offset, header_digest = PREAMBLE.unpack(os.pread(fd, PREAMBLE.size, 0))
     if magic != MAGIC:
         raise ArtifactError(f"{name}: not a kvmlx artifact (bad magic bytes)")
     if version > VERSION:
@@ -278,7 +327,7 @@ def _parse(f: BinaryIO, size: int, name: str) -> tuple[dict, int, bytes, tuple[b
         raise ArtifactError(f"{name}: truncated (data starts at {data_offset}, file has {size} bytes)")
     if data_offset - head_end > ALIGN:
         raise ArtifactError(f"{name}: {data_offset - head_end} bytes of padding after the header (at most {ALIGN})")
-    rest = os.pread(f.fileno(), data_offset - PREAMBLE.size, PREAMBLE.size)
+    rest = os.pread(fd, data_offset - PREAMBLE.size, PREAMBLE.size)
     if len(rest) != data_offset - PREAMBLE.size:
         raise ArtifactError(f"{name}: truncated while reading the header")
     body, block = rest[:header_len], rest[header_len : header_len + SIGNATURE_BLOCK.size]

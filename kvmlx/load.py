@@ -6,16 +6,16 @@ Two ways in, and `LoadedKV.load_path` says which ran:
   is adopted by MLX as it is (`mx.asarray(view, copy=False)`): no byte is copied at load. The map stays
   open while any array uses it. The first append to a cache then grows it on the GPU (one device copy
   at memory bandwidth, inside the first step), because a mapped file has no room after each head.
-- ``overlap`` (the copy path, in the background): the same copies run layer by layer on worker threads
-  while the caller goes on; each cache waits for its own layer only when the model first reaches it,
-  and meanwhile lets MLX compute the layers before it (`mx.async_eval`). Time to first token then
+- ``copy`` (everywhere else, and the fallback). Each layer's keys and values are read once, with one
+  `preadv` per tensor, from the file straight into an MLX-owned buffer [1, heads, capacity, head_dim]
+  whose first L slots per head hold the document and whose `headroom` slots are free, so the suffix's
+  first appends write in place (mlx-lm's `KVCache` re-allocates and concatenates the whole prefix when
+  an append exceeds its capacity). The main thread allocates layer i+1 while worker threads read and
+  verify layer i (preadv and BLAKE3 release the GIL). No memory map is made on this path.
+- ``overlap`` (the copy path, in the background): the same reads run on worker threads while the
+  caller goes on; each cache waits for its own layer only when the model first reaches it, and
+  meanwhile lets MLX compute the layers before it (`mx.async_eval`). Time to first token then
   approaches max(load, suffix compute) instead of their sum: for a cold disk or a long suffix.
-- ``copy`` (everywhere else, and the fallback). Each layer's keys and values are copied once, head by
-  head, from the map into an MLX-owned buffer [1, heads, capacity, head_dim] whose first L slots hold
-  the document and whose `headroom` slots are free, so the suffix's first appends write in place
-  (mlx-lm's `KVCache` re-allocates and concatenates the whole prefix when an append exceeds its
-  capacity). Tensors are verified and copied in parallel threads (BLAKE3 and numpy's copy release the
-  GIL); the map is pre-faulted (MAP_POPULATE / MADV_WILLNEED) so the copy does not stall on page faults.
 
 Either way the caches are plain `mlx_lm.models.cache.KVCache` objects, usable as `prompt_cache=` in
 `mlx_lm.generate` and `mlx_lm.stream_generate`.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,7 +36,7 @@ from mlx_lm.models.cache import KVCache
 
 from .compress import decode
 from .errors import LossyArtifactError, PrefixMismatchError
-from .format import ENCODINGS, Artifact
+from .format import DTYPE_SIZES, ENCODINGS, Artifact
 from .identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
 from .models import LoadedModel
 
@@ -80,8 +80,7 @@ def load_artifact(
     """
     t0 = time.perf_counter()
     check_supported(lm.model)
-    # the copy paths read every byte at once: pre-fault the map; the overlap path faults in its workers
-    art = Artifact(path, populate=load_path != "overlap")
+    art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         check_binding(
             art.header,
@@ -134,13 +133,28 @@ def read_caches(
         mx.eval(logits, arrays)
         return _caches(arrays, n), logits, used
     capacity = -(-(n + headroom) // KVCache.step) * KVCache.step
-    arrays = [_uninitialized(_with_capacity(art.tensors[name].shape, capacity), art.tensors[name].dtype) for name in names]
-    mx.eval(logits, arrays)
-    copy_layer = lambda i: [_copy_heads(art, names[j], arrays[j], verify_digests) for j in (2 * i, 2 * i + 1)]  # noqa: E731
+    mx.eval(logits)
+    pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1), thread_name_prefix="kvmlx-load")
+    arrays: list[mx.array] = []
+    futures: list[Future] = []
+    for i in range(len(names) // 2):
+        # allocate layer i here while workers read layers < i: allocation and reads overlap
+        pair = [_uninitialized(_with_capacity(art.tensors[name].shape, capacity), art.tensors[name].dtype) for name in names[2 * i : 2 * i + 2]]
+        mx.eval(pair)
+        arrays += pair
+        futures.append(pool.submit(_copy_layer, art, names[2 * i : 2 * i + 2], pair, verify_digests))
+    pool.shutdown(wait=used == "copy")
     if used == "copy":
-        _parallel(copy_layer, list(range(len(names) // 2)), threads)
+        for f in futures:
+            f.result()
         return _caches(arrays, n), logits, used
-    return _background(art, arrays, n, copy_layer, threads), logits, used
+    threading.Thread(target=lambda: (wait(futures), _release(art)), name="kvmlx-load-close", daemon=True).start()
+    return [StreamedKVCache(k, v, n, f) for k, v, f in zip(arrays[::2], arrays[1::2], futures)], logits, used
+
+
+def _copy_layer(art: Artifact, names: list[str], arrays: list[mx.array], verify: bool) -> None:
+    for name, dst in zip(names, arrays):
+        _copy_heads(art, name, dst, verify)
 
 
 def _caches(arrays: list[mx.array], n: int) -> list[KVCache]:
@@ -153,25 +167,22 @@ def _caches(arrays: list[mx.array], n: int) -> list[KVCache]:
 
 
 class StreamedKVCache(KVCache):
-    """A `KVCache` whose prefix is still being copied in by a worker thread.
+    """A `KVCache` whose prefix is still being read in by a worker thread.
 
-    Every access waits for this layer's copy (and its digest check) to finish; the wait first starts
+    Every access waits for this layer's read (and its digest check) to finish; the wait first starts
     MLX on the layers before it, so loading and computing overlap. Once ready, it is a plain KVCache.
     """
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: int, ready: threading.Event, errors: list):
+    def __init__(self, keys: mx.array, values: mx.array, offset: int, loading: Future):
         super().__init__()
         self.keys, self.values, self.offset = keys, values, offset
-        self._ready, self._errors = ready, errors
+        self._loading = loading
 
     def wait(self, *pending: mx.array) -> None:
         """Block until this layer is loaded; raise the loader's error (e.g. a bad digest) if it failed."""
-        if not self._ready.is_set():
-            if pending:
-                mx.async_eval(*pending)
-            self._ready.wait()
-        if self._errors:
-            raise self._errors[0]
+        if pending and not self._loading.done():
+            mx.async_eval(*pending)
+        self._loading.result()
 
     def update_and_fetch(self, keys, values):
         self.wait(keys, values)
@@ -185,30 +196,6 @@ class StreamedKVCache(KVCache):
     @state.setter
     def state(self, v):
         self.keys, self.values, self.offset = v
-
-
-def _background(art: Artifact, arrays: list[mx.array], n: int, copy_layer, threads: int | None) -> list[KVCache]:
-    """Start copying layer by layer on worker threads; return caches that wait for their layer."""
-    layers = len(arrays) // 2
-    ready = [threading.Event() for _ in range(layers)]
-    errors: list[BaseException] = []
-
-    def load(i: int) -> None:
-        try:
-            if not errors:
-                copy_layer(i)
-        except BaseException as e:  # surfaces in the consuming thread through StreamedKVCache.wait
-            errors.append(e)
-        finally:
-            ready[i].set()
-
-    def run() -> None:
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(load, range(layers)))
-        _release(art)
-
-    threading.Thread(target=run, name="kvmlx-load", daemon=True).start()
-    return [StreamedKVCache(arrays[2 * i], arrays[2 * i + 1], n, ready[i], errors) for i in range(layers)]
 
 
 def zero_copy_available() -> bool:
@@ -240,15 +227,23 @@ def _with_capacity(shape: Sequence[int], capacity: int) -> tuple[int, ...]:
 
 
 def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool) -> None:
-    """Copy one [1, H, L, D] tensor (digest checked, then decoded if encoded) into the first L slots
-    of each head of `dst`."""
+    """Fill the first L slots of each head of `dst` [1, H, capacity, D] with one [1, H, L, D] tensor.
+
+    Raw tensors are read straight from the file into the MLX buffer (one `preadv` per tensor, one
+    copy); encoded ones are decoded from the map first. Digests are checked either way.
+    """
     entry = art.tensors[name]
-    stored = art.tensor_bytes(name, verify=verify)
-    raw = stored if entry.encoding == "raw" else decode(stored, entry.encoding, entry.params, entry.dtype, entry.shape)
     heads = entry.shape[1]
-    src = np.frombuffer(raw, dtype=np.uint8).reshape(heads, -1)
-    out = np.frombuffer(memoryview(dst).cast("B"), dtype=np.uint8).reshape(heads, -1)
-    np.copyto(out[:, : src.shape[1]], src)
+    per_head = entry.shape[2] * entry.shape[3] * DTYPE_SIZES[entry.dtype]
+    out = memoryview(dst).cast("B")
+    stride = out.nbytes // heads
+    slots = [out[h * stride : h * stride + per_head] for h in range(heads)]
+    if entry.encoding == "raw":
+        art.read_into(name, slots, verify=verify)
+        return
+    raw = decode(art.tensor_bytes(name, verify=verify), entry.encoding, entry.params, entry.dtype, entry.shape)
+    src = np.frombuffer(raw, dtype=np.uint8).reshape(heads, per_head)
+    np.copyto(np.frombuffer(out, dtype=np.uint8).reshape(heads, stride)[:, :per_head], src)
 
 
 def _parallel(fn, items: list, threads: int | None) -> None:
