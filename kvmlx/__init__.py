@@ -5,6 +5,10 @@
     kvmlx.publish(lm, open("doc.txt").read(), "doc.kvmlx")
     kv = kvmlx.load_artifact("doc.kvmlx", lm)    # kv.caches work as mlx_lm prompt_cache=
     gen, _ = kvmlx.generate("doc.kvmlx", lm, "\\nQuestion: ...")
+
+    agent = kvmlx.Agent(lm)                      # or: no paths at all, through the local store
+    agent.publish(open("doc.txt").read())
+    out = agent.generate(text + "\\nQuestion: ...")   # reuses the longest stored prefix; out.reused_tokens
 """
 
 __version__ = "0.1.0"
@@ -27,8 +31,11 @@ from .generate import Generation, Verification, continue_from, from_scratch, gen
 from .load import LoadedKV, load_artifact, split_prompt  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
 from .publish import PublishResult, publish  # noqa: E402
+from .store import Store, StoreError  # noqa: E402
+from .agent import Agent, chat_prefix_tokens, chat_prompt_tokens  # noqa: E402
 
 __all__ = [
+    "Agent", "Store", "StoreError", "chat_prefix_tokens", "chat_prompt_tokens",
     "Artifact", "ArtifactError", "DtypeMismatchError", "Generation", "IntegrityError", "KvmlxError", "LoadedKV",
     "LoadedModel", "MismatchError", "ModelLoadError", "ModelMismatchError", "PrefixMismatchError", "PublishResult",
     "TokenizerMismatchError", "UnsupportedModelError", "UnsupportedVersionError", "Verification", "continue_from",

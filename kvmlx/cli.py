@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -16,11 +17,13 @@ import click
 from tqdm import tqdm
 
 from . import __version__
+from .agent import Agent, chat_prefix_tokens, chat_prompt_tokens
 from .errors import KvmlxError
 from .format import ENCODINGS, read_header
 from .generate import DEFAULT_MAX_TOKENS, generate as generate_api, verify as verify_api
 from .models import load_model
 from .publish import DEFAULT_CHUNK, publish as publish_api
+from .store import Store, parse_size
 
 DTYPE_CHOICE = click.Choice(["float16", "bfloat16", "float32"])
 EXIT_NOT_EXACT = 3
@@ -88,49 +91,98 @@ def _stream_printer(lm, enabled: bool):
 
 @main.command()
 @click.argument("document", type=click.File("r", encoding="utf-8"))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, writable=True), help="Artifact file to write (.kvmlx).")
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False, writable=True), help="Artifact file to write (.kvmlx).")
+@click.option("--store", "to_store", is_flag=True, help="Write into the local store instead of a file (`kvmlx generate` then finds it by prompt).")
+@click.option("--store-dir", type=click.Path(file_okay=False), default=None, help="The store's directory (implies --store; default: $KVMLX_HOME/store).")
+@click.option("--chat", is_flag=True, help="Publish the chat-templated prefix: [system turn], then the user turn up to the end of the document.")
+@click.option("--system", default=None, help="With --chat: the system prompt.")
 @click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the built-in tiny Qwen3).")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Run the model (and store the KV) in this dtype (default: the model's).")
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size (recorded; agents reuse it).")
 @click.option("--encoding", type=click.Choice(list(ENCODINGS)), default="raw", show_default=True,
               help="KV encoding: raw, lossless (bytesplit-zstd, expsplit-zstd) or lossy (int8-tensor, q8, q4).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def publish(document, out, model, dtype, chunk_size, encoding, as_json) -> None:
-    """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact."""
+def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, as_json) -> None:
+    """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact (--out) or store it (--store)."""
+    to_store = to_store or store_dir is not None
+    if (out is None) != to_store:
+        raise click.UsageError("give --out FILE or --store, not both" if out else "give --out FILE or --store")
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
     lm = load_model(model, dtype)
+    text = document.read()
+    payload = chat_prefix_tokens(lm, text, system) if chat else text
+    stored = None
     with _progress("prefill", as_json) as progress:
-        result = publish_api(lm, document.read(), out, chunk_size=chunk_size, encoding=encoding, progress=progress)
-    summary = {
-        "artifact": str(result.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": result.num_tokens,
-        "artifact_bytes": result.artifact_bytes, "kv_bytes": result.kv_bytes,
-        "prefill_seconds": result.prefill_seconds, "write_seconds": result.write_seconds,
-        "model_fingerprint": result.header["model"]["fingerprint"], "encoding": encoding,
-    }
+        if to_store:
+            stored = Store(store_dir).publish(lm, payload, chunk_size=chunk_size, encoding=encoding, progress=progress)
+            result = stored.result  # None when the store already held these tokens: nothing was computed
+        else:
+            result = publish_api(lm, payload, out, chunk_size=chunk_size, encoding=encoding, progress=progress)
+    if result is not None:
+        summary = {
+            "artifact": str(result.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": result.num_tokens,
+            "artifact_bytes": result.artifact_bytes, "kv_bytes": result.kv_bytes,
+            "prefill_seconds": result.prefill_seconds, "write_seconds": result.write_seconds,
+            "model_fingerprint": result.header["model"]["fingerprint"], "encoding": encoding,
+        }
+    else:
+        e = stored.entry
+        summary = {"artifact": str(e.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": e.num_tokens,
+                   "artifact_bytes": e.file_bytes, "prefill_seconds": 0.0, "write_seconds": 0.0,
+                   "model_fingerprint": e.model_fingerprint, "encoding": e.encoding}
+    if stored is not None:
+        summary.update(key=stored.key, existed=stored.existed)
+    summary["chat"] = chat
     if as_json:
         _emit(summary)
+    elif result is None:
+        click.echo(f"already stored: {summary['tokens']} tokens of KV as {stored.key[:12]} ({summary['artifact']})")
     else:
+        where = f"store entry {stored.key[:12]} ({result.path})" if stored else str(result.path)
         click.echo(f"published {result.num_tokens} tokens of KV ({result.artifact_bytes / 1e6:.1f} MB, {lm.dtype}) "
-                   f"to {result.path} in {result.prefill_seconds:.2f} s prefill + {result.write_seconds:.2f} s write")
+                   f"to {where} in {result.prefill_seconds:.2f} s prefill + {result.write_seconds:.2f} s write")
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
-@click.option("--prompt", "-p", default=None, help="Text that continues the document (tokenized without special tokens).")
-@click.option("--prompt-file", type=click.File("r", encoding="utf-8"), default=None, help="Read the continuation from a file.")
-@click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the model id the artifact names).")
-@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Model dtype (default: the artifact's KV dtype).")
+@click.argument("artifact", required=False, default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt", "-p", default=None,
+              help="With ARTIFACT: text that continues the document (tokenized without special tokens). Without: the "
+                   "whole prompt (tokenized as the model's tokenizer does); the stored KV sharing its longest prefix is reused.")
+@click.option("--prompt-file", type=click.File("r", encoding="utf-8"), default=None, help="Read the prompt from a file.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
+              help="Without ARTIFACT: the store to reuse from (default: $KVMLX_HOME/store).")
+@click.option("--chat-document", type=click.File("r", encoding="utf-8"), default=None,
+              help="Without ARTIFACT: ask the prompt as a question about this document, in the model's chat template.")
+@click.option("--system", default=None, help="With --chat-document: the system prompt.")
+@click.option("--allow-lossy", is_flag=True, help="Without ARTIFACT: also reuse quantised (lossily encoded) KV; not token-exact.")
+@click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the model the artifact names; "
+                                                    "without ARTIFACT, the built-in tiny Qwen3).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Model dtype (default: the artifact's KV dtype, or the model's).")
 @click.option("--max-tokens", "-n", default=DEFAULT_MAX_TOKENS, show_default=True, type=click.IntRange(1))
 @click.option("--verify", is_flag=True, help="Also prefill document + prompt from scratch and compare tokens and logits.")
 @click.option("--single-pass", is_flag=True, help="With --verify, also compare against one unchunked forward pass.")
 @click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
 @click.option("--require-exact", is_flag=True, help="Refuse lossily encoded (quantised) artifacts.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate(artifact, prompt, prompt_file, model, dtype, max_tokens, verify, single_pass, no_verify_digests,
-             require_exact, as_json) -> None:
-    """Load ARTIFACT, append the prompt, and continue greedily without re-running the document's prefill."""
+def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens,
+             verify, single_pass, no_verify_digests, require_exact, as_json) -> None:
+    """Continue a prompt greedily without re-running the prefill of a published document.
+
+    With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
+    kvmlx reuses the stored artifact (see `kvmlx store`) sharing its longest token prefix, if any.
+    """
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
     text = prompt_file.read() if prompt_file is not None else (prompt or "")
+    if artifact is None:
+        if require_exact:
+            raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
+        _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
+                             single_pass, no_verify_digests, as_json)
+        return
+    if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
+        raise click.UsageError("--store, --chat-document, --system and --allow-lossy are for prompts without ARTIFACT")
     header = read_header(artifact)
     lm = load_model(model or header["model"]["id"], dtype or header["kv"]["dtype"])
     printer = _stream_printer(lm, not as_json)
@@ -149,6 +201,31 @@ def generate(artifact, prompt, prompt_file, model, dtype, max_tokens, verify, si
         })
     else:
         click.echo()
+
+
+def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
+                         single_pass, no_verify_digests, as_json) -> None:
+    """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
+    if system is not None and chat_document is None:
+        raise click.UsageError("--system needs --chat-document")
+    lm = load_model(model, dtype)
+    agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy)
+    tokens = chat_prompt_tokens(lm, chat_document.read(), text, system) if chat_document is not None else agent.encode(text)
+    if not tokens:
+        raise click.UsageError("the prompt is empty: give --prompt or --prompt-file")
+    printer = _stream_printer(lm, not as_json)
+    if verify:
+        report = agent.verify(tokens, max_tokens=max_tokens, single_pass=single_pass, on_token=printer)
+        _finish_verification(lm, report, as_json)
+        return
+    gen = agent.generate(tokens, max_tokens=max_tokens, on_token=printer)
+    if as_json:
+        _emit(gen.to_json())
+        return
+    click.echo()
+    source = f"store entry {gen.key[:12]}" if gen.key else "the store (no match)"
+    click.echo(f"reused {gen.reused_tokens} of {gen.prompt_tokens} prompt tokens from {source}; "
+               f"prefilled {gen.prefilled_tokens}", err=True)
 
 
 def _finish_verification(lm, report, as_json: bool) -> None:
@@ -236,6 +313,91 @@ def demo(model, max_tokens, out, as_json) -> None:
             say("\n\n4. " + _verification_words(report))
     if not report.token_exact:
         sys.exit(EXIT_NOT_EXACT)
+
+
+@main.group("store")
+@click.option("--dir", "store_dir", type=click.Path(file_okay=False), default=None,
+              help="The store's directory (default: $KVMLX_HOME/store).")
+@click.pass_context
+def store_group(ctx, store_dir) -> None:
+    """The local content-addressed store that `kvmlx generate` without ARTIFACT reuses from."""
+    ctx.obj = store_dir
+
+
+@store_group.command("add")
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the entry as JSON.")
+@click.pass_obj
+def store_add(store_dir, artifact, as_json) -> None:
+    """Verify ARTIFACT (every tensor digest) and copy it into the store."""
+    store = Store(store_dir)
+    entry = store.get(store.add(artifact))
+    if as_json:
+        _emit(entry.to_json())
+    else:
+        click.echo(f"{entry.key}  {entry.num_tokens} tokens  {entry.file_bytes / 1e6:.1f} MB  {entry.model_id} {entry.dtype}")
+
+
+@store_group.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_obj
+def store_ls(store_dir, as_json) -> None:
+    """List stored artifacts, most recently used first."""
+    entries = Store(store_dir).ls()
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in entries], indent=2, sort_keys=True))
+        return
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
+        click.echo(f"{e.key[:16]}  {e.num_tokens:>7} tok  {e.file_bytes / 1e6:>8.1f} MB  {e.dtype:<8} {e.encoding:<14} "
+                   f"{used}  {e.model_id}")
+
+
+@store_group.command("rm")
+@click.argument("keys", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the removed entries as JSON.")
+@click.pass_obj
+def store_rm(store_dir, keys, as_json) -> None:
+    """Remove entries by KEY (a full key, or a unique prefix of 4+ hex digits)."""
+    store = Store(store_dir)
+    removed = [store.rm(k) for k in keys]
+    if as_json:
+        click.echo(json.dumps([e.to_json() for e in removed], indent=2, sort_keys=True))
+    else:
+        for e in removed:
+            click.echo(f"removed {e.key}")
+
+
+@store_group.command("gc")
+@click.option("--max-bytes", default=None, help="Evict least recently used entries until the artifacts total at most "
+                                                 "this (bytes, or 500M, 2G, 1GiB).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def store_gc(store_dir, max_bytes, as_json) -> None:
+    """Remove dead writers' temp files and quarantined files; with --max-bytes, evict LRU entries."""
+    try:
+        budget = None if max_bytes is None else parse_size(max_bytes)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-bytes") from None
+    result = Store(store_dir).gc(budget)
+    if as_json:
+        _emit(result.to_json())
+    else:
+        click.echo(f"evicted {len(result.evicted)} entries ({result.freed_bytes / 1e6:.1f} MB); kept {result.kept} "
+                   f"({result.kept_bytes / 1e6:.1f} MB); removed {result.temp_removed} temp and "
+                   f"{result.quarantine_removed} quarantined files")
+
+
+@store_group.command("reindex")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def store_reindex(store_dir, as_json) -> None:
+    """Rebuild the prefix index from the stored files' headers."""
+    result = Store(store_dir, sync=False).reindex()
+    if as_json:
+        _emit(result.to_json())
+    else:
+        click.echo(f"indexed {result.indexed} artifacts" + (f"; skipped {', '.join(result.skipped)}" if result.skipped else ""))
 
 
 @main.command("cost")

@@ -1,0 +1,382 @@
+"""Automatic reuse: an agent sends its whole prompt; kvmlx reuses the stored KV sharing its longest prefix.
+
+    from kvmlx.agent import Agent
+    agent = Agent(lm)                                        # the default store, $KVMLX_HOME/store
+    agent.publish(open("paper.txt").read())                  # once, by anyone, into the store
+    out = agent.generate(paper_text + "\\n\\nQuestion: ...")   # no artifact named
+    out.reused_tokens, out.prefilled_tokens, out.key, out.text
+
+    caches, suffix, reused = agent.caches_for(prompt_tokens)  # plain mlx-lm caches:
+    mlx_lm.stream_generate(lm.model, lm.tokenizer, prompt=suffix, prompt_cache=caches)
+
+How a prompt is served: tokenize it as the model's tokenizer does (special tokens included, like
+`kvmlx.publish` tokenizes documents), ask the store for the artifact of this model, tokenizer and
+dtype sharing the longest token prefix, load it, trim it to the shared prefix, prefill the rest in
+the artifact's chunk size and decode greedily. At least one prompt token is always computed, except
+when the prompt *is* an artifact's whole document: then the artifact's stored last logits give the
+first token with no model call. Without a match the whole prompt is prefilled.
+
+Chat: `chat_prefix_tokens(lm, document, system)` is the token prefix of a templated conversation
+[system?, user: document + "\\n\\n" + question] that does not depend on the question; publish it
+(`agent.publish(document, chat=True)`) and any `chat_prompt_tokens(lm, document, question)` reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from .errors import KvmlxError
+from .generate import DEFAULT_MAX_TOKENS, Generation, compare, decode, from_scratch
+from .identity import model_fingerprint, tokenizer_fingerprint
+from .load import load_artifact
+from .models import LoadedModel
+from .publish import DEFAULT_CHUNK, prefill
+from .store import BLOCK, Entry, Store, StorePublish
+
+TokenFn = Callable[[int], None]
+CHAT_SEPARATOR = "\n\n"  # between the document and the question inside the user turn
+# Question openings of different character classes: the chat prefix is what all their renders share,
+# so a boundary merge (a BPE token spanning the document's end and the question) is never published.
+CHAT_PROBES = ("What", "what is it?", " why", "Why?", "1", "42.", "?", "\n", "\tx", "Q:", "(a)", "[1]", "-", "'", '"',
+               ".", "#", "<", "Ü", "é", "中文", "🙂", " ", "  ")
+MAX_LOAD_ATTEMPTS = 5
+
+
+class ChatTemplateError(KvmlxError):
+    """The model's tokenizer has no chat template, or the template gives no question-independent prefix."""
+
+
+@dataclass
+class Reuse:
+    """A prompt's caches, ready for its suffix: unpacks as `caches, suffix_tokens, reused`."""
+
+    caches: list
+    suffix_tokens: list[int]
+    reused: int  # prompt tokens whose KV came from the store (the caches' offset)
+    entry: Entry | None = None  # the store entry used, None without a match
+    matched: int = 0  # tokens the prompt shares with the entry (reused can be one less: see module doc)
+    logits: mx.array | None = None  # the entry's stored last logits, set only when suffix_tokens is empty
+    chunk_size: int = DEFAULT_CHUNK  # prefill the suffix in this chunk size (the artifact's)
+    load_seconds: float = 0.0
+    load_path: str | None = None
+
+    def __iter__(self):
+        return iter((self.caches, self.suffix_tokens, self.reused))
+
+    @property
+    def key(self) -> str | None:
+        return self.entry.key if self.entry else None
+
+
+@dataclass
+class AgentGeneration:
+    """One greedy continuation of a prompt and what was reused for it."""
+
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    reused_tokens: int
+    prefilled_tokens: int
+    key: str | None
+    artifact: str | None
+    first_token_seconds: float  # from the call to the first generated token (lookup, load, prefill)
+    total_seconds: float
+    load_seconds: float
+    chunk_size: int
+    artifact_bytes: int = 0
+    logits: list[np.ndarray] = field(default_factory=list, repr=False)  # float32 rows, if kept
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens, "prefilled_tokens": self.prefilled_tokens,
+            "key": self.key, "artifact": self.artifact, "artifact_bytes": self.artifact_bytes,
+            "load_seconds": self.load_seconds, "first_token_seconds": self.first_token_seconds,
+            "total_seconds": self.total_seconds, "chunk_size": self.chunk_size,
+        }
+
+
+@dataclass
+class AgentVerification:
+    """Automatic reuse against prefilling the same prompt from scratch (tokens and logits).
+
+    The headline fields compare with the same split (the reused part, then the rest, each in the
+    artifact's chunk size: docs/FORMAT.md's "same chunking"); `plain` compares with prefilling the
+    whole prompt in that chunk size from position 0, what an agent without a store would run.
+    """
+
+    token_exact: bool
+    tokens_compared: int
+    max_abs_logit_diff: float
+    logits_identical: bool
+    first_mismatch: int | None
+    reuse: AgentGeneration
+    scratch: Generation
+    plain: dict
+    single_pass: dict | None = None
+
+    def to_json(self) -> dict:
+        out = {
+            "token_exact": self.token_exact, "tokens_compared": self.tokens_compared,
+            "max_abs_logit_diff": self.max_abs_logit_diff, "logits_identical": self.logits_identical,
+            "first_mismatch": self.first_mismatch, "reused_tokens": self.reuse.reused_tokens,
+            "prefilled_tokens": self.reuse.prefilled_tokens, "prompt_tokens": self.reuse.prompt_tokens,
+            "key": self.reuse.key, "artifact": self.reuse.artifact, "artifact_bytes": self.reuse.artifact_bytes,
+            "load_seconds": self.reuse.load_seconds, "prefill_seconds": self.scratch.first_token_seconds,
+            "reuse_first_token_seconds": self.reuse.first_token_seconds,
+            "speedup_first_token": self.scratch.first_token_seconds / max(self.reuse.first_token_seconds, 1e-9),
+            "plain": self.plain, "tokens": self.reuse.tokens, "reference_tokens": self.scratch.tokens,
+        }
+        if self.single_pass is not None:
+            out["single_pass"] = self.single_pass
+        return out
+
+
+class Agent:
+    """Generate from prompts, reusing whatever KV in `store` matches the start of each prompt.
+
+    `min_reuse_tokens` (default one block, 16): shorter matches are not worth loading an artifact
+    (a store of chat prefixes shares `<|im_start|>...` with every templated prompt).
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        store: Store | str | os.PathLike | None = None,
+        *,
+        min_reuse_tokens: int = BLOCK,
+        chunk_size: int | None = None,
+        verify_digests: bool = True,
+        load_path: str = "auto",
+        allow_lossy: bool = False,
+    ):
+        self.lm = lm
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.min_reuse_tokens = max(1, min_reuse_tokens)
+        self.chunk_size = chunk_size  # for prompts with no match (default DEFAULT_CHUNK)
+        self.verify_digests = verify_digests
+        self.load_path = load_path
+        self.allow_lossy = allow_lossy  # reuse quantised (lossily encoded) KV too: faster, no longer exact
+        self.last_reuse: Reuse | None = None
+
+    # ---- identity and tokens --------------------------------------------------------------------
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """(model fingerprint, tokenizer fingerprint, dtype): what a stored artifact must match."""
+        return (model_fingerprint(self.lm.model, self.lm.config), tokenizer_fingerprint(self.lm.tokenizer), self.lm.dtype)
+
+    def encode(self, prompt: str) -> list[int]:
+        """A full prompt's token ids, special tokens added as the tokenizer adds them (as publish does)."""
+        return list(self.lm.tokenizer.encode(prompt))
+
+    def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
+        tokens = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        return tokens
+
+    def lookup(self, prompt: str | Sequence[int]) -> tuple[Entry, int] | None:
+        """The store entry sharing the longest prefix with the prompt, and the shared length."""
+        return self.store.lookup(*self.identity, self._tokens(prompt), min_tokens=self.min_reuse_tokens,
+                                 exact_only=not self.allow_lossy)
+
+    # ---- caches ---------------------------------------------------------------------------------
+
+    def caches_for(self, prompt: str | Sequence[int], *, allow_empty_suffix: bool = False) -> Reuse:
+        """mlx-lm caches holding the longest stored prefix of the prompt, and the tokens still to run.
+
+        The suffix is never empty unless `allow_empty_suffix` and the prompt is exactly a stored
+        document (then `logits` holds the stored next-token logits). An entry that fails to load
+        (removed meanwhile, corrupt) is taken out of service and the next best match is used.
+        """
+        tokens = self._tokens(prompt)
+        n = len(tokens)
+        excluded: list[str] = []
+        for _ in range(MAX_LOAD_ATTEMPTS):
+            hit = self.store.lookup(*self.identity, tokens, exclude=excluded, min_tokens=self.min_reuse_tokens,
+                                    exact_only=not self.allow_lossy)
+            if hit is None:
+                break
+            entry, matched = hit
+            if matched < n:
+                reuse = matched
+            elif allow_empty_suffix and entry.num_tokens == n:
+                reuse = n  # the whole prompt is the whole document: its stored logits are valid
+            else:
+                reuse = n - 1  # the stored logits belong to a longer document: run the last token
+            if reuse < self.min_reuse_tokens:
+                break
+            try:
+                loaded = load_artifact(entry.path, self.lm, verify_digests=self.verify_digests, load_path=self.load_path,
+                                       require_exact=not self.allow_lossy)
+                if loaded.tokens[:reuse] != tokens[:reuse]:  # the index disagrees with the file
+                    raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
+            except (KvmlxError, OSError) as e:
+                self.store.discard(entry.key, f"load failed: {e}")
+                excluded.append(entry.key)
+                continue
+            self.store.touch(entry.key)
+            extra = len(loaded.tokens) - reuse
+            # trimming only moves each cache's offset back (the overlap path's layers may still be arriving)
+            if extra and trim_prompt_cache(loaded.caches, extra) != extra or any(c.offset != reuse for c in loaded.caches):
+                raise KvmlxError(f"cannot trim the loaded KV to {reuse} tokens")
+            r = Reuse(loaded.caches, tokens[reuse:], reuse, entry, matched, loaded.logits if reuse == n else None,
+                      entry.chunk_size, loaded.load_seconds, loaded.load_path)
+            self.last_reuse = r
+            return r
+        r = Reuse(make_prompt_cache(self.lm.model), tokens, 0, None, 0, None, self.chunk_size or DEFAULT_CHUNK)
+        self.last_reuse = r
+        return r
+
+    def _start(self, prompt: str | Sequence[int]) -> tuple[Reuse, mx.array]:
+        r = self.caches_for(prompt, allow_empty_suffix=True)
+        logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size) if r.suffix_tokens else r.logits
+        return r, logits
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        on_token: TokenFn | None = None,
+        stop_at_eos: bool = True,
+        keep_logits: bool = False,
+    ) -> AgentGeneration:
+        """Greedy continuation of a full prompt (text, or token ids), reusing the longest stored prefix."""
+        t0 = time.perf_counter()
+        prompt = self._tokens(prompt)
+        n = len(prompt)
+        r, logits = self._start(prompt)
+        first: list[float] = []
+
+        def mark(token: int) -> None:
+            if not first:
+                first.append(time.perf_counter() - t0)
+            if on_token:
+                on_token(token)
+
+        eos = tuple(self.lm.tokenizer.eos_token_ids) if stop_at_eos else ()
+        tokens, rows = decode(self.lm.model, r.caches, logits, max_tokens, eos=eos, on_token=mark, keep_logits=keep_logits)
+        return AgentGeneration(
+            tokens=tokens, text=self.lm.tokenizer.decode(tokens), prompt_tokens=n, reused_tokens=r.reused,
+            prefilled_tokens=len(r.suffix_tokens), key=r.key, artifact=str(r.entry.path) if r.entry else None,
+            first_token_seconds=first[0] if first else 0.0, total_seconds=time.perf_counter() - t0,
+            load_seconds=r.load_seconds, chunk_size=r.chunk_size,
+            artifact_bytes=r.entry.file_bytes if r.entry else 0, logits=rows,
+        )
+
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+               stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield greedy token ids one by one; `agent.last_reuse` says what was reused."""
+        r, logits = self._start(prompt)
+        eos = set(self.lm.tokenizer.eos_token_ids) if stop_at_eos else set()
+        for i in range(max_tokens):
+            token = int(mx.argmax(logits).item())
+            yield token
+            if token in eos or i + 1 == max_tokens:
+                return
+            logits = self.lm.model(mx.array([[token]]), cache=r.caches)[0, -1]
+
+    def verify(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        single_pass: bool = False,
+        on_token: TokenFn | None = None,
+    ) -> AgentVerification:
+        """Generate with reuse, then prefill the prompt from scratch, and compare tokens and logits.
+
+        Both sides decode exactly `max_tokens` tokens (through EOS).
+        """
+        tokens = self._tokens(prompt)
+        reuse = self.generate(tokens, max_tokens=max_tokens, stop_at_eos=False, keep_logits=True, on_token=on_token)
+        k, chunk = reuse.reused_tokens, reuse.chunk_size
+        doc, suffix = (tokens[:k], tokens[k:]) if k else (tokens, [])
+        kw = dict(max_tokens=max_tokens, stop_at_eos=False, keep_logits=True)
+        scratch = from_scratch(self.lm, doc, suffix, chunk_size=chunk, **kw)
+        report = compare(reuse, scratch)
+        # without a split (no match, or the whole prompt reused) the reference already is the plain prefill
+        plain = dict(report) if not suffix else compare(reuse, from_scratch(self.lm, tokens, [], chunk_size=chunk, **kw))
+        extra = None
+        if single_pass:
+            extra = compare(reuse, from_scratch(self.lm, tokens, [], chunk_size=len(tokens), **kw))
+            extra.pop("first_mismatch")
+        return AgentVerification(reuse=reuse, scratch=scratch, plain=plain, single_pass=extra, **report)
+
+    # ---- publishing and chat --------------------------------------------------------------------
+
+    def publish(
+        self,
+        document: str | Sequence[int],
+        *,
+        chat: bool = False,
+        system: str | None = None,
+        chunk_size: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        **publish_kwargs,
+    ) -> StorePublish:
+        """Publish a document into the agent's store (with `chat`, its chat-templated prefix).
+
+        Other keyword arguments (`encoding=`, `sign=`, `force=`) go to `Store.publish`."""
+        if chat:
+            if not isinstance(document, str):
+                raise TypeError("chat=True needs the document as text")
+            document = chat_prefix_tokens(self.lm, document, system)
+        elif system is not None:
+            raise ValueError("system= needs chat=True")
+        return self.store.publish(self.lm, document, chunk_size=chunk_size, progress=progress, **publish_kwargs)
+
+    def ask(self, document: str, question: str, *, system: str | None = None, **kwargs) -> AgentGeneration:
+        """Generate the assistant's answer to a templated question about `document`."""
+        return self.generate(chat_prompt_tokens(self.lm, document, question, system), **kwargs)
+
+
+def chat_messages(document: str, question: str, system: str | None = None) -> list[dict]:
+    """The conversation kvmlx templates: [system?, user: document + "\\n\\n" + question]."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return messages + [{"role": "user", "content": document + CHAT_SEPARATOR + question}]
+
+
+def _render(lm: LoadedModel, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    tok = lm.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise ChatTemplateError(f"{lm.model_id} has no chat template")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # the rendered text carries its own special tokens (BOS included where the template writes one)
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def chat_prompt_tokens(lm: LoadedModel, document: str, question: str, system: str | None = None) -> list[int]:
+    """Token ids of the templated conversation asking `question` about `document` (ready for the answer)."""
+    return _render(lm, chat_messages(document, question, system))
+
+
+def chat_prefix_tokens(lm: LoadedModel, document: str, system: str | None = None) -> list[int]:
+    """The longest token prefix shared by the templated conversation whatever the question.
+
+    Renders the conversation with CHAT_PROBES as questions and keeps their longest common token
+    prefix: the system turn, the start of the user turn and the document, cut before any token the
+    question could merge with. A question whose first characters still tokenize differently only
+    loses reuse of the last few tokens (the lookup matches token ids, never text).
+    """
+    renders = [np.asarray(_render(lm, chat_messages(document, q, system)), dtype=np.int64) for q in CHAT_PROBES]
+    n = min(len(r) for r in renders)
+    first = renders[0][:n]
+    for r in renders[1:]:
+        diff = np.flatnonzero(r[:n] != first)
+        n = int(diff[0]) if diff.size else n
+        first = first[:n]
+    if n == 0:
+        raise ChatTemplateError(f"{lm.model_id}'s chat template gives no prefix independent of the question")
+    return first.tolist()
