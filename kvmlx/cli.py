@@ -19,6 +19,8 @@ from tqdm import tqdm
 from . import __version__
 from .agent import Agent, chat_prefix_tokens, chat_prompt_tokens
 from .errors import KvmlxError
+from . import bench as bench_api
+from .bench import DEFAULT_LENGTHS as BENCH_LENGTHS, DEFAULT_RUNS as BENCH_RUNS, SHAPES, parse_lengths
 from .format import ENCODINGS, read_header
 from .generate import DEFAULT_MAX_TOKENS, generate as generate_api, verify as verify_api
 from .models import load_model
@@ -398,6 +400,57 @@ def store_reindex(store_dir, as_json) -> None:
         _emit(result.to_json())
     else:
         click.echo(f"indexed {result.indexed} artifacts" + (f"; skipped {', '.join(result.skipped)}" if result.skipped else ""))
+
+
+def _lengths_option(ctx, param, value):
+    try:
+        return parse_lengths(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="Model for prefill vs reuse: local path, hub repo id or builtin:<preset>.  [default: builtin:small]")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Run the model (and its KV) in this dtype (default: the model's).")
+@click.option("--lengths", default=",".join(map(str, BENCH_LENGTHS)), show_default=True, callback=_lengths_option,
+              help="Document lengths in tokens, comma-separated (default: the paper's).")
+@click.option("--runs", default=BENCH_RUNS, show_default=True, type=click.IntRange(1), help="Runs per figure: median, min-max and quartiles reported.")
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
+              help="Time the load path alone on synthetic KV of this model's exact shape: no model, no prefill.")
+@click.option("--compression", is_flag=True, help="Instead: compare every KV encoding (size, speed, tokens, logits).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, writable=True), default=None,
+              help="Parent of the temporary directory for artifacts (pick one on the disk you care about).  [default: the system's]")
+@click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size, as in publish.")
+@click.option("--no-cold", is_flag=True, help="Skip cold loads (files evicted from the page cache before each run).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine, config, roofline, results, targets).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
+def bench(model, dtype, lengths, runs, shape, compression, directory, chunk_size, no_cold, as_json, plot_path) -> None:
+    """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
+    if shape and (model or dtype or compression):
+        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression")
+    if compression:
+        lm = load_model(model or "builtin:small", dtype)
+        with _progress("encodings", as_json, unit="enc") as bar:
+            result = bench_api.run_compression_bench(lm, max(lengths), runs=runs, directory=directory,
+                                                     chunk_size=chunk_size, progress=bar)
+        _emit(result) if as_json else click.echo(bench_api.format_compression_table(result))
+        return
+    with _progress("bench", as_json, unit="phase") as bar:
+        options = dict(directory=directory, cold=not no_cold, chunk_size=chunk_size,
+                       progress=lambda done, total, _phase: bar(done, total))
+        if shape:
+            result = bench_api.run_shape_bench(shape, lengths, runs, **options)
+        else:
+            result = bench_api.run_model_bench(load_model(model or "builtin:small", dtype), lengths, runs, **options)
+    if plot_path is not None:
+        result["plot"] = str(bench_api.plot(result, plot_path))
+    if as_json:
+        _emit(result)
+    else:
+        click.echo(bench_api.format_table(result))
+        if plot_path is not None:
+            click.echo(f"\nplot: {plot_path}")
 
 
 @main.command("cost")
