@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from .errors import KvmlxError
+from .errors import KvmlxError, TrustError
 from .generate import DEFAULT_MAX_TOKENS, Generation, compare, decode, from_scratch
 from .identity import model_fingerprint, tokenizer_fingerprint
 from .load import load_artifact
@@ -156,6 +156,8 @@ class Agent:
         verify_digests: bool = True,
         load_path: str = "auto",
         allow_lossy: bool = False,
+        require_signed: bool = False,
+        trust_list=None,
     ):
         self.lm = lm
         self.store = store if isinstance(store, Store) else Store(store)
@@ -164,6 +166,7 @@ class Agent:
         self.verify_digests = verify_digests
         self.load_path = load_path
         self.allow_lossy = allow_lossy  # reuse quantised (lossily encoded) KV too: faster, no longer exact
+        self.require_signed, self.trust_list = require_signed, trust_list  # accepted publishers (kvmlx.trust)
         self.last_reuse: Reuse | None = None
 
     # ---- identity and tokens --------------------------------------------------------------------
@@ -216,9 +219,13 @@ class Agent:
                 break
             try:
                 loaded = load_artifact(entry.path, self.lm, verify_digests=self.verify_digests, load_path=self.load_path,
-                                       require_exact=not self.allow_lossy)
+                                       require_exact=not self.allow_lossy, require_signed=self.require_signed,
+                                       trust_list=self.trust_list)
                 if loaded.tokens[:reuse] != tokens[:reuse]:  # the index disagrees with the file
                     raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
+            except TrustError:  # a publisher this agent does not accept: skip the entry, it is not broken
+                excluded.append(entry.key)
+                continue
             except (KvmlxError, OSError) as e:
                 self.store.discard(entry.key, f"load failed: {e}")
                 excluded.append(entry.key)

@@ -7,6 +7,7 @@ stderr); 2 a usage error (Click's); 3 `--verify`/`demo` ran but reuse was not to
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -21,10 +22,11 @@ from .agent import Agent, chat_prefix_tokens, chat_prompt_tokens
 from .errors import KvmlxError
 from . import bench as bench_api
 from .bench import DEFAULT_LENGTHS as BENCH_LENGTHS, DEFAULT_RUNS as BENCH_RUNS, SHAPES, parse_lengths
-from .format import ENCODINGS, read_header
+from .format import ENCODINGS, Artifact, read_header
 from .generate import DEFAULT_MAX_TOKENS, generate as generate_api, verify as verify_api
 from .models import load_model
 from .publish import DEFAULT_CHUNK, publish as publish_api
+from . import trust as trust_api
 from .store import Store, parse_size
 
 DTYPE_CHOICE = click.Choice(["float16", "bfloat16", "float32"])
@@ -103,24 +105,29 @@ def _stream_printer(lm, enabled: bool):
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size (recorded; agents reuse it).")
 @click.option("--encoding", type=click.Choice(list(ENCODINGS)), default="raw", show_default=True,
               help="KV encoding: raw, lossless (bytesplit-zstd, expsplit-zstd) or lossy (int8-tensor, q8, q4).")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Sign the artifact with this Ed25519 private key (from `kvmlx keygen`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, as_json) -> None:
+def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, sign_key, as_json) -> None:
     """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact (--out) or store it (--store)."""
     to_store = to_store or store_dir is not None
     if (out is None) != to_store:
         raise click.UsageError("give --out FILE or --store, not both" if out else "give --out FILE or --store")
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
+    key = trust_api.load_private_key(sign_key, _ask_passphrase) if sign_key else None  # fail before the prefill
+    signing = {"sign": trust_api.signer(key)} if key else {}
     lm = load_model(model, dtype)
     text = document.read()
     payload = chat_prefix_tokens(lm, text, system) if chat else text
     stored = None
     with _progress("prefill", as_json) as progress:
         if to_store:
-            stored = Store(store_dir).publish(lm, payload, chunk_size=chunk_size, encoding=encoding, progress=progress)
+            stored = Store(store_dir).publish(lm, payload, chunk_size=chunk_size, encoding=encoding, progress=progress,
+                                               **signing)
             result = stored.result  # None when the store already held these tokens: nothing was computed
         else:
-            result = publish_api(lm, payload, out, chunk_size=chunk_size, encoding=encoding, progress=progress)
+            result = publish_api(lm, payload, out, chunk_size=chunk_size, encoding=encoding, progress=progress, **signing)
     if result is not None:
         summary = {
             "artifact": str(result.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": result.num_tokens,
@@ -136,6 +143,7 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
     if stored is not None:
         summary.update(key=stored.key, existed=stored.existed)
     summary["chat"] = chat
+    summary["signed_by"] = trust_api.public_key_id(key) if key and result is not None else None
     if as_json:
         _emit(summary)
     elif result is None:
@@ -166,9 +174,12 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
 @click.option("--single-pass", is_flag=True, help="With --verify, also compare against one unchunked forward pass.")
 @click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
 @click.option("--require-exact", is_flag=True, help="Refuse lossily encoded (quantised) artifacts.")
+@click.option("--require-signed", is_flag=True,
+              help="Only use artifacts signed by a key in your trust list (`kvmlx trust`); without ARTIFACT, "
+                   "stored entries from other publishers are skipped.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens,
-             verify, single_pass, no_verify_digests, require_exact, as_json) -> None:
+             verify, single_pass, no_verify_digests, require_exact, require_signed, as_json) -> None:
     """Continue a prompt greedily without re-running the prefill of a published document.
 
     With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
@@ -181,37 +192,44 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
         if require_exact:
             raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
         _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                             single_pass, no_verify_digests, as_json)
+                             single_pass, no_verify_digests, as_json, require_signed)
         return
     if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
         raise click.UsageError("--store, --chat-document, --system and --allow-lossy are for prompts without ARTIFACT")
-    header = read_header(artifact)
-    lm = load_model(model or header["model"]["id"], dtype or header["kv"]["dtype"])
+    trust_list = trust_api.TrustList.load() if require_signed else None
+    with Artifact(artifact) as art:  # the publisher is checked before the header names a model to load
+        trust_api.check_signature(art, require_signed, trust_list)
+        header = art.header
+    lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"])
     printer = _stream_printer(lm, not as_json)
     if verify:
-        report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer)
+        report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer,
+                            require_signed=require_signed, trust_list=trust_list)
         _finish_verification(lm, report, as_json)
         return
     gen, loaded = generate_api(artifact, lm, text, max_tokens=max_tokens, on_token=printer,
-                               verify_digests=not no_verify_digests, require_exact=require_exact)
+                               verify_digests=not no_verify_digests, require_exact=require_exact,
+                               require_signed=require_signed, trust_list=trust_list)
     if as_json:
         _emit({
             "text": lm.tokenizer.decode(gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,
             "prefilled_tokens": gen.prefilled_tokens, "load_seconds": loaded.load_seconds,
             "reuse_first_token_seconds": gen.first_token_seconds, "total_seconds": gen.total_seconds,
             "load_path": loaded.load_path, "artifact_bytes": loaded.header["file_bytes"],
+            "signature": loaded.signature.to_json() if loaded.signature else None,
         })
     else:
         click.echo()
 
 
 def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                         single_pass, no_verify_digests, as_json) -> None:
+                         single_pass, no_verify_digests, as_json, require_signed=False) -> None:
     """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
     if system is not None and chat_document is None:
         raise click.UsageError("--system needs --chat-document")
     lm = load_model(model, dtype)
-    agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy)
+    agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
+                  require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None)
     tokens = chat_prompt_tokens(lm, chat_document.read(), text, system) if chat_document is not None else agent.encode(text)
     if not tokens:
         raise click.UsageError("the prompt is empty: give --prompt or --prompt-file")
@@ -491,3 +509,131 @@ def cost(readers, tokens, price_per_mtok, tariff, ratio, egress_per_gb, storage_
         click.echo(cost_api.format_table(inputs, costs, sources))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")
+
+
+def _ask_passphrase() -> str:
+    """The passphrase of an encrypted key: $KVMLX_KEY_PASSPHRASE, else a prompt (only at a terminal)."""
+    if (env := os.environ.get(trust_api.PASSPHRASE_ENV)) is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise KvmlxError(f"the key is passphrase-protected; set ${trust_api.PASSPHRASE_ENV} (no terminal to ask on)")
+    return click.prompt("key passphrase", hide_input=True, err=True)
+
+
+@main.command()
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Private key file to write (default: keys/publisher.pem under $KVMLX_HOME or ~/.config/kvmlx).")
+@click.option("--raw", is_flag=True, help="Write the raw 32-byte seed instead of PEM (cannot be encrypted).")
+@click.option("--encrypt", is_flag=True, help="Protect the key with a passphrase ($KVMLX_KEY_PASSPHRASE, or asked twice).")
+@click.option("--force", is_flag=True, help="Replace an existing key file (artifacts it signed stop being verifiable as yours).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def keygen(out, raw, encrypt, force, as_json) -> None:
+    """Make an Ed25519 publisher key (file mode 0600) and print its public id for `kvmlx trust add`."""
+    passphrase = None
+    if encrypt:
+        if raw:
+            raise click.UsageError("--raw keys cannot be encrypted; drop --raw or --encrypt")
+        passphrase = os.environ.get(trust_api.PASSPHRASE_ENV) or click.prompt(
+            "new key passphrase", hide_input=True, confirmation_prompt=True, err=True)
+    key = trust_api.generate_key()
+    path = trust_api.write_private_key(key, out or trust_api.default_key_path(), encoding="raw" if raw else "pem",
+                                       passphrase=passphrase, overwrite=force)
+    key_id = trust_api.public_key_id(key)
+    if as_json:
+        _emit({"public_key": key_id, "key_file": str(path), "public_key_file": f"{path}.pub", "encrypted": bool(passphrase)})
+    else:
+        click.echo(key_id)
+        click.echo(f"private key: {path} (mode 600{', passphrase-protected' if passphrase else ''}); public id also in {path}.pub",
+                   err=True)
+
+
+@main.group(cls=KvmlxGroup)
+def trust() -> None:
+    """Manage the publishers whose signed artifacts you accept (`generate --require-signed`, `verify`)."""
+
+
+def _key_argument(value: str) -> str:
+    """A public key id, or a file holding one (such as the .pub file `kvmlx keygen` writes)."""
+    if not value.strip().startswith(trust_api.KEY_PREFIX) and Path(value).is_file():
+        with open(value, encoding="utf-8", errors="replace") as f:
+            return f.read(256).strip().split("\n")[0]
+    return value
+
+
+@trust.command("add")
+@click.argument("pubkey")
+@click.option("--name", "-n", default=None, help="A name for this publisher (default: the key's first characters).")
+@click.option("--json", "as_json", is_flag=True, help="Print the entry as JSON.")
+def trust_add(pubkey, name, as_json) -> None:
+    """Trust PUBKEY (ed25519:..., or a .pub file) as a publisher."""
+    entry = trust_api.TrustList.load().add(_key_argument(pubkey), name)
+    if as_json:
+        _emit(entry.to_json())
+    else:
+        click.echo(f"trusted {entry.key} as {entry.name!r}")
+
+
+@trust.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print the trust list as JSON.")
+def trust_ls(as_json) -> None:
+    """List trusted publishers."""
+    trusted = trust_api.TrustList.load()
+    if as_json:
+        _emit({"path": str(trusted.path), **trusted.to_json()})
+        return
+    for e in trusted.entries:
+        click.echo(f"{e.key}  {e.name}  (added {e.added})")
+    if not trusted.entries:
+        click.echo(f"no trusted publishers ({trusted.path})", err=True)
+
+
+@trust.command("rm")
+@click.argument("key_or_name")
+@click.option("--json", "as_json", is_flag=True, help="Print the removed entry as JSON.")
+def trust_rm(key_or_name, as_json) -> None:
+    """Stop trusting a publisher, by key id or name."""
+    entry = trust_api.TrustList.load().remove(_key_argument(key_or_name))
+    if as_json:
+        _emit(entry.to_json())
+    else:
+        click.echo(f"removed {entry.key} ({entry.name!r})")
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-m", default=None, help="Model to check against (default: the model id the artifact names).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Model dtype (default: the artifact's KV dtype).")
+@click.option("--recompute", "-r", default=None, type=click.IntRange(0),
+              help="Prefill the first N tokens from scratch and compare their KV.  [default: 64]")
+@click.option("--sample", "-s", default=0, show_default=True, type=click.IntRange(0),
+              help="Also recompute from scratch up to K random prefix lengths (costs a prefill of the longest).")
+@click.option("--probe", default=None, type=click.IntRange(0),
+              help="Recompute K random positions (the last always) from the stored KV before them, one step each.  [default: 8]")
+@click.option("--seed", default=None, type=int, help="Seed for the --sample/--probe positions (default: random).")
+@click.option("--tolerance", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Largest accepted |difference| (0: bit-exact, right for the CPU backend; GPU backends may need more).")
+@click.option("--no-model", is_flag=True, help="Check structure, digests and signature only (no model is loaded).")
+@click.option("--require-signed", is_flag=True, help="Fail unless the artifact is signed by a key in your trust list.")
+@click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_command(artifact, model, dtype, recompute, sample, probe, seed, tolerance, no_model, require_signed,
+                   no_verify_digests, as_json) -> None:
+    """Check ARTIFACT: structure, digests, signature, model binding, and recomputed-KV spot checks."""
+    from . import spotcheck
+
+    trust_list = trust_api.TrustList.load()
+    lm = None
+    if not no_model:
+        with Artifact(artifact) as art:  # the publisher is checked before the header names a model to load
+            trust_api.check_signature(art, require_signed, trust_list)
+            header = art.header
+        lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"])
+    report = spotcheck.spot_check(
+        artifact, lm, recompute=spotcheck.DEFAULT_RECOMPUTE if recompute is None else recompute, sample=sample,
+        probe=spotcheck.DEFAULT_PROBE if probe is None else probe, seed=seed, tolerance=tolerance,
+        verify_digests=not no_verify_digests, require_signed=require_signed, trust_list=trust_list)
+    if as_json:
+        _emit(report.to_json())
+    else:
+        click.echo(report.describe())
+    report.raise_if_failed()

@@ -65,13 +65,15 @@ def decode(blob: memoryview, encoding: str, params: dict, dtype: str, shape: tup
                 raise ValueError("wrong number of planes")
             planes, at = [], 0
             for s in sizes:
+                if zstandard.frame_content_size(bytes(blob[at : at + min(s, 18)])) not in (-1, plane_size):
+                    raise ValueError("a plane declares the wrong decoded size")
                 d = zstandard.ZstdDecompressor().decompress(bytes(blob[at : at + s]), max_output_size=plane_size)
                 if len(d) != plane_size:
                     raise ValueError("a plane decoded to the wrong size")
                 planes.append(np.frombuffer(d, dtype=np.uint8))
                 at += s
             return _join(planes, dtype, encoding)
-    except (ValueError, KeyError, TypeError, zstandard.ZstdError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError, ZeroDivisionError, zstandard.ZstdError) as e:
         raise ArtifactError(f"cannot decode a {encoding} tensor: {e}") from None
     raise ArtifactError(f"unknown encoding {encoding!r}")
 
@@ -88,7 +90,7 @@ def _raw(x: mx.array) -> np.ndarray:
 
 def _dequantize(blob: memoryview, params: dict, dtype: str, shape: tuple[int, ...]) -> mx.array:
     group, bits = int(params["group_size"]), int(params["bits"])
-    if bits not in (4, 8) or shape[-1] % group:
+    if bits not in (4, 8) or group < 1 or shape[-1] % group:
         raise ValueError("bad quantisation parameters")
     rows = int(np.prod(shape[:-1]))
     wq_n = rows * shape[-1] * bits // 32

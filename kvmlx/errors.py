@@ -17,6 +17,34 @@ class IntegrityError(ArtifactError):
     """A digest does not match: the header or a tensor was altered after publishing."""
 
 
+class TrustError(KvmlxError):
+    """The artifact's publisher is not established: unsigned, signed by an unknown key, or badly signed."""
+
+
+class UnsignedArtifactError(TrustError):
+    """A signed artifact was required and this one carries no signature."""
+
+
+class UntrustedPublisherError(TrustError):
+    """The signature is valid but its key is not in the local trust list."""
+
+
+class BadSignatureError(TrustError, IntegrityError):
+    """The artifact carries a signature that does not verify: the header was altered or re-signed wrongly."""
+
+
+class KeyFileError(KvmlxError):
+    """A signing key or public key id is unreadable, malformed, wrongly protected or of the wrong kind."""
+
+
+class TrustListError(KvmlxError):
+    """The local trust list is malformed, or an entry to change does not exist."""
+
+
+class RecomputeMismatchError(KvmlxError):
+    """Spot verification recomputed part of the KV and it differs from what the artifact stores."""
+
+
 class MismatchError(KvmlxError):
     """The artifact is well-formed but was not produced for this model, tokenizer, dtype or prompt."""
 

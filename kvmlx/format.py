@@ -231,8 +231,10 @@ class Artifact:
         """A zero-copy view of one tensor's stored bytes in the map; with `verify`, its digest is checked."""
         t = self.tensors[name]
         view = memoryview(self._map())[t.offset : t.offset + t.nbytes]
-        if verify and digest(view) != t.digest:
-            self._corrupt(name)
+        if verify:
+            if digest(view) != t.digest:
+                self._corrupt(name)
+            self._check_padding(name)
         return view
 
     def read_into(self, name: str, buffers: Sequence[memoryview], verify: bool = True) -> None:
@@ -262,6 +264,15 @@ class Artifact:
                 h.update(b)
             if h.hexdigest() != t.digest:
                 self._corrupt(name)
+            self._check_padding(name)
+
+    def _check_padding(self, name: str) -> None:
+        """The bytes between a tensor's end and the next 16 KiB boundary must be zero: nothing hides there."""
+        t = self.tensors[name]
+        end = t.offset + t.nbytes
+        pad = os.pread(self._fd, align(end) - end, end) if align(end) > end else b""
+        if pad.count(0) != len(pad):
+            raise IntegrityError(f"{self.path.name}: non-zero bytes in the padding after tensor {name}")
 
     def _corrupt(self, name: str) -> None:
         raise IntegrityError(f"{self.path.name}: tensor {name} does not match its digest (file altered or corrupt)")
@@ -325,8 +336,8 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
         raise ArtifactError(f"{name}: invalid data offset {data_offset}")
     if data_offset > size:
         raise ArtifactError(f"{name}: truncated (data starts at {data_offset}, file has {size} bytes)")
-    if data_offset - head_end > ALIGN:
-        raise ArtifactError(f"{name}: {data_offset - head_end} bytes of padding after the header (at most {ALIGN})")
+    if data_offset != align(head_end):
+        raise ArtifactError(f"{name}: data offset {data_offset} is not the first {ALIGN}-byte boundary after the header")
     rest = os.pread(fd, data_offset - PREAMBLE.size, PREAMBLE.size)
     if len(rest) != data_offset - PREAMBLE.size:
         raise ArtifactError(f"{name}: truncated while reading the header")
@@ -339,7 +350,15 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
         header = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise ArtifactError(f"{name}: header is not valid JSON ({type(e).__name__})") from None
+    try:
+        canonical = canonical_json(header) == body
+    except (ValueError, RecursionError):  # 1e999 parses as inf, which canonical JSON cannot hold
+        canonical = False
+    if not canonical:
+        raise ArtifactError(f"{name}: header is not canonical JSON (duplicate keys, non-finite or non-canonical numbers, whitespace)")
     _validate(header, size, data_offset, name)
+    if header.get("version") != version:
+        raise ArtifactError(f"{name}: invalid header: version {header.get('version')!r} differs from the preamble's {version}")
     signature = SIGNATURE_BLOCK.unpack(block) if flags & FLAG_SIGNED else None
     return header, data_offset, header_digest, signature
 
@@ -355,6 +374,10 @@ def _entry(e: dict) -> TensorEntry:
 def _require(cond: bool, name: str, what: str) -> None:
     if not cond:
         raise ArtifactError(f"{name}: invalid header: {what}")
+
+
+def _printable(s: Any, limit: int = 1024) -> bool:
+    return isinstance(s, str) and len(s) <= limit and s.isprintable()
 
 
 def _is_int(x: Any, lo: int = 0, hi: int = 1 << 62) -> bool:
@@ -377,11 +400,12 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
         raise ArtifactError(f"{name}: truncated or padded (header declares {file_bytes} bytes, file has {size})")
     model = _get(h, "model", dict, name)
     for key in ("id", "fingerprint", "model_type"):
-        _get(model, key, str, name)
+        _require(_printable(_get(model, key, str, name)), name, f"model.{key} is not a printable one-line string")
     for key in ("num_layers", "num_kv_heads", "head_dim"):
         _require(_is_int(_get(model, key, int, name), 1, 1 << 20), name, f"model.{key} out of range")
     _get(model, "rope", dict, name)
-    _get(_get(h, "tokenizer", dict, name), "fingerprint", str, name)
+    _require(_printable(_get(_get(h, "tokenizer", dict, name), "fingerprint", str, name)), name, "tokenizer.fingerprint is not printable")
+    _require(_printable(h.get("created_by", "")), name, "created_by is not a printable one-line string")
     kv = _get(h, "kv", dict, name)
     kv_dtype = _get(kv, "dtype", str, name)
     _require(kv_dtype in DTYPE_SIZES, name, f"unsupported KV dtype {kv_dtype!r}")
@@ -394,8 +418,9 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
     _require(all(_is_int(t, 0, (1 << 31) - 1) for t in tokens), name, "token ids must be non-negative integers")
 
     entries = _get(h, "tensors", list, name)
+    _require(len(entries) == 2 * model["num_layers"] + 1, name, f"{len(entries)} tensors for {model['num_layers']} layers (tensors missing or extra)")
     seen: set[str] = set()
-    end = data_offset
+    end, gap = data_offset, None
     for e in sorted(entries, key=lambda e: e["offset"] if isinstance(e, dict) and _is_int(e.get("offset")) else -1):
         tname = _get(e, "name", str, name)
         _require(tname not in seen, name, f"tensor {tname!r} listed twice")
@@ -415,10 +440,13 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
         _require(offset % ALIGN == 0, name, f"tensor {tname!r} is not {ALIGN}-byte aligned")
         _require(offset >= end, name, f"tensor {tname!r} overlaps the header or another tensor")
         _require(offset + nbytes <= size, name, f"tensor {tname!r} extends past the end of the file")
+        gap = gap or (tname if offset != align(end) else None)
         d = _get(e, "digest", str, name)
         _require(len(d) == 64 and all(c in "0123456789abcdef" for c in d), name, f"tensor {tname!r} has a malformed digest")
         end = offset + nbytes
 
+    _require(gap is None, name, f"tensor {gap!r} is not right after the previous one (the layout has no gaps)")
+    _require(file_bytes == align(end), name, "bytes after the last tensor")
     n_layers, heads, head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
     expected = [f"layers.{i}.{kind}" for i in range(n_layers) for kind in ("keys", "values")]
     by_name = {e["name"]: e for e in entries}
@@ -430,6 +458,7 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
     _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
     _require(by_name["logits"]["encoding"] == "raw", name, "tensor 'logits' must be raw")
     kv_encoding = kv.get("encoding", "raw")
-    _require(kv_encoding in ENCODINGS, name, f"unknown KV encoding {kv_encoding!r}")
+    _require(isinstance(kv_encoding, str) and kv_encoding in ENCODINGS, name, f"unknown KV encoding {kv_encoding!r}")
+    _require(kv.get("lossless", ENCODINGS[kv_encoding]) is ENCODINGS[kv_encoding], name, "kv.lossless contradicts kv.encoding")
     _require(all(by_name[t]["encoding"] == kv_encoding for t in expected), name, "KV tensors' encodings differ from kv.encoding")
     _require(len(entries) == len(expected) + 1, name, "unexpected extra tensors")

@@ -162,8 +162,8 @@ def encode_continuation(lm: LoadedModel, prompt: str) -> list[int]:
 
 
 def _load_with_prompt(artifact, lm: LoadedModel, prompt: str, verify_digests: bool,
-                      require_exact: bool = False) -> tuple[LoadedKV, list[int]]:
-    loaded = load_artifact(artifact, lm, verify_digests=verify_digests, require_exact=require_exact)
+                      require_exact: bool = False, **trust) -> tuple[LoadedKV, list[int]]:
+    loaded = load_artifact(artifact, lm, verify_digests=verify_digests, require_exact=require_exact, **trust)
     return loaded, split_prompt(loaded, loaded.tokens + encode_continuation(lm, prompt))
 
 
@@ -176,10 +176,16 @@ def generate(
     on_token: TokenFn | None = None,
     verify_digests: bool = True,
     require_exact: bool = False,
+    require_signed: bool = False,
+    trust_list=None,
 ) -> tuple[Generation, LoadedKV]:
-    """Load `artifact` for `lm`, append `prompt` (text continuing the document) and decode greedily."""
+    """Load `artifact` for `lm`, append `prompt` (text continuing the document) and decode greedily.
+
+    `require_signed`/`trust_list`: see `kvmlx.load.load_artifact` (publisher signatures, kvmlx.trust).
+    """
     t0 = time.perf_counter()
-    loaded, suffix = _load_with_prompt(artifact, lm, prompt, verify_digests, require_exact)
+    loaded, suffix = _load_with_prompt(artifact, lm, prompt, verify_digests, require_exact,
+                                       require_signed=require_signed, trust_list=trust_list)
     return continue_from(lm, loaded, suffix, max_tokens=max_tokens, on_token=on_token, started=t0), loaded
 
 
@@ -191,6 +197,8 @@ def verify(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     single_pass: bool = False,
     on_token: TokenFn | None = None,
+    require_signed: bool = False,
+    trust_list=None,
 ) -> Verification:
     """Generate from the artifact and from scratch (same chunking) and compare tokens and logits.
 
@@ -198,7 +206,7 @@ def verify(
     With `single_pass`, also compare against one unchunked forward over document + prompt.
     """
     t0 = time.perf_counter()
-    loaded, suffix = _load_with_prompt(artifact, lm, prompt, True)
+    loaded, suffix = _load_with_prompt(artifact, lm, prompt, True, require_signed=require_signed, trust_list=trust_list)
     reuse = continue_from(lm, loaded, suffix, max_tokens=max_tokens, stop_at_eos=False, on_token=on_token,
                           keep_logits=True, started=t0)
     chunk = loaded.header["kv"]["chunk_size"]

@@ -35,10 +35,11 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from .compress import decode
-from .errors import LossyArtifactError, PrefixMismatchError
+from .errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from .format import DTYPE_SIZES, ENCODINGS, Artifact
 from .identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
 from .models import LoadedModel
+from .trust import SignatureStatus, TrustList, check_signature
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
@@ -55,6 +56,7 @@ class LoadedKV:
     header: dict
     load_seconds: float  # until the caches were returned (with "overlap", layers may still be arriving)
     load_path: str  # "copy", "zero-copy" or "overlap"
+    signature: SignatureStatus | None = None  # who signed it (kvmlx.trust.check_signature's result)
 
     def wait(self) -> None:
         """Block until every layer is in memory (only the overlap path returns earlier)."""
@@ -71,17 +73,22 @@ def load_artifact(
     headroom: int = DEFAULT_HEADROOM,
     load_path: str = "auto",
     require_exact: bool = False,
+    require_signed: bool = False,
+    trust_list: TrustList | None = None,
 ) -> LoadedKV:
     """Load an artifact's KV for `lm`, refusing any model, tokenizer or dtype it was not made for.
 
     With `verify_digests` (the default) every tensor's BLAKE3 digest is checked before it is used;
     turn it off only for files you wrote yourself. With `require_exact`, lossily encoded (quantised)
-    artifacts are refused.
+    artifacts are refused. A signature, if present, is always verified (BadSignatureError); with
+    `require_signed`, an unsigned artifact or one signed by a key outside `trust_list` (default: the
+    local trust list) is refused before anything else in its header is used.
     """
     t0 = time.perf_counter()
     check_supported(lm.model)
     art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
+        signature = check_signature(art, require_signed, trust_list)
         check_binding(
             art.header,
             model_fp=model_fingerprint(lm.model, lm.config),
@@ -89,6 +96,7 @@ def load_artifact(
             dtype=lm.dtype,
             geometry=config_geometry(lm.model, lm.config),
         )
+        check_tokens_and_logits(art.header, lm)
         encoding = art.header["kv"].get("encoding", "raw")
         if require_exact and not ENCODINGS[encoding]:
             raise LossyArtifactError(f"artifact KV is {encoding}-quantised (lossy) but an exact load was required")
@@ -98,7 +106,26 @@ def load_artifact(
         raise
     if used != "overlap":  # the overlap path's workers close the map when they are done
         _release(art)
-    return LoadedKV(caches, list(art.header["document"]["tokens"]), logits, art.header, time.perf_counter() - t0, used)
+    return LoadedKV(caches, list(art.header["document"]["tokens"]), logits, art.header, time.perf_counter() - t0, used,
+                    signature)
+
+
+def check_tokens_and_logits(header: dict, lm: LoadedModel) -> None:
+    """Refuse token ids outside the model's vocabulary and a logits row of the wrong length.
+
+    The format only bounds ids by 2^31: an id past the embedding table would be read out of bounds by
+    any later prefill of the document (MLX's CPU backend segfaults), and a short logits row would
+    pick the first token from the wrong distribution.
+    """
+    vocab = lm.config.get("vocab_size")
+    if not isinstance(vocab, int):
+        return
+    tokens = header["document"]["tokens"]
+    if tokens and max(tokens) >= vocab:
+        raise ModelMismatchError(f"artifact token id {max(tokens)} is outside this model's vocabulary of {vocab}")
+    shape = next(t["shape"] for t in header["tensors"] if t["name"] == "logits")
+    if list(shape) != [vocab]:
+        raise ModelMismatchError(f"artifact logits row has shape {list(shape)}, this model's vocabulary is {vocab}")
 
 
 def read_caches(

@@ -1,0 +1,416 @@
+"""Valid and hostile `.kvmlx` files for the fuzz, trust and crash tests, and the loader they are fed to.
+
+`attempt(path, lm)` does what a loader does with a file, stage by stage, and returns the outcome:
+"accepted" or "<stage>:<ErrorClass>". Any exception that is not a `KvmlxError`, or a message that is not
+one printable line, propagates as a test failure. `python tests/fuzz_corpus.py worker MANIFEST` runs
+the same stages in a separate process (see test_fuzz.py), so a segfault or an abort is caught too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import blake3
+import numpy as np
+
+from kvmlx.errors import KvmlxError
+from kvmlx.format import ALIGN, DTYPE_SIZES, MAGIC, PREAMBLE, SIGNATURE_BLOCK, Artifact, TensorData, align, canonical_json, read_header, write_artifact
+
+FLAG_SIGNED = 1
+
+
+# ---------------------------------------------------------------- valid artifacts
+
+
+def synthetic_header(layers: int, heads: int, tokens: int, head_dim: int, dtype: str = "float16") -> dict:
+    return {
+        "model": {"id": "test", "fingerprint": "blake3:00", "model_type": "qwen3", "num_layers": layers,
+                  "num_kv_heads": heads, "head_dim": head_dim, "rope": {"rope_theta": 10000.0}},
+        "tokenizer": {"fingerprint": "blake3:11"},
+        "kv": {"dtype": dtype, "layout": "BHLD", "num_tokens": tokens, "chunk_size": 4},
+        "document": {"tokens": list(range(tokens)), "text_blake3": None},
+    }
+
+
+def synthetic_artifact(path: Path, *, layers: int = 2, heads: int = 2, tokens: int = 5, head_dim: int = 8,
+                       vocab: int = 16, dtype: str = "float16", sign=None, seed: int = 0) -> Path:
+    """A model-free artifact of random KV (for format-level tests and large synthetic benchmarks)."""
+    rng = np.random.default_rng(seed)
+    np_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[dtype]
+    tensors = []
+    for i in range(layers):
+        for kind in ("keys", "values"):
+            a = rng.standard_normal((1, heads, tokens, head_dim)).astype(np.float32).astype(np_dtype) if dtype != "bfloat16" \
+                else rng.integers(0, 1 << 16, (1, heads, tokens, head_dim), dtype=np.uint16)
+            tensors.append(TensorData(f"layers.{i}.{kind}", dtype, a.shape, memoryview(a).cast("B")))
+    logits = rng.standard_normal(vocab).astype(np.float16)
+    tensors.append(TensorData("logits", "float16", logits.shape, memoryview(logits).cast("B")))
+    write_artifact(path, synthetic_header(layers, heads, tokens, head_dim, dtype), tensors, sign=sign)
+    return path
+
+
+# ---------------------------------------------------------------- taking files apart
+
+
+def split(raw: bytes) -> dict:
+    """The preamble fields, header bytes and signature block of a (valid) artifact's bytes."""
+    magic, version, flags, hlen, data_offset, hdigest = PREAMBLE.unpack_from(raw, 0)
+    return {"magic": magic, "version": version, "flags": flags, "header_len": hlen, "data_offset": data_offset,
+            "digest": hdigest, "body": raw[64 : 64 + hlen], "block": raw[64 + hlen : 64 + hlen + SIGNATURE_BLOCK.size]}
+
+
+class Bases(tuple):
+    """(unsigned, signed) artifact bytes, with a short repr for Hypothesis' failure reports."""
+
+    def __repr__(self) -> str:
+        return f"Bases({', '.join(f'<{len(b)} bytes>' for b in self)})"
+
+
+def header_of(raw: bytes) -> dict:
+    return json.loads(split(raw)["body"])
+
+
+def boundaries(raw: bytes) -> list[int]:
+    """Every section boundary of a valid artifact: preamble fields, header, signature, data, tensors, padding."""
+    parts = split(raw)
+    cuts = {0, 8, 12, 16, 24, 32, 64, 64 + parts["header_len"], 64 + parts["header_len"] + SIGNATURE_BLOCK.size,
+            parts["data_offset"], len(raw)}
+    for t in header_of(raw)["tensors"]:
+        cuts |= {t["offset"], t["offset"] + t["nbytes"], align(t["offset"] + t["nbytes"])}
+    return sorted(cuts)
+
+
+def rebuild(raw: bytes, header: dict | bytes, *, sign=None, keep_block: bool = False, flags: int | None = None) -> bytes:
+    """`raw` with its header replaced and re-digested, so that only the header's *content* can be wrong.
+
+    A dict is encoded canonically, and if it no longer fits before the data it moves the data (and
+    shifts every integer tensor offset and `file_bytes` by the same amount, so lies stay relative).
+    Bytes are used as they are. With `sign`, the new digest is signed; with `keep_block`, the old
+    signature block is kept (a re-digested but not re-signed header); else the file is unsigned.
+    """
+    old = split(raw)
+    payload = raw[old["data_offset"]:]
+    if not isinstance(header, (bytes, bytearray, dict)):  # any other JSON value in place of the header
+        header = canonical_json(header)
+    if isinstance(header, dict):
+        header = json.loads(json.dumps(header))
+        shift = 0
+        while True:
+            body = canonical_json(header)
+            data_offset = align(64 + len(body) + SIGNATURE_BLOCK.size)
+            delta = data_offset - old["data_offset"] - shift
+            if delta == 0:
+                break
+            shift += delta
+            for t in header.get("tensors", []) if isinstance(header.get("tensors"), list) else []:
+                if isinstance(t, dict) and type(t.get("offset")) is int:
+                    t["offset"] += delta
+            if type(header.get("file_bytes")) is int:
+                header["file_bytes"] += delta
+    else:
+        body = header
+        data_offset = align(64 + len(body) + SIGNATURE_BLOCK.size)
+    hdigest = blake3.blake3(body).digest()
+    if sign is not None:
+        block, fl = SIGNATURE_BLOCK.pack(*sign(hdigest)), FLAG_SIGNED
+    elif keep_block:
+        block, fl = old["block"], old["flags"]
+    else:
+        block, fl = bytes(SIGNATURE_BLOCK.size), 0
+    fl = fl if flags is None else flags
+    head = PREAMBLE.pack(MAGIC, old["version"], fl, len(body), data_offset, hdigest) + body + block
+    return head + bytes(data_offset - len(head)) + payload
+
+
+def with_tensor_bytes(raw: bytes, name: str, blob: bytes) -> tuple[bytes, dict]:
+    """`raw` with tensor `name`'s stored bytes replaced by `blob` (same length) and its digest updated:
+    what a malicious publisher can make. Returns (file bytes with the old header, the new header)."""
+    h = header_of(raw)
+    t = next(t for t in h["tensors"] if t["name"] == name)
+    assert len(blob) == t["nbytes"]
+    out = bytearray(raw)
+    out[t["offset"] : t["offset"] + t["nbytes"]] = blob
+    t["digest"] = blake3.blake3(blob).hexdigest()
+    return bytes(out), h
+
+
+def zstd_bomb(encoded: bytes, decoded_bytes: int = 256 << 20) -> bytes:
+    """An artifact like `encoded` (a *-zstd one) whose first KV tensor's planes are zstd frames that
+    declare and hold `decoded_bytes` of zeros each: ~10 KB on disk per 256 MB decoded. Well formed,
+    correctly digested: only the decoder can refuse it, and it must do so without decoding it."""
+    import tempfile
+
+    import zstandard
+
+    h = header_of(encoded)
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(bytes(decoded_bytes))
+    tensors = []
+    for t in sorted(h["tensors"], key=lambda t: t["offset"]):
+        data = encoded[t["offset"] : t["offset"] + t["nbytes"]]
+        params = t.get("params", {})
+        if t["name"] == "layers.0.keys":
+            planes = len(params["frames"])
+            data, params = frame * planes, {**params, "frames": [len(frame)] * planes}
+        tensors.append(TensorData(t["name"], t["dtype"], tuple(t["shape"]), memoryview(data), t["encoding"], params))
+    header = {k: v for k, v in h.items() if k not in ("tensors", "file_bytes", "format", "version", "digest")}
+    with tempfile.TemporaryDirectory() as d:
+        write_artifact(Path(d) / "bomb.kvmlx", header, tensors)
+        return (Path(d) / "bomb.kvmlx").read_bytes()
+
+
+def raw_file(body: bytes, *, header_len: int | None = None, data_offset: int | None = None, flags: int = 0,
+             version: int = 1, payload: bytes = b"", digest: bytes | None = None) -> bytes:
+    """A file made from scratch around arbitrary header bytes, with a correct digest unless told otherwise."""
+    hl = len(body) if header_len is None else header_len
+    do = align(64 + len(body) + SIGNATURE_BLOCK.size) if data_offset is None else data_offset
+    pre = PREAMBLE.pack(MAGIC, version, flags, hl, do, blake3.blake3(body).digest() if digest is None else digest)
+    head = pre + body
+    return head + bytes(max(0, do - len(head))) + payload
+
+
+def set_preamble(raw: bytes, field: str, value: int) -> bytes:
+    offsets = {"version": ("<I", 8), "flags": ("<I", 12), "header_len": ("<Q", 16), "data_offset": ("<Q", 24)}
+    fmt, at = offsets[field]
+    out = bytearray(raw)
+    struct.pack_into(fmt, out, at, value)
+    return bytes(out)
+
+
+def paths_in(obj: Any, prefix: tuple = (), limit_list: int = 3) -> Iterator[tuple]:
+    """Every path to a value in a JSON document (dict keys, and the first few indices of each list)."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from paths_in(v, prefix + (k,), limit_list)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:limit_list]):
+            yield from paths_in(v, prefix + (i,), limit_list)
+
+
+def replace_at(obj: Any, path: tuple, value: Any) -> Any:
+    if not path:
+        return value
+    obj[path[0]] = replace_at(obj[path[0]], path[1:], value)
+    return obj
+
+
+# ---------------------------------------------------------------- the hand-made corpus
+
+
+def corpus(base: bytes, signed: bytes | None = None) -> dict[str, bytes]:
+    """Hand-made hostile variants of a valid unsigned artifact `base` and of `signed`, the same artifact
+    signed (name -> file bytes)."""
+    h = header_of(base)
+    parts = split(base)
+    first = min(h["tensors"], key=lambda t: t["offset"])
+    second = sorted(h["tensors"], key=lambda t: t["offset"])[1]
+
+    def lie(mutate: Callable[[dict], Any]) -> bytes:
+        hh = json.loads(json.dumps(h))
+        mutate(hh)
+        return rebuild(base, hh)
+
+    def tensor(which: str, **fields):
+        def mutate(hh):
+            for t in hh["tensors"]:
+                if t["name"] == which:
+                    t.update(fields)
+        return mutate
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    c: dict[str, bytes] = {
+        "empty": b"",
+        "magic only": MAGIC,
+        "preamble only": base[:64],
+        "text mangled CRLF->LF": base.replace(b"\r\n", b"\n", 1),
+        "zip file": b"PK\x03\x04" + bytes(60),
+        "newer version": set_preamble(base, "version", 2),
+        "version 0": set_preamble(base, "version", 0),
+        "version 2^32-1": set_preamble(base, "version", 0xFFFFFFFF),
+        "unknown flag": set_preamble(base, "flags", 2),
+        "signed flag without signature": set_preamble(base, "flags", 1),
+        "header length 2^64-1": set_preamble(base, "header_len", (1 << 64) - 1),
+        "header length 64 MiB": set_preamble(base, "header_len", 64 << 20),
+        "header length 0": set_preamble(base, "header_len", 0),
+        "header length past the file": set_preamble(base, "header_len", len(base)),
+        "data offset 0": set_preamble(base, "data_offset", 0),
+        "data offset 2^63": set_preamble(base, "data_offset", 1 << 63),
+        "data offset unaligned": set_preamble(base, "data_offset", parts["data_offset"] + 1),
+        "data offset one page late": set_preamble(base, "data_offset", parts["data_offset"] + ALIGN),
+        "header digest zeroed": base[:32] + bytes(32) + base[64:],
+        "deep JSON (100k levels)": raw_file(deep),
+        "deep JSON in a field (900 levels)": lie(lambda hh: hh["model"].update(rope={"x": json.loads("[" * 900 + "]" * 900)})),
+        "huge JSON string (8 MB)": lie(lambda hh: hh.update(created_by="x" * (8 << 20))),
+        "huge token list (1M ids, wrong count)": lie(lambda hh: hh["document"].update(tokens=[7] * 1_000_000)),
+        "200k keys": raw_file(canonical_json({f"k{i}": i for i in range(200_000)})),
+        "JSON NaN": raw_file(b'{"a":NaN}'),
+        "JSON 1e999 (inf)": rebuild(base, canonical_json(h).replace(b'"head_dim":', b'"x":1e999,"head_dim":', 1)),
+        "JSON duplicate key": rebuild(base, canonical_json(h).replace(b'"head_dim":', b'"head_dim":1,"head_dim":', 1)),
+        "JSON whitespace": rebuild(base, json.dumps(h, sort_keys=True).encode()),
+        "JSON 1.0 for 1": rebuild(base, canonical_json(h).replace(b'"head_dim":', b'"x":1.0e0,"head_dim":', 1)),
+        "JSON not UTF-8": raw_file(b'{"a":"\xff\xfe"}'),
+        "JSON top-level list": raw_file(b"[]"),
+        "JSON huge integer": raw_file(b'{"file_bytes":' + b"9" * 5000 + b"}"),
+        "num_layers 2^20": lie(lambda hh: hh["model"].update(num_layers=1 << 20)),
+        "num_kv_heads 2^20": lie(lambda hh: hh["model"].update(num_kv_heads=1 << 20)),
+        "num_tokens 2^24": lie(lambda hh: hh["kv"].update(num_tokens=1 << 24)),
+        "num_tokens 0": lie(lambda hh: hh["kv"].update(num_tokens=0)),
+        "file_bytes 2^62": lie(lambda hh: hh.update(file_bytes=1 << 62)),
+        "file_bytes negative": lie(lambda hh: hh.update(file_bytes=-1)),
+        "tensor nbytes 2^62": lie(tensor(first["name"], nbytes=1 << 62)),
+        "tensor shape 2^40 x 2^40": lie(tensor(first["name"], shape=[1 << 40, 1 << 40])),
+        "tensor shape negative": lie(tensor(first["name"], shape=[1, -2, 3, 4])),
+        "tensor shape 100 dims": lie(tensor(first["name"], shape=[1] * 100)),
+        "tensor offset past the end": lie(tensor(first["name"], offset=1 << 50)),
+        "tensor offset unaligned": lie(tensor(first["name"], offset=first["offset"] + 2)),
+        "tensor offset into the header": lie(tensor(first["name"], offset=0)),
+        "tensors overlapping": lie(tensor(second["name"], offset=first["offset"])),
+        "tensor gap": lie(tensor(second["name"], offset=second["offset"] + ALIGN)),
+        "tensor dtype int64": lie(tensor(first["name"], dtype="int64")),
+        "tensor dtype object": lie(tensor(first["name"], dtype={"a": 1})),
+        "tensor encoding pickle": lie(tensor(first["name"], encoding="pickle")),
+        "tensor encoding list": lie(tensor(first["name"], encoding=["raw"])),
+        "tensor name path": lie(tensor(first["name"], name="../../etc/passwd")),
+        "tensor listed twice": lie(lambda hh: hh["tensors"].append(dict(hh["tensors"][0]))),
+        "tensors empty": lie(lambda hh: hh.update(tensors=[])),
+        "tensor digest wrong": lie(tensor(first["name"], digest="0" * 64)),
+        "tensor digest uppercase": lie(tensor(first["name"], digest=first["digest"].upper())),
+        "kv dtype float64": lie(lambda hh: hh["kv"].update(dtype="float64")),
+        "kv layout BLHD": lie(lambda hh: hh["kv"].update(layout="BLHD")),
+        "kv encoding list": lie(lambda hh: hh["kv"].update(encoding=["raw"])),
+        "kv encoding unknown": lie(lambda hh: hh["kv"].update(encoding="gzip")),
+        "token id negative": lie(lambda hh: hh["document"]["tokens"].__setitem__(0, -1)),
+        "token id 2^31": lie(lambda hh: hh["document"]["tokens"].__setitem__(0, 1 << 31)),
+        "token id past the vocabulary": lie(lambda hh: hh["document"]["tokens"].__setitem__(0, 5_000_000)),
+        "token id a float": lie(lambda hh: hh["document"]["tokens"].__setitem__(0, 1.5)),
+        "model id with newline": lie(lambda hh: hh["model"].update(id="builtin:tiny\nError: all good")),
+        "model id with escape codes": lie(lambda hh: hh["model"].update(id="\x1b[2K\x1b[1Gtrusted")),
+        "model id absolute path": lie(lambda hh: hh["model"].update(id="/etc")),
+        "model fingerprint with newline": lie(lambda hh: hh["model"].update(fingerprint="blake3:\n")),
+        "logits missing": lie(lambda hh: hh.update(tensors=[t for t in hh["tensors"] if t["name"] != "logits"])),
+        "logits wrong length": lie(tensor("logits", shape=[3], nbytes=3 * DTYPE_SIZES[_tensor(h, "logits")["dtype"]])),
+        "signature block garbage": _with_block(base, b"\x01" * 96),
+        "signature by the zero key": _with_block(base, bytes(96)),
+        "tensor padding not zero": _poke(base, first["offset"] + first["nbytes"]),
+        "bytes appended": base + b"\0",
+        "page appended": base + bytes(ALIGN),
+        "last byte cut": base[:-1],
+    }
+    if signed is not None:
+        hs = header_of(signed)
+        hs["kv"]["chunk_size"] += 1
+        c.update({
+            "signed: header changed, old signature kept": rebuild(signed, hs, keep_block=True),
+            "signed: signature bit flipped": _poke(signed, 64 + split(signed)["header_len"] + 40),
+            "signed: public key bit flipped": _poke(signed, 64 + split(signed)["header_len"] + 3),
+            "signed: signed flag cleared": set_preamble(signed, "flags", 0),
+        })
+    return c
+
+
+def _tensor(h: dict, name: str) -> dict:
+    return next(t for t in h["tensors"] if t["name"] == name)
+
+
+def _with_block(base: bytes, block: bytes) -> bytes:
+    parts = split(base)
+    out = bytearray(set_preamble(base, "flags", FLAG_SIGNED))
+    out[64 + parts["header_len"] : 64 + parts["header_len"] + SIGNATURE_BLOCK.size] = block
+    return bytes(out)
+
+
+def _poke(raw: bytes, at: int) -> bytes:
+    out = bytearray(raw)
+    out[at] ^= 0x5A
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- the loader's stages
+
+
+def _typed(stage: str, e: BaseException) -> str:
+    """The outcome for an error; anything untyped or multi-line is re-raised as a failure."""
+    if not isinstance(e, KvmlxError):
+        raise AssertionError(f"{stage}: untyped {type(e).__name__}: {e}") from e
+    msg = str(e)
+    if not msg or "\n" in msg or not msg.isprintable():
+        raise AssertionError(f"{stage}: {type(e).__name__} message is not one printable line: {msg!r}")
+    return f"{stage}:{type(e).__name__}"
+
+
+def attempt(path: Path, lm=None, *, deep: bool = False) -> str:
+    """Do with `path` what a loader may do; return "accepted" or "<stage>:<ErrorClass>".
+
+    Stages: `read_header`; open and verify every tensor (`tensor_bytes(verify=True)`); with `lm`,
+    `load_artifact` (signature, binding, digests, copies). With `deep` also what an agent or a
+    checker does next with a loaded artifact: continue it, `--verify` against prefill of its tokens,
+    and a spot check. Returns at the first refusal.
+    """
+    try:
+        read_header(path)
+    except BaseException as e:  # noqa: BLE001 - classified (or re-raised) by _typed
+        return _typed("read", e)
+    try:
+        with Artifact(path) as art:
+            for name in art.tensors:
+                art.tensor_bytes(name, verify=True).release()
+    except BaseException as e:  # noqa: BLE001
+        return _typed("verify", e)
+    if lm is None:
+        return "accepted"
+    from kvmlx.load import load_artifact
+
+    try:
+        loaded = load_artifact(path, lm)
+    except BaseException as e:  # noqa: BLE001
+        return _typed("load", e)
+    if not deep:
+        return "accepted"
+    from kvmlx.generate import continue_from, verify
+    from kvmlx.spotcheck import spot_check
+
+    try:
+        continue_from(lm, loaded, [1, 2], max_tokens=2)
+        verify(path, lm, "", max_tokens=2)
+        spot_check(path, lm, recompute=4, probe=2, seed=0)
+    except BaseException as e:  # noqa: BLE001
+        return _typed("use", e)
+    return "accepted"
+
+
+# ---------------------------------------------------------------- the subprocess worker
+
+
+def worker(manifest: str) -> None:
+    """Run `attempt(..., deep=True)` on every file listed in `manifest` (JSON: {"files": [...], "start": i}).
+
+    Prints `start I`, then `end I OUTCOME GROWTH_BYTES` per file (flushed), so the parent knows which
+    file a crash happened on and how much each file grew the peak memory.
+    """
+    from kvmlx.models import load_model
+
+    spec = json.loads(Path(manifest).read_text())
+    lm = load_model("builtin:tiny", "bfloat16")
+    for _ in range(3):  # warm up: the first loads allocate MLX's buffer cache
+        attempt(Path(spec["warmup"]), lm, deep=True)
+    for i in range(spec.get("start", 0), len(spec["files"])):
+        path = Path(spec["files"][i])
+        print(f"start {i}", flush=True)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        try:
+            outcome = attempt(path, lm, deep=True)
+        except AssertionError as e:
+            outcome = "UNTYPED " + " ".join(str(e).split())[:300]
+        growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        print(f"end {i} {growth} {outcome}", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        worker(sys.argv[2])
