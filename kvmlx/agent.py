@@ -33,7 +33,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from .errors import KvmlxError, TrustError
-from .generate import DEFAULT_MAX_TOKENS, Generation, compare, decode, from_scratch
+from .generate import DEFAULT_MAX_TOKENS, Generation, compare, decode_timed, from_scratch
 from .identity import model_fingerprint, tokenizer_fingerprint
 from .load import load_artifact
 from .models import LoadedModel
@@ -264,22 +264,15 @@ class Agent:
         prompt = self._tokens(prompt)
         n = len(prompt)
         r, logits = self._start(prompt)
-        first: list[float] = []
-
-        def mark(token: int) -> None:
-            if not first:
-                first.append(time.perf_counter() - t0)
-            if on_token:
-                on_token(token)
-
-        eos = tuple(self.lm.tokenizer.eos_token_ids) if stop_at_eos else ()
-        tokens, rows = decode(self.lm.model, r.caches, logits, max_tokens, eos=eos, on_token=mark, keep_logits=keep_logits)
+        gen = decode_timed(self.lm, r.caches, logits, max_tokens, started=t0, reused=r.reused,
+                           prefilled=len(r.suffix_tokens), stop_at_eos=stop_at_eos, on_token=on_token,
+                           keep_logits=keep_logits)
         return AgentGeneration(
-            tokens=tokens, text=self.lm.tokenizer.decode(tokens), prompt_tokens=n, reused_tokens=r.reused,
+            tokens=gen.tokens, text=self.lm.tokenizer.decode(gen.tokens), prompt_tokens=n, reused_tokens=r.reused,
             prefilled_tokens=len(r.suffix_tokens), key=r.key, artifact=str(r.entry.path) if r.entry else None,
-            first_token_seconds=first[0] if first else 0.0, total_seconds=time.perf_counter() - t0,
+            first_token_seconds=gen.first_token_seconds, total_seconds=gen.total_seconds,
             load_seconds=r.load_seconds, chunk_size=r.chunk_size,
-            artifact_bytes=r.entry.file_bytes if r.entry else 0, logits=rows,
+            artifact_bytes=r.entry.file_bytes if r.entry else 0, logits=gen.logits,
         )
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,

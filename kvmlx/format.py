@@ -163,7 +163,7 @@ def write_artifact(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return json.loads(body)
 
 
@@ -174,7 +174,7 @@ def _write_all(f: BinaryIO, data: Any) -> None:
         view = view[n:]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the rename durable (a no-op where directories cannot be opened, e.g. Windows)."""
     try:
         fd = os.open(directory, os.O_RDONLY)

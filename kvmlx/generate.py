@@ -118,8 +118,8 @@ def continue_from(
     t0 = started if started is not None else time.perf_counter()
     chunk = chunk_size or loaded.header["kv"]["chunk_size"]
     logits = prefill(lm.model, list(suffix), loaded.caches, chunk) if suffix else loaded.logits
-    return _decode_timed(lm, loaded.caches, logits, max_tokens, stop_at_eos, on_token, keep_logits, t0,
-                         reused=len(loaded.tokens), prefilled=len(suffix))
+    return decode_timed(lm, loaded.caches, logits, max_tokens, stop_at_eos=stop_at_eos, on_token=on_token,
+                        keep_logits=keep_logits, started=t0, reused=len(loaded.tokens), prefilled=len(suffix))
 
 
 def from_scratch(
@@ -138,11 +138,25 @@ def from_scratch(
     logits = prefill(lm.model, list(document), cache, chunk_size)
     if suffix:
         logits = prefill(lm.model, list(suffix), cache, chunk_size)
-    return _decode_timed(lm, cache, logits, max_tokens, stop_at_eos, None, keep_logits, t0,
-                         reused=0, prefilled=len(document) + len(suffix))
+    return decode_timed(lm, cache, logits, max_tokens, stop_at_eos=stop_at_eos, keep_logits=keep_logits, started=t0,
+                        reused=0, prefilled=len(document) + len(suffix))
 
 
-def _decode_timed(lm, cache, logits, max_tokens, stop_at_eos, on_token, keep_logits, t0, *, reused, prefilled) -> Generation:
+def decode_timed(
+    lm: LoadedModel,
+    cache: list,
+    logits: mx.array,
+    max_tokens: int,
+    *,
+    started: float,
+    reused: int,
+    prefilled: int,
+    stop_at_eos: bool = True,
+    on_token: TokenFn | None = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """`decode`, timed from `started` (when the load or prefill began) to the first and last token."""
+    t0 = started
     first: list[float] = []
 
     def mark(token: int) -> None:

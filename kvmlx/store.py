@@ -49,7 +49,7 @@ import blake3
 import numpy as np
 
 from .errors import ArtifactError, KvmlxError
-from .format import ENCODINGS, Artifact, canonical_json
+from .format import ENCODINGS, Artifact, canonical_json, fsync_dir
 from .models import kvmlx_home
 
 if TYPE_CHECKING:
@@ -242,17 +242,6 @@ def _common_tokens(a: bytes, b: bytes) -> int:
         if a[4 * i : 4 * i + 4] != b[4 * i : 4 * i + 4]:
             return i
     return n
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_corruption(e: sqlite3.DatabaseError) -> bool:
@@ -489,7 +478,7 @@ class Store:
         with self._locked():
             if not self._object_ok(final, key):
                 os.rename(tmp, final)
-                _fsync_dir(self.objects)
+                fsync_dir(self.objects)
             st = final.stat()
             self._insert(key, header, signed, st.st_mtime, st.st_mtime)
         return key
@@ -735,7 +724,7 @@ class Store:
             row = self._run(lambda c: c.execute(f"SELECT {_COLUMNS} FROM artifacts WHERE key = ?", (key,)).fetchone())
             self._drop_rows([key])
             self._object(key).unlink(missing_ok=True)
-            _fsync_dir(self.objects)
+            fsync_dir(self.objects)
         return self._entry(row)
 
     def _drop_rows(self, keys: Sequence[str]) -> None:
@@ -789,7 +778,7 @@ class Store:
             for key in victims:
                 self._object(key).unlink(missing_ok=True)
             if victims:
-                _fsync_dir(self.objects)
+                fsync_dir(self.objects)
             out.evicted = victims
             out.kept, out.kept_bytes = len(rows) - len(victims), total
         return out
