@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from kvmlx.cli import EXIT_NOT_EXACT, main
 
-COMMANDS = ["publish", "generate", "inspect", "demo", "cost", "store", "bench"]
+COMMANDS = ["publish", "generate", "inspect", "demo", "cost", "store", "bench", "serve", "verify", "keygen", "trust"]
 
 
 @pytest.fixture(scope="module")
