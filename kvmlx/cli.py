@@ -663,3 +663,9 @@ def verify_command(artifact, model, dtype, recompute, sample, probe, seed, toler
     else:
         click.echo(report.describe())
     report.raise_if_failed()
+
+
+# Distribution commands (kvmlx/distribute.py): serve-artifacts, fetch, token issue|report, push, pull.
+from .distribute import register_commands as _register_distribution  # noqa: E402
+
+_register_distribution(main)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from kvmlx.cli import EXIT_NOT_EXACT, main
 
-COMMANDS = ["publish", "generate", "inspect", "demo", "cost", "store", "bench", "serve", "verify", "keygen", "trust"]
+COMMANDS = ["publish", "generate", "inspect", "demo", "cost", "store", "bench", "serve", "verify", "keygen", "trust", "serve-artifacts", "fetch", "token", "push", "pull"]
 
 
 @pytest.fixture(scope="module")
