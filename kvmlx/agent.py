@@ -204,30 +204,12 @@ class Agent:
         n = len(tokens)
         excluded: list[str] = []
         for _ in range(MAX_LOAD_ATTEMPTS):
-            hit = self.store.lookup(*self.identity, tokens, exclude=excluded, min_tokens=self.min_reuse_tokens,
-                                    exact_only=not self.allow_lossy)
-            if hit is None:
+            match = self.match(tokens, excluded, allow_empty_suffix=allow_empty_suffix)
+            if match is None:
                 break
-            entry, matched = hit
-            if matched < n:
-                reuse = matched
-            elif allow_empty_suffix and entry.num_tokens == n:
-                reuse = n  # the whole prompt is the whole document: its stored logits are valid
-            else:
-                reuse = n - 1  # the stored logits belong to a longer document: run the last token
-            if reuse < self.min_reuse_tokens:
-                break
-            try:
-                loaded = load_artifact(entry.path, self.lm, verify_digests=self.verify_digests, load_path=self.load_path,
-                                       require_exact=not self.allow_lossy, require_signed=self.require_signed,
-                                       trust_list=self.trust_list)
-                if loaded.tokens[:reuse] != tokens[:reuse]:  # the index disagrees with the file
-                    raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
-            except TrustError:  # a publisher this agent does not accept: skip the entry, it is not broken
-                excluded.append(entry.key)
-                continue
-            except (KvmlxError, OSError) as e:
-                self.store.discard(entry.key, f"load failed: {e}")
+            entry, matched, reuse = match
+            loaded = self.load_entry(entry, tokens, reuse)
+            if loaded is None:
                 excluded.append(entry.key)
                 continue
             self.store.touch(entry.key)
@@ -242,6 +224,42 @@ class Agent:
         r = Reuse(make_prompt_cache(self.lm.model), tokens, 0, None, 0, None, self.chunk_size or DEFAULT_CHUNK)
         self.last_reuse = r
         return r
+
+    def match(self, tokens: Sequence[int], excluded: Sequence[str], *, allow_empty_suffix: bool = True):
+        """(entry, matched, reuse) for the best store entry not in `excluded`, or None.
+
+        `reuse` is how many prompt tokens the entry supplies: all of them only when the prompt is exactly
+        the stored document (its stored logits give the next token), else at least one token is left to run.
+        """
+        hit = self.store.lookup(*self.identity, tokens, exclude=excluded, min_tokens=self.min_reuse_tokens,
+                                exact_only=not self.allow_lossy)
+        if hit is None:
+            return None
+        entry, matched = hit
+        n = len(tokens)
+        if matched < n:
+            reuse = matched
+        elif allow_empty_suffix and entry.num_tokens == n:
+            reuse = n  # the whole prompt is the whole document: its stored logits are valid
+        else:
+            reuse = n - 1  # the stored logits belong to a longer document: run the last token
+        return (entry, matched, reuse) if reuse >= self.min_reuse_tokens else None
+
+    def load_entry(self, entry, tokens: Sequence[int], reuse: int, *, load_path: str | None = None) -> LoadedKV | None:
+        """Load a store entry for `tokens[:reuse]`, or None when it cannot serve: a publisher this agent
+        does not accept (skipped), or a file that fails to load or disagrees with the index (quarantined)."""
+        try:
+            loaded = load_artifact(entry.path, self.lm, verify_digests=self.verify_digests,
+                                   load_path=load_path or self.load_path, require_exact=not self.allow_lossy,
+                                   require_signed=self.require_signed, trust_list=self.trust_list)
+            if loaded.tokens[:reuse] != list(tokens[:reuse]):
+                raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
+        except TrustError:
+            return None
+        except (KvmlxError, OSError) as e:
+            self.store.discard(entry.key, f"load failed: {e}")
+            return None
+        return loaded
 
     def _start(self, prompt: str | Sequence[int]) -> tuple[Reuse, mx.array]:
         r = self.caches_for(prompt, allow_empty_suffix=True)

@@ -41,8 +41,6 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .agent import MAX_LOAD_ATTEMPTS, Agent, ChatTemplateError, _render
-from .errors import KvmlxError, TrustError
-from .load import load_artifact
 from .models import LoadedModel
 from .publish import DEFAULT_CHUNK, prefill
 from .store import BLOCK, Store
@@ -176,7 +174,6 @@ class Engine:
         self.prefill_seconds = 0.0
         self.started = time.time()
         self._lock = threading.Lock()  # guards the counters read by the HTTP thread
-        self._identity = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --
@@ -197,7 +194,7 @@ class Engine:
         self.jobs.put(job)
 
     def _loop(self) -> None:
-        self._identity = self.agent.identity
+        _ = self.agent.identity  # fingerprint the model on the engine thread, before any request
         while True:
             # take new jobs (block only when idle)
             try:
@@ -236,32 +233,16 @@ class Engine:
         excluded: list[str] = []
         agent = self.agent
         for _ in range(MAX_LOAD_ATTEMPTS):
-            hit = self.store.lookup(*(self._identity or agent.identity), tokens, exclude=excluded,
-                                    min_tokens=agent.min_reuse_tokens, exact_only=not agent.allow_lossy)
-            if hit is None:
+            match = agent.match(tokens, excluded)
+            if match is None:
                 break
-            entry, matched = hit
-            if matched < n:
-                reuse = matched
-            elif entry.num_tokens == n:
-                reuse = n  # the prompt is the whole document: its stored logits give the first token
-            else:
-                reuse = n - 1
-            if reuse < agent.min_reuse_tokens:
-                break
+            entry, _, reuse = match
             resident = self.pool.get(entry.key)
             if resident is None:
-                try:
-                    loaded = load_artifact(entry.path, self.lm, verify_digests=agent.verify_digests,
-                                           load_path="copy" if agent.load_path == "overlap" else agent.load_path,
-                                           require_exact=not agent.allow_lossy)
-                    if loaded.tokens[:reuse] != tokens[:reuse]:
-                        raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
-                except TrustError:
-                    excluded.append(entry.key)
-                    continue
-                except (KvmlxError, OSError) as e:
-                    self.store.discard(entry.key, f"load failed: {e}")
+                # the shared copy must be complete before requests slice it: never the overlap path
+                loaded = agent.load_entry(entry, tokens, reuse,
+                                          load_path="copy" if agent.load_path == "overlap" else None)
+                if loaded is None:
                     excluded.append(entry.key)
                     continue
                 resident = resident_from_loaded(entry.key, loaded, entry.chunk_size)
