@@ -35,7 +35,7 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from .errors import KvmlxError, TrustError
 from .generate import DEFAULT_MAX_TOKENS, Generation, compare, decode_timed, from_scratch
 from .identity import model_fingerprint, tokenizer_fingerprint
-from .load import load_artifact
+from .load import LoadedKV, load_artifact
 from .models import LoadedModel
 from .publish import DEFAULT_CHUNK, prefill
 from .store import BLOCK, Entry, Store, StorePublish

@@ -49,7 +49,6 @@ def encode(x: mx.array, encoding: str) -> tuple[bytes, dict]:
 def decode(blob: memoryview, encoding: str, params: dict, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """Decode one tensor to its raw bytes; refuses anything that does not decode to exactly `shape`."""
     n = int(np.prod(shape))
-    size = n * _ITEMSIZE[dtype]
     try:
         if encoding == "int8-tensor":
             q = mx.array(np.frombuffer(blob, dtype=np.int8, count=n)).reshape(shape)

@@ -27,7 +27,6 @@ uvicorn) is async and only waits on per-request queues. A client that disconnect
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import queue
 import threading

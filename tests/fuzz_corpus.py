@@ -9,7 +9,6 @@ the same stages in a separate process (see test_fuzz.py), so a segfault or an ab
 from __future__ import annotations
 
 import json
-import os
 import resource
 import struct
 import sys

@@ -7,7 +7,6 @@ The CLI tests at the end exercise the commands `kvmlx keygen`, `kvmlx trust add|
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from kvmlx.errors import (
     BadSignatureError,
     IntegrityError,
     KeyFileError,
-    KvmlxError,
     ModelMismatchError,
     RecomputeMismatchError,
     TrustListError,
