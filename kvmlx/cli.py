@@ -248,13 +248,14 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
                f"prefilled {gen.prefilled_tokens}", err=True)
 
 
-def _finish_verification(lm, report, as_json: bool) -> None:
-    """Print a verification's result and exit with EXIT_NOT_EXACT when reuse diverged."""
+def _finish_verification(lm, report, as_json: bool, *, lead: str = "", extra: dict | None = None) -> None:
+    """Print a verification's result (`extra` fields join the JSON; `lead` precedes the words) and
+    exit with EXIT_NOT_EXACT when reuse diverged."""
     if as_json:
-        _emit({**report.to_json(), "text": lm.tokenizer.decode(report.reuse.tokens)})
+        _emit({**report.to_json(), **(extra or {}), "text": lm.tokenizer.decode(report.reuse.tokens)})
     else:
         click.echo()
-        click.echo(_verification_words(report))
+        click.echo(lead + _verification_words(report))
     if not report.token_exact:
         sys.exit(EXIT_NOT_EXACT)
 
@@ -326,13 +327,9 @@ def demo(model, max_tokens, out, as_json) -> None:
         say(f"3. generating from the artifact with the prompt {DEMO_PROMPT.strip()!r}:\n")
         report = verify_api(path, lm, DEMO_PROMPT, max_tokens=max_tokens, single_pass=True,
                             on_token=_stream_printer(lm, not as_json))
-        if as_json:
-            _emit({**report.to_json(), "model": lm.model_id, "dtype": lm.dtype, "document_tokens": pub.num_tokens,
-                   "publish_prefill_seconds": pub.prefill_seconds, "text": lm.tokenizer.decode(report.reuse.tokens)})
-        else:
-            say("\n\n4. " + _verification_words(report))
-    if not report.token_exact:
-        sys.exit(EXIT_NOT_EXACT)
+    _finish_verification(lm, report, as_json, lead="\n4. ", extra={
+        "model": lm.model_id, "dtype": lm.dtype, "document_tokens": pub.num_tokens,
+        "publish_prefill_seconds": pub.prefill_seconds})
 
 
 @main.group("store")
