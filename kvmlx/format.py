@@ -25,6 +25,8 @@ import os
 import struct
 import tempfile
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
@@ -49,6 +51,11 @@ DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 # encoding name -> lossless? The arithmetic lives in kvmlx/compress.py; raw tensors can be mapped as-is.
 ENCODINGS = {"raw": True, "bytesplit-zstd": True, "expsplit-zstd": True, "int8-tensor": False, "q8": False, "q4": False}
 MAX_EXPANSION = 64  # an encoded tensor may decode to at most this many times its stored bytes (+1 MiB)
+# Files whose every tensor digest matched in this process, by (device, inode, size, mtime, ctime) and
+# header digest: a re-load of the same unchanged file skips re-hashing (see Artifact.verified_before).
+_VERIFIED: dict[tuple, None] = {}
+_VERIFIED_MAX = 4096
+SETTLED_SECONDS = 2.0  # a file changed this recently may change again within one timestamp tick
 
 ProgressFn = Callable[[int, int], None]
 # Given the header digest, returns (raw 32-byte public key, 64-byte signature). See kvmlx/trust.py.
@@ -140,17 +147,19 @@ def write_artifact(
             raise ArtifactError(f"cannot write tensor {t.name}: unsupported dtype {t.dtype}")
         if t.encoding == "raw" and t.data.nbytes != _prod(t.shape) * DTYPE_SIZES[t.dtype]:
             raise ArtifactError(f"cannot write tensor {t.name}: {t.data.nbytes} bytes do not match shape {t.shape}")
-    digests = [digest(t.data) for t in tensors]
-    body, data_offset = _layout({**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}, tensors, digests)
-    header_digest = blake3.blake3(body).digest()
-    signature = SIGNATURE_BLOCK.pack(*sign(header_digest)) if sign else bytes(SIGNATURE_BLOCK.size)
-    preamble = PREAMBLE.pack(MAGIC, VERSION, FLAG_SIGNED if sign else 0, len(body), data_offset, header_digest)
-    head = preamble + body + signature
+    # Digests are fixed-length, so placeholders fix the layout: tensors are written while a thread
+    # hashes them, their write-back to disk (the first fsync) overlaps the rest of the hashing, and the
+    # preamble and header go in last. Until then the file has no magic: a crash never leaves a file
+    # that looks valid, and the rename only happens after the final fsync.
+    body, data_offset = _layout({**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}, tensors,
+                                ["0" * 64] * len(tensors))
     total = sum(t.data.nbytes for t in tensors)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            _write_all(f, head + bytes(data_offset - len(head)))
+        with os.fdopen(fd, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="kvmlx-hash") as hasher, \
+                ThreadPoolExecutor(1, thread_name_prefix="kvmlx-flush") as flusher:
+            hashing = [hasher.submit(digest, t.data) for t in tensors]
+            f.seek(data_offset)
             done = 0
             for t in tensors:
                 _write_all(f, t.data)
@@ -158,6 +167,18 @@ def write_artifact(
                 done += t.data.nbytes
                 if progress:
                     progress(done, total)
+            flushing = flusher.submit(os.fsync, f.fileno())
+            digests = [h.result() for h in hashing]
+            flushing.result()
+            body, offset = _layout({**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}, tensors, digests)
+            if offset != data_offset:  # digests are fixed-length hex: cannot happen, but never write a wrong layout
+                raise ArtifactError(f"cannot write {path.name}: the header grew past its data offset")
+            header_digest = blake3.blake3(body).digest()
+            signature = SIGNATURE_BLOCK.pack(*sign(header_digest)) if sign else bytes(SIGNATURE_BLOCK.size)
+            preamble = PREAMBLE.pack(MAGIC, VERSION, FLAG_SIGNED if sign else 0, len(body), data_offset, header_digest)
+            head = preamble + body + signature
+            f.seek(0)
+            _write_all(f, head + bytes(data_offset - len(head)))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -220,6 +241,35 @@ class Artifact:
             os.close(self._fd)
             raise
         self.tensors = {t.name: t for t in (_entry(e) for e in self.header["tensors"])}
+        self._identity = _identity(self._fd)
+
+    @property
+    def verified_before(self) -> bool:
+        """True if every tensor digest of this very file matched earlier in this process.
+
+        "This very file" is the same device, inode, size, modification and change times as when it
+        was verified, and the same header digest: any write to the file changes its change time,
+        which no user can set, so a re-load of an unchanged file can skip hashing its 100s of MB.
+        Callers that skip still call `check_unchanged` after reading.
+        """
+        return (self._identity, self.header_digest) in _VERIFIED
+
+    def mark_verified(self) -> None:
+        """Record that every tensor's digest and padding matched (call only after checking them all).
+
+        Files changed in the last two seconds are not recorded: a second write within one tick of
+        the file system's clock could leave the change time as it is (the "racy git" problem).
+        """
+        if time.time() - self._identity[4] / 1e9 < SETTLED_SECONDS:
+            return
+        if len(_VERIFIED) >= _VERIFIED_MAX:
+            del _VERIFIED[next(iter(_VERIFIED))]
+        _VERIFIED[(self._identity, self.header_digest)] = None
+
+    def check_unchanged(self) -> None:
+        """Raise IntegrityError if the file was written to since it was opened."""
+        if _identity(self._fd) != self._identity:
+            raise IntegrityError(f"{self.path.name}: the file changed on disk while it was being loaded")
 
     def _map(self) -> mmap.mmap:
         with self._lock:
@@ -293,6 +343,16 @@ class Artifact:
             self.close()
         except BufferError:
             pass  # a caller still holds a view; the map is released when the last view goes
+
+
+def forget_verified() -> None:
+    """Forget which files were verified in this process: the next load of each hashes every tensor."""
+    _VERIFIED.clear()
+
+
+def _identity(fd: int) -> tuple[int, int, int, int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -19,6 +19,7 @@ FIGURES = (  # (row key, label, unit): seconds are shown in ms
     ("prefill_over_load_first_token", "prefill / (load + first token)", "x"),
     ("first_step_over_resident", "first step after load / resident", "x"),
     ("kvmlx_load_warm_s", "kvmlx load warm", "ms"),
+    ("kvmlx_load_warm_reload_s", "kvmlx re-load warm (digests checked at first load)", "ms"),
     ("kvmlx_load_warm_noverify_s", "kvmlx load warm, no digests", "ms"),
     ("kvmlx_load_fresh_s", "kvmlx load fresh", "ms"),
     ("kvmlx_load_cold_s", "kvmlx load cold", "ms"),
@@ -27,6 +28,7 @@ FIGURES = (  # (row key, label, unit): seconds are shown in ms
     ("mlx_lm_load_cold_s", "mlx-lm load cold", "ms"),
     ("kvmlx_load_warm_speedup_vs_mlx_lm", "kvmlx warm speedup vs mlx-lm", "x"),
     ("kvmlx_load_warm_frac_memcpy", "kvmlx warm / memcpy", "%"),
+    ("kvmlx_load_warm_reload_speedup_vs_mlx_lm", "kvmlx warm re-load speedup vs mlx-lm", "x"),
     ("kvmlx_save_GBps", "kvmlx save GB/s", ""),
     ("mlx_lm_save_durable_GBps", "mlx-lm save + fsync GB/s", ""),
 )

@@ -85,7 +85,7 @@ def test_model_result_has_the_documented_keys(model_run):
     for row in result["results"]:
         for key in ("tokens", "prefill_over_load_first_token", "prefill_s", "decode_step_s", "load_first_token_s",
                     "first_step_after_load_s", "first_step_over_resident", "kvmlx_save_s", "kvmlx_save_GBps",
-                    "kvmlx_load_warm_s", "kvmlx_load_warm_noverify_s", "kvmlx_load_fresh_s",
+                    "kvmlx_load_warm_s", "kvmlx_load_warm_noverify_s", "kvmlx_load_fresh_s", "kvmlx_load_warm_reload_s",
                     "mlx_lm_save_s", "mlx_lm_save_durable_s", "mlx_lm_load_warm_s", "mlx_lm_load_fresh_s",
                     "mlx_lm_load_first_token_s", "prefill_over_mlx_lm_load_first_token", "kv_bytes",
                     "artifact_bytes", "mlx_lm_file_bytes", "artifact_overhead", "load_path"):

@@ -126,6 +126,32 @@ def test_first_append_does_not_reallocate(tmp_path, tiny, document):
     assert all(c.keys.shape[2] == capacity and c.offset == 40 + 20 + 7 for c in loaded.caches)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
+    """The load path's destinations: evaluated MLX arrays of the asked shapes, written through memoryview."""
+    from kvmlx import load
+
+    shapes = [(1, 2, 256, 8), (1, 3, 512, 4)]
+    for arrays in (load._uninitialized(shapes, dtype), _without_mx_load(monkeypatch, load, shapes, dtype)):
+        assert [a.shape for a in arrays] == shapes and {a.dtype for a in arrays} == {load.DTYPES[dtype]}
+        for i, a in enumerate(arrays):
+            raw = np.frombuffer(memoryview(a), dtype=np.uint8)
+            raw[:] = i + 1  # writable, and the array sees what was written
+            assert np.array_equal(np.array(a.view(mx.uint8)).ravel(), raw)
+
+
+def _without_mx_load(monkeypatch, load, shapes, dtype):
+    """`_uninitialized` when `mx.load` cannot be used: it falls back to zeros."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no load here")
+
+    monkeypatch.setattr(load.mx, "load", broken)
+    arrays = load._uninitialized(shapes, dtype)
+    assert all(not np.array(a.view(mx.uint8)).any() for a in arrays)
+    monkeypatch.undo()
+    return arrays
+
+
 @pytest.mark.parametrize("publish_chunk, reference_chunk", [(16, 100), (100, 16), (16, None)])
 def test_other_chunkings(tmp_path, tiny, document, publish_chunk, reference_chunk):
     """Across chunkings (None: one single pass) tokens agree; logits are bit-identical on the CPU backend."""

@@ -1,7 +1,9 @@
 """The artifact format alone: layout, round trip, and refusals of broken or hostile files (no model)."""
 
 import json
+import os
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -222,3 +224,95 @@ def test_hidden_bytes_after_the_header_are_refused(tmp_path, where):
     path.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="non-zero bytes"):
         read_header(path)
+
+
+# -- verifying once: a re-load of the same unchanged file skips re-hashing ------------------------------
+
+class _NoHashing:
+    """Stands in for the blake3 module: any attempt to hash fails the test."""
+
+    class blake3:  # noqa: N801 - the module's own name
+        AUTO = -1
+
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("hashed a file that was verified before")
+
+
+def _load_kv(path, verify=True):
+    from kvmlx.load import read_caches
+
+    art = Artifact(path)
+    try:
+        return read_caches(art, verify_digests=verify, load_path="copy")
+    finally:
+        art.close()
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Treat every file as settled, so files written by the test itself can be recorded as verified."""
+    import kvmlx.format as fmt
+
+    monkeypatch.setattr(fmt, "SETTLED_SECONDS", -1.0)
+    fmt.forget_verified()
+    yield fmt
+    fmt.forget_verified()
+
+
+def test_reload_of_a_verified_file_skips_hashing(tmp_path, settled, monkeypatch):
+    from kvmlx.load import read_caches
+
+    path, arrays = synthetic(tmp_path)
+    with Artifact(path) as art:
+        assert not art.verified_before
+    _load_kv(path)
+    again, control = Artifact(path), Artifact(path)  # opened (header digests checked) before hashing is disabled
+    assert again.verified_before
+    monkeypatch.setattr(settled, "blake3", _NoHashing())
+    caches, _, _ = read_caches(again, verify_digests=True, load_path="copy")
+    again.close()
+    assert np.array_equal(np.array(caches[1].keys)[:, :, :TOKENS], arrays["layers.1.keys"])
+    settled.forget_verified()  # the control: a file not known to be verified is hashed
+    with control, pytest.raises(AssertionError, match="verified before"):
+        read_caches(control, verify_digests=True, load_path="copy")
+
+
+def test_recent_files_are_not_recorded(tmp_path):
+    import kvmlx.format as fmt
+
+    fmt.forget_verified()
+    path, _ = synthetic(tmp_path)  # written just now: its change time could still repeat
+    _load_kv(path)
+    with Artifact(path) as art:
+        assert not art.verified_before
+
+
+def test_a_file_modified_after_verification_is_hashed_again(tmp_path, settled):
+    path, _ = synthetic(tmp_path)
+    _load_kv(path)
+    with Artifact(path) as art:
+        assert art.verified_before
+        off = art.tensors["layers.1.values"].offset
+    time.sleep(0.05)  # past the file system clock's tick
+    with open(path, "r+b") as f:  # in place: same inode, same size
+        f.seek(off + 3)
+        byte = f.read(1)
+        f.seek(off + 3)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with Artifact(path) as art:
+        assert not art.verified_before
+    with pytest.raises(IntegrityError, match="layers.1.values"):
+        _load_kv(path)
+
+
+def test_a_file_changed_during_an_unhashed_reload_is_refused(tmp_path, settled):
+    path, _ = synthetic(tmp_path)
+    _load_kv(path)
+    from kvmlx.load import read_caches
+
+    with Artifact(path) as art:
+        assert art.verified_before
+        time.sleep(0.05)
+        os.utime(path)  # any change to the file after it was opened
+        with pytest.raises(IntegrityError, match="changed on disk while it was being loaded"):
+            read_caches(art, verify_digests=True, load_path="copy")
