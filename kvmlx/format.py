@@ -55,6 +55,7 @@ MAX_EXPANSION = 64  # an encoded tensor may decode to at most this many times it
 # header digest: a re-load of the same unchanged file skips re-hashing (see Artifact.verified_before).
 _VERIFIED: dict[tuple, None] = {}
 _VERIFIED_MAX = 4096
+_VERIFIED_LOCK = threading.Lock()
 SETTLED_SECONDS = 2.0  # a file changed this recently may change again within one timestamp tick
 
 ProgressFn = Callable[[int, int], None]
@@ -262,9 +263,10 @@ class Artifact:
         """
         if time.time() - self._identity[4] / 1e9 < SETTLED_SECONDS:
             return
-        if len(_VERIFIED) >= _VERIFIED_MAX:
-            del _VERIFIED[next(iter(_VERIFIED))]
-        _VERIFIED[(self._identity, self.header_digest)] = None
+        with _VERIFIED_LOCK:
+            if len(_VERIFIED) >= _VERIFIED_MAX:
+                del _VERIFIED[next(iter(_VERIFIED))]
+            _VERIFIED[(self._identity, self.header_digest)] = None
 
     def check_unchanged(self) -> None:
         """Raise IntegrityError if the file was written to since it was opened."""
@@ -347,7 +349,8 @@ class Artifact:
 
 def forget_verified() -> None:
     """Forget which files were verified in this process: the next load of each hashes every tensor."""
-    _VERIFIED.clear()
+    with _VERIFIED_LOCK:
+        _VERIFIED.clear()
 
 
 def _identity(fd: int) -> tuple[int, int, int, int, int]:
