@@ -47,6 +47,7 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
 LOAD_PATHS = ("auto", "copy", "zero-copy", "overlap")
 ALLOC_LAYERS = 8  # layers allocated per `mx.load` call: few calls, yet the first reads start early
+SMALL_BUFFER = 2 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
 
 
 @dataclass
@@ -276,16 +277,19 @@ def _uninitialized(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[mx.arr
     writes every byte: ~45 ms for 557 MB here, more on fresh pages). `mx.load` is the one MLX op that
     allocates without writing: it hands each new buffer to the reader to fill. `_BlankTensors` is a
     reader that leaves them as they are, so the buffers come straight from MLX's cache (already
-    touched after the first load) and our `preadv` is the only pass over their bytes. If that ever
-    fails (another MLX), fall back to zeros.
+    touched after the first load) and our `preadv` is the only pass over their bytes. Each buffer
+    costs `mx.load` a hand-off to its I/O thread (~0.2 ms here), more than filling a small one, so
+    buffers under `SMALL_BUFFER` on average are filled instead; so are all if `mx.load` ever fails.
     """
-    try:
-        arrays = mx.load(_BlankTensors(shapes, dtype), format="safetensors", stream=mx.cpu)
-        return [arrays[str(i)] for i in range(len(shapes))]
-    except Exception:  # noqa: BLE001 - any failure of the fast path just costs a fill
-        out = [mx.zeros(shape, DTYPES[dtype]) for shape in shapes]
-        mx.eval(out)
-        return out
+    if sum(int(np.prod(shape)) for shape in shapes) * DTYPE_SIZES[dtype] >= len(shapes) * SMALL_BUFFER:
+        try:
+            arrays = mx.load(_BlankTensors(shapes, dtype), format="safetensors", stream=mx.cpu)
+            return [arrays[str(i)] for i in range(len(shapes))]
+        except Exception:  # noqa: BLE001 - any failure of the fast path just costs a fill
+            pass
+    out = [mx.zeros(shape, DTYPES[dtype]) for shape in shapes]
+    mx.eval(out)
+    return out
 
 
 class _BlankTensors:

@@ -128,28 +128,36 @@ def test_first_append_does_not_reallocate(tmp_path, tiny, document):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
-    """The load path's destinations: evaluated MLX arrays of the asked shapes, written through memoryview."""
+    """The load path's destinations: evaluated MLX arrays of the asked shapes, written through memoryview.
+
+    Large buffers come from `mx.load` (no fill), small ones and any `mx.load` failure from zeros.
+    """
     from kvmlx import load
 
-    shapes = [(1, 2, 256, 8), (1, 3, 512, 4)]
-    for arrays in (load._uninitialized(shapes, dtype), _without_mx_load(monkeypatch, load, shapes, dtype)):
-        assert [a.shape for a in arrays] == shapes and {a.dtype for a in arrays} == {load.DTYPES[dtype]}
-        for i, a in enumerate(arrays):
-            raw = np.frombuffer(memoryview(a), dtype=np.uint8)
-            raw[:] = i + 1  # writable, and the array sees what was written
-            assert np.array_equal(np.array(a.view(mx.uint8)).ravel(), raw)
+    calls = []
+    real_load = load.mx.load
+    monkeypatch.setattr(load.mx, "load", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+    large, small = [(1, 8, 1024, 128), (1, 4, 2048, 128)], [(1, 2, 256, 8), (1, 3, 512, 4)]
+    for shapes, via_load in ((large, True), (small, False)):
+        calls.clear()
+        _check_buffers(load._uninitialized(shapes, dtype), shapes, load.DTYPES[dtype])
+        assert bool(calls) is via_load
 
-
-def _without_mx_load(monkeypatch, load, shapes, dtype):
-    """`_uninitialized` when `mx.load` cannot be used: it falls back to zeros."""
     def broken(*args, **kwargs):
         raise RuntimeError("no load here")
 
     monkeypatch.setattr(load.mx, "load", broken)
-    arrays = load._uninitialized(shapes, dtype)
-    assert all(not np.array(a.view(mx.uint8)).any() for a in arrays)
-    monkeypatch.undo()
-    return arrays
+    arrays = load._uninitialized(large, dtype)
+    assert all(not np.array(a.view(mx.uint8)).any() for a in arrays)  # the fallback: zeros
+    _check_buffers(arrays, large, load.DTYPES[dtype])
+
+
+def _check_buffers(arrays, shapes, dtype):
+    assert [a.shape for a in arrays] == shapes and {a.dtype for a in arrays} == {dtype}
+    for i, a in enumerate(arrays):
+        raw = np.frombuffer(memoryview(a), dtype=np.uint8)
+        raw[:] = i + 1  # writable, and the array sees what was written
+        assert np.array_equal(np.array(a.view(mx.uint8)).ravel(), raw)
 
 
 @pytest.mark.parametrize("publish_chunk, reference_chunk", [(16, 100), (100, 16), (16, None)])
