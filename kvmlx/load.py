@@ -274,13 +274,14 @@ def _adopt(art: Artifact, name: str) -> mx.array:
 
 
 def _uninitialized(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[mx.array]:
-    """Evaluated MLX buffers whose contents do not matter (every slot is written before it is read).
+    """Evaluated MLX buffers with arbitrary contents, for the caller to overwrite entirely.
 
     MLX has no uninitialised allocation, and filling costs as much as the load itself (`mx.zeros`
     writes every byte: ~45 ms for 557 MB here, more on fresh pages). `mx.load` is the one MLX op that
     allocates without writing: it hands each new buffer to the reader to fill. `_BlankTensors` is a
     reader that leaves them as they are, so the buffers come straight from MLX's cache (already
-    touched after the first load) and our `preadv` is the only pass over their bytes. Each buffer
+    touched after the first load) and our `preadv` is the only pass over their bytes (with the
+    zeroing of the spare slots, `_copy_heads`: ~6% of them). Each buffer
     costs `mx.load` a hand-off to its I/O thread (~0.2 ms here), more than filling a small one, so
     buffers under `SMALL_BUFFER` on average are filled instead; so are all if `mx.load` ever fails.
     """
@@ -335,23 +336,27 @@ def _with_capacity(shape: Sequence[int], capacity: int) -> tuple[int, ...]:
 
 
 def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool) -> None:
-    """Fill the first L slots of each head of `dst` [1, H, capacity, D] with one [1, H, L, D] tensor.
+    """Fill the first L slots of each head of `dst` [1, H, capacity, D] with one [1, H, L, D] tensor,
+    and zero the rest.
 
     Raw tensors are read straight from the file into the MLX buffer (one `preadv` per tensor, one
-    copy); encoded ones are decoded from the map first. Digests are checked either way.
+    copy); encoded ones are decoded from the map first. Digests are checked either way. The spare
+    slots are zeroed because `dst` may be recycled memory (`_uninitialized`) and mlx-lm's
+    `KVCache.state` hands out the whole buffer: `save_prompt_cache` of a loaded cache must not
+    write whatever this process held there before (another document's KV).
     """
     entry = art.tensors[name]
     heads = entry.shape[1]
     per_head = entry.shape[2] * entry.shape[3] * DTYPE_SIZES[entry.dtype]
     out = memoryview(dst).cast("B")
     stride = out.nbytes // heads
-    slots = [out[h * stride : h * stride + per_head] for h in range(heads)]
+    by_head = np.frombuffer(out, dtype=np.uint8).reshape(heads, stride)
+    by_head[:, per_head:] = 0
     if entry.encoding == "raw":
-        art.read_into(name, slots, verify=verify)
+        art.read_into(name, [out[h * stride : h * stride + per_head] for h in range(heads)], verify=verify)
         return
     raw = decode(art.tensor_bytes(name, verify=verify), entry.encoding, entry.params, entry.dtype, entry.shape)
-    src = np.frombuffer(raw, dtype=np.uint8).reshape(heads, per_head)
-    np.copyto(np.frombuffer(out, dtype=np.uint8).reshape(heads, stride)[:, :per_head], src)
+    np.copyto(by_head[:, :per_head], np.frombuffer(raw, dtype=np.uint8).reshape(heads, per_head))
 
 
 def _parallel(fn, items: list, threads: int | None) -> None:

@@ -160,6 +160,30 @@ def _check_buffers(arrays, shapes, dtype):
         assert np.array_equal(np.array(a.view(mx.uint8)).ravel(), raw)
 
 
+def test_spare_slots_are_zero_even_in_recycled_memory(tmp_path, tiny, document, monkeypatch):
+    """Destinations come from MLX's buffer cache uninitialised; what the document does not fill is
+    zeroed, so `save_prompt_cache` (which writes the whole buffer) never leaks earlier memory."""
+    from kvmlx import load
+
+    monkeypatch.setattr(load, "SMALL_BUFFER", 0)  # the uninitialised path, whatever the buffers' size
+    doc = doc_tokens(tiny, document, 40)
+    path = tmp_path / "doc.kvmlx"
+    publish(tiny, doc, path, chunk_size=CHUNK)
+    first = load_artifact(path, tiny)
+    shapes = [(c.keys.shape, c.keys.dtype) for c in first.caches]
+    bits = lambda a: np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)  # noqa: E731 - numpy has no bfloat16
+    expected = [(bits(c.keys)[..., :40, :], bits(c.values)[..., :40, :]) for c in first.caches]
+    del first
+    junk = [mx.full(shape, 7.0, dtype) for shape, dtype in shapes for _ in range(2)]
+    mx.eval(junk)
+    del junk  # MLX's buffer cache now holds non-zero buffers of exactly the destinations' size
+    loaded = load_artifact(path, tiny)
+    for cache, (keys, values) in zip(loaded.caches, expected):
+        k, v = bits(cache.keys), bits(cache.values)
+        assert np.array_equal(k[..., :40, :], keys) and np.array_equal(v[..., :40, :], values)
+        assert not k[..., 40:, :].any() and not v[..., 40:, :].any()
+
+
 @pytest.mark.parametrize("publish_chunk, reference_chunk", [(16, 100), (100, 16), (16, None)])
 def test_other_chunkings(tmp_path, tiny, document, publish_chunk, reference_chunk):
     """Across chunkings (None: one single pass) tokens agree; logits are bit-identical on the CPU backend."""
