@@ -10,8 +10,12 @@ Two ways in, and `LoadedKV.load_path` says which ran:
   `preadv` per tensor, from the file straight into an MLX-owned buffer [1, heads, capacity, head_dim]
   whose first L slots per head hold the document and whose `headroom` slots are free, so the suffix's
   first appends write in place (mlx-lm's `KVCache` re-allocates and concatenates the whole prefix when
-  an append exceeds its capacity). The main thread allocates layer i+1 while worker threads read and
-  verify layer i (preadv and BLAKE3 release the GIL). No memory map is made on this path.
+  an append exceeds its capacity; the spare slots are zeroed). Buffers come uninitialised from
+  MLX's cache (`_uninitialized`); the main thread allocates the next layers while worker threads
+  read and verify the ones before (preadv and BLAKE3 release the GIL). No memory map is made here.
+
+Digests are hashed once per file per process: a re-load of the same unchanged file only re-checks
+its identity (`Artifact.verified_before`, docs/FORMAT.md).
 - ``overlap`` (the copy path, in the background): the same reads run on worker threads while the
   caller goes on; each cache waits for its own layer only when the model first reaches it, and
   meanwhile lets MLX compute the layers before it (`mx.async_eval`). Time to first token then
