@@ -519,6 +519,17 @@ def _base_config(lengths: Sequence[int], runs: int, cold: bool, chunk_size: int,
             "bandwidth_bytes": "the document's KV bytes (no padding, no logits)"}
 
 
+def _each_length(lengths: Sequence[int], runs: int, cold: bool, chunk_size: int,
+                 directory: str | os.PathLike | None, shape: KVShape,
+                 row: Callable[[int, Path, bool], tuple[dict, dict]]) -> tuple[dict, list[dict], list[dict]]:
+    """(config, rows, rooflines): `row(tokens, tmp, cold)` at each length, with its artifacts in one
+    temporary directory under `directory` (removed afterwards) and MLX's buffer cache kept warm."""
+    with tempfile.TemporaryDirectory(prefix="kvmlx-bench-", dir=directory) as tmp, _warm_buffers(shape, lengths):
+        config = _base_config(lengths, runs, cold, chunk_size, Path(tmp).parent)
+        results = [row(n, Path(tmp), config["cold"]) for n in lengths]
+    return config, [r for r, _ in results], [roof for _, roof in results]
+
+
 def _check(lengths: Sequence[int], runs: int) -> None:
     if not lengths or min(lengths) < 1:
         raise ValueError("lengths must be positive token counts")
@@ -560,16 +571,10 @@ def run_model_bench(
     tick = _Phases(len(lengths) * len(MODEL_PHASES), progress)
     geometry = config_geometry(lm.model, lm.config)
     shape = KVShape(lm.model_id, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, lm.dtype)
-    with tempfile.TemporaryDirectory(prefix="kvmlx-bench-", dir=directory) as tmp, _warm_buffers(shape, lengths):
-        config = _base_config(lengths, runs, cold, chunk_size, Path(tmp).parent)
-        cold = config["cold"]
-        warm = make_prompt_cache(lm.model)
-        prefill(lm.model, document_tokens(lm.tokenizer, 16), warm, chunk_size)  # first-call costs, untimed
-        rows, roofs = [], []
-        for n in lengths:
-            row, roof = _model_row(lm, n, runs, Path(tmp), cold, chunk_size, paths, tick)
-            rows.append(row)
-            roofs.append(roof)
+    prefill(lm.model, document_tokens(lm.tokenizer, 16), make_prompt_cache(lm.model), chunk_size)  # first-call costs
+    config, rows, roofs = _each_length(
+        lengths, runs, cold, chunk_size, directory, shape,
+        lambda n, tmp, cold: _model_row(lm, n, runs, tmp, cold, chunk_size, paths, tick))
     config.update(model=lm.model_id, dtype=lm.dtype, load_paths=paths)
     return _result("model", config, rows, roofs)
 
@@ -689,13 +694,9 @@ def run_shape_bench(
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     _check(lengths, runs)
     tick = _Phases(len(lengths) * len(SHAPE_PHASES), progress)
-    with tempfile.TemporaryDirectory(prefix="kvmlx-bench-", dir=directory) as tmp, _warm_buffers(shape, lengths):
-        config = _base_config(lengths, runs, cold, chunk_size, Path(tmp).parent)
-        rows, roofs = [], []
-        for n in lengths:
-            row, roof = _shape_row(shape, n, runs, Path(tmp), config["cold"], chunk_size, tick)
-            rows.append(row)
-            roofs.append(roof)
+    config, rows, roofs = _each_length(
+        lengths, runs, cold, chunk_size, directory, shape,
+        lambda n, tmp, cold: _shape_row(shape, n, runs, tmp, cold, chunk_size, tick))
     config["shape"] = asdict(shape)
     return _result("shape", config, rows, roofs)
 

@@ -13,6 +13,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -77,7 +78,7 @@ def _progress(desc: str, quiet: bool, unit: str = "tok") -> _Progress:
     return _Progress(desc, quiet, unit)
 
 
-def _emit(obj: dict) -> None:
+def _emit(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
@@ -362,7 +363,7 @@ def store_ls(store_dir, as_json) -> None:
     """List stored artifacts, most recently used first."""
     entries = Store(store_dir).ls()
     if as_json:
-        click.echo(json.dumps([e.to_json() for e in entries], indent=2, sort_keys=True))
+        _emit([e.to_json() for e in entries])
         return
     for e in entries:
         used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
@@ -379,7 +380,7 @@ def store_rm(store_dir, keys, as_json) -> None:
     store = Store(store_dir)
     removed = [store.rm(k) for k in keys]
     if as_json:
-        click.echo(json.dumps([e.to_json() for e in removed], indent=2, sort_keys=True))
+        _emit([e.to_json() for e in removed])
     else:
         for e in removed:
             click.echo(f"removed {e.key}")
@@ -665,4 +666,4 @@ def verify_command(artifact, model, dtype, recompute, sample, probe, seed, toler
 # Distribution commands (kvmlx/distribute.py): serve-artifacts, fetch, token issue|report, push, pull.
 from .distribute import register_commands as _register_distribution  # noqa: E402
 
-_register_distribution(main)
+_register_distribution(main, _emit)

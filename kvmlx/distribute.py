@@ -738,12 +738,10 @@ def pull(spec: str, *, store: Store | str | os.PathLike | None = None, require_s
 # ---------------------------------------------------------------- command line
 
 
-def register_commands(group) -> None:
-    """Add serve-artifacts, fetch, token {issue,report}, push and pull to a Click group (kvmlx's `main`)."""
+def register_commands(group, json_out: Callable[[Any], None]) -> None:
+    """Add serve-artifacts, fetch, token {issue,report}, push and pull to a Click group (kvmlx's `main`),
+    printing `--json` output with `json_out` (the CLI's own)."""
     import click
-
-    def json_out(obj: dict) -> None:
-        click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
     @group.command("serve-artifacts")
     @click.argument("directory", type=click.Path(exists=True, file_okay=False))
@@ -845,13 +843,13 @@ def register_commands(group) -> None:
 def _standalone():
     import click
 
-    from .cli import KvmlxGroup
+    from .cli import KvmlxGroup, _emit
 
     @click.group(cls=KvmlxGroup)
     def cli() -> None:
         """kvmlx distribution commands (also available as `kvmlx ...`)."""
 
-    register_commands(cli)
+    register_commands(cli, _emit)
     return cli
 
 

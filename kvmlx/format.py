@@ -152,8 +152,8 @@ def write_artifact(
     # hashes them, their write-back to disk (the first fsync) overlaps the rest of the hashing, and the
     # preamble and header go in last. Until then the file has no magic: a crash never leaves a file
     # that looks valid, and the rename only happens after the final fsync.
-    body, data_offset = _layout({**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}, tensors,
-                                ["0" * 64] * len(tensors))
+    header = {**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}
+    body, data_offset = _layout(header, tensors, ["0" * 64] * len(tensors))
     total = sum(t.data.nbytes for t in tensors)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -171,7 +171,7 @@ def write_artifact(
             flushing = flusher.submit(os.fsync, f.fileno())
             digests = [h.result() for h in hashing]
             flushing.result()
-            body, offset = _layout({**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}, tensors, digests)
+            body, offset = _layout(header, tensors, digests)
             if offset != data_offset:  # digests are fixed-length hex: cannot happen, but never write a wrong layout
                 raise ArtifactError(f"cannot write {path.name}: the header grew past its data offset")
             header_digest = blake3.blake3(body).digest()
@@ -284,9 +284,7 @@ class Artifact:
         t = self.tensors[name]
         view = memoryview(self._map())[t.offset : t.offset + t.nbytes]
         if verify:
-            if digest(view) != t.digest:
-                self._corrupt(name)
-            self._check_padding(name)
+            self._check_digest(name, digest(view))
         return view
 
     def read_into(self, name: str, buffers: Sequence[memoryview], verify: bool = True) -> None:
@@ -314,9 +312,18 @@ class Artifact:
             h = blake3.blake3()
             for b in buffers:
                 h.update(b)
-            if h.hexdigest() != t.digest:
-                self._corrupt(name)
-            self._check_padding(name)
+            self._check_digest(name, h.hexdigest())
+
+    def verify_all(self) -> None:
+        """Check every tensor's digest and padding (IntegrityError naming the first that fails)."""
+        for name in self.tensors:
+            self.tensor_bytes(name, verify=True).release()
+
+    def _check_digest(self, name: str, got: str) -> None:
+        """`got` (the hex BLAKE3 of a tensor's bytes) must be its recorded digest, and its padding zero."""
+        if got != self.tensors[name].digest:
+            raise IntegrityError(f"{self.path.name}: tensor {name} does not match its digest (file altered or corrupt)")
+        self._check_padding(name)
 
     def _check_padding(self, name: str) -> None:
         """The bytes between a tensor's end and the next 16 KiB boundary must be zero: nothing hides there."""
@@ -325,9 +332,6 @@ class Artifact:
         pad = os.pread(self._fd, align(end) - end, end) if align(end) > end else b""
         if pad.count(0) != len(pad):
             raise IntegrityError(f"{self.path.name}: non-zero bytes in the padding after tensor {name}")
-
-    def _corrupt(self, name: str) -> None:
-        raise IntegrityError(f"{self.path.name}: tensor {name} does not match its digest (file altered or corrupt)")
 
     def close(self) -> None:
         """Close the file and unmap it; the unmap fails (BufferError) while views from `tensor_bytes` live."""

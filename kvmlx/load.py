@@ -161,14 +161,13 @@ def read_caches(
     # a re-load of a file whose digests all matched earlier in this process skips hashing (format.py)
     hashed = verify_digests and not art.verified_before
     recheck = verify_digests and not hashed
-    whole = set(names) | {"logits"} == set(art.tensors)  # everything hashed: the file can be marked verified
     logits = _read_logits(art, hashed)
     if used == "zero-copy":
         if hashed:
             _parallel(lambda name: art.tensor_bytes(name, verify=True), names, threads)
         arrays = [_adopt(art, name) for name in names]
         mx.eval(logits, arrays)
-        _finish(art, hashed and whole, recheck)
+        _finish(art, hashed, recheck)
         return _caches(arrays, n), logits, used
     capacity = -(-(n + headroom) // KVCache.step) * KVCache.step
     mx.eval(logits)
@@ -189,13 +188,13 @@ def read_caches(
     if used == "copy":
         for f in futures:
             f.result()
-        _finish(art, hashed and whole, False)
+        _finish(art, hashed, False)
         return _caches(arrays, n), logits, used
 
     def close_when_done() -> None:
         wait(futures)
         if not any(f.exception() for f in futures):
-            _finish(art, hashed and whole, False)
+            _finish(art, hashed, False)
         _release(art)
 
     threading.Thread(target=close_when_done, name="kvmlx-load-close", daemon=True).start()
@@ -218,6 +217,8 @@ def _copy_layer(art: Artifact, names: list[str], arrays: list[mx.array], hashed:
 
 
 def _finish(art: Artifact, verified_all: bool, recheck: bool) -> None:
+    """After the reads: remember a fully hashed file (the format allows no tensors beyond the KV and
+    logits, all of which were hashed), or check that a file read without hashing is unchanged."""
     if verified_all:
         art.mark_verified()
     if recheck:

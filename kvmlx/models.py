@@ -65,8 +65,6 @@ PRESETS: dict[str, dict] = {
         head_dim=32,
         intermediate_size=384,
         vocab_size=1024,
-        max_position_embeddings=32768,
-        dtype="bfloat16",
     ),
     # ~25M params, Qwen3's head_dim 128 and 4:1 GQA, for benchmarks: prefills ~50 tokens/s on a 2-core CPU.
     "small": dict(
@@ -77,8 +75,6 @@ PRESETS: dict[str, dict] = {
         head_dim=128,
         intermediate_size=1024,
         vocab_size=4096,
-        max_position_embeddings=32768,
-        dtype="bfloat16",
     ),
 }
 
@@ -222,6 +218,8 @@ def _config(preset: str, model_type: str) -> dict:
         "architectures": [_ARCHITECTURES[model_type]],
         "model_type": model_type,
         **PRESETS[preset],
+        "max_position_embeddings": 32768,
+        "dtype": "bfloat16",
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
