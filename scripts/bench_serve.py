@@ -23,9 +23,9 @@ import time
 
 import httpx
 
-from kvmlx.bench import DEFAULT_LENGTHS, document_tokens, machine_info, parse_lengths
+from kvmlx.measure.bench import DEFAULT_LENGTHS, document_tokens, machine_info, parse_lengths
 from kvmlx.models import load_model
-from kvmlx.store import Store
+from kvmlx.runtime.store import Store
 
 
 def ttft(client: httpx.Client, url: str, prompt: list[int]) -> tuple[float, int]:
@@ -66,7 +66,7 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         server = subprocess.Popen(
-            [sys.executable, "-m", "kvmlx.server", "--model", args.model, "--store", store.root.as_posix(),
+            [sys.executable, "-m", "kvmlx.serving.engine", "--model", args.model, "--store", store.root.as_posix(),
              "--port", str(port)], stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         rows = []

@@ -19,7 +19,7 @@ import blake3
 import numpy as np
 
 from kvmlx.errors import KvmlxError
-from kvmlx.format import ALIGN, DTYPE_SIZES, MAGIC, PREAMBLE, SIGNATURE_BLOCK, Artifact, TensorData, align, canonical_json, read_header, write_artifact
+from kvmlx.artifact.format import ALIGN, DTYPE_SIZES, MAGIC, PREAMBLE, SIGNATURE_BLOCK, Artifact, TensorData, align, canonical_json, read_header, write_artifact
 
 FLAG_SIGNED = 1
 
@@ -363,7 +363,7 @@ def attempt(path: Path, lm=None, *, deep: bool = False) -> str:
         return _typed("verify", e)
     if lm is None:
         return "accepted"
-    from kvmlx.load import load_artifact
+    from kvmlx.runtime.load import load_artifact
 
     try:
         loaded = load_artifact(path, lm)
@@ -371,8 +371,8 @@ def attempt(path: Path, lm=None, *, deep: bool = False) -> str:
         return _typed("load", e)
     if not deep:
         return "accepted"
-    from kvmlx.generate import continue_from, verify
-    from kvmlx.spotcheck import spot_check
+    from kvmlx.runtime.generate import continue_from, verify
+    from kvmlx.measure.spotcheck import spot_check
 
     try:
         continue_from(lm, loaded, [1, 2], max_tokens=2)

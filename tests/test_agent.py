@@ -8,10 +8,10 @@ import mlx_lm
 import pytest
 from click.testing import CliRunner
 
-from kvmlx.agent import Agent, chat_messages, chat_prefix_tokens, chat_prompt_tokens
+from kvmlx.runtime.agent import Agent, chat_messages, chat_prefix_tokens, chat_prompt_tokens
 from kvmlx.cli import main
-from kvmlx.format import read_header
-from kvmlx.store import Store
+from kvmlx.artifact.format import read_header
+from kvmlx.runtime.store import Store
 
 CHUNK = 16
 MAX = 24

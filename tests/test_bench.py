@@ -1,4 +1,4 @@
-"""`kvmlx.bench`: the result's documented keys, positive medians, the synthetic round trip, the plot.
+"""`kvmlx.measure.bench`: the result's documented keys, positive medians, the synthetic round trip, the plot.
 
 Tiny lengths and one run: these check the harness, never speed (speed goals are benchmark figures).
 """
@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from kvmlx.bench import (
+from kvmlx.measure.bench import (
     DEFAULT_LENGTHS,
     MODEL_PHASES,
     PAPER_M1_PRO,
@@ -28,9 +28,9 @@ from kvmlx.bench import (
     synthetic_header,
     synthetic_kv,
 )
-from kvmlx.cost import ratio_from_bench
-from kvmlx.format import Artifact, TensorData, write_artifact
-from kvmlx.load import LOAD_PATHS, read_caches
+from kvmlx.measure.cost import ratio_from_bench
+from kvmlx.artifact.format import Artifact, TensorData, write_artifact
+from kvmlx.runtime.load import LOAD_PATHS, read_caches
 
 TINY_SHAPE = KVShape("tiny-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", vocab_size=64)
 
@@ -253,8 +253,8 @@ def test_cli_refuses_bad_options(args):
 
 
 def test_compression_bench_reports_every_encoding(tiny):
-    from kvmlx.bench import format_compression_table, run_compression_bench
-    from kvmlx.format import ENCODINGS
+    from kvmlx.measure.bench import format_compression_table, run_compression_bench
+    from kvmlx.artifact.format import ENCODINGS
 
     result = run_compression_bench(tiny, 48, runs=1, max_tokens=24)
     rows = {r["encoding"]: r for r in result["rows"]}

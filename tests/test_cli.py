@@ -86,7 +86,7 @@ def test_generate_verify_json(runner, published):
 
 def test_not_exact_exits_3(runner, published, monkeypatch):
     """A diverging reuse (simulated: the comparison reports a mismatch) must fail the command."""
-    gen = importlib.import_module("kvmlx.generate")  # `kvmlx.generate` the attribute is the function
+    gen = importlib.import_module("kvmlx.runtime.generate")  # `kvmlx.runtime.generate` the attribute is the function
     real = gen.compare
     monkeypatch.setattr(gen, "compare", lambda a, b: {**real(a, b), "token_exact": False, "first_mismatch": 3})
     result = runner.invoke(main, ["generate", str(published[0]), "--verify"])

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from kvmlx.cost import (
+from kvmlx.measure.cost import (
     GB_PAPER,
     GB_SI,
     GIB,

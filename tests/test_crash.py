@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kvmlx.errors import ArtifactError, KvmlxError
-from kvmlx.format import Artifact, read_header
+from kvmlx.artifact.format import Artifact, read_header
 
 LONG = os.environ.get("KVMLX_FUZZ") == "long"
 SCALE = 5 if LONG else 1
@@ -31,7 +31,7 @@ PUBLISH_LOOP = r"""
 import sys
 from importlib import resources
 from kvmlx.models import load_model
-from kvmlx.publish import publish
+from kvmlx.runtime.publish import publish
 lm = load_model("builtin:tiny", "bfloat16")
 tokens = lm.tokenizer.encode(resources.files("kvmlx").joinpath("data/sample_document.txt").read_text())[:300]
 print("ready", flush=True)
@@ -45,7 +45,7 @@ while True:
 WRITE_LOOP = r"""
 import sys
 import numpy as np
-from kvmlx.format import TensorData, write_artifact
+from kvmlx.artifact.format import TensorData, write_artifact
 sys.path.insert(0, sys.argv[2])
 from fuzz_corpus import synthetic_header
 rng = np.random.default_rng(0)
@@ -56,7 +56,7 @@ tensors = [TensorData(f"layers.{i}.{kind}", "float16", (1, heads, tokens, head_d
 logits = rng.standard_normal(16).astype(np.float16)
 tensors.append(TensorData("logits", "float16", (16,), memoryview(logits).cast("B")))
 import time
-import kvmlx.format as fmt
+import kvmlx.artifact.format as fmt
 _write_all = fmt._write_all
 slow = [False]
 def slow_write_all(f, data):  # every other artifact, a slow disk (1 MiB at a time): kills land mid-write too
@@ -80,7 +80,7 @@ while True:  # 34 MB per artifact, each a new version (chunk_size = i + 1): the 
 STORE_LOOP = r"""
 import sys
 from pathlib import Path
-from kvmlx.store import Store
+from kvmlx.runtime.store import Store
 store = Store(sys.argv[1])
 sources = sorted(Path(sys.argv[2]).glob("*.kvmlx"))
 print("ready", flush=True)
@@ -122,7 +122,7 @@ def check_artifact(path: Path, lm=None) -> None:
         for name in art.tensors:
             art.tensor_bytes(name, verify=True).release()
     if lm is not None:
-        from kvmlx.load import load_artifact
+        from kvmlx.runtime.load import load_artifact
 
         load_artifact(path, lm)
 
@@ -188,8 +188,8 @@ def test_killing_write_artifact_mid_write(tmp_path):
 
 def test_killing_store_add(tmp_path, tiny, document):
     """Store.add killed at random: objects/ holds only complete artifacts, the index opens and agrees."""
-    store_mod = pytest.importorskip("kvmlx.store", reason="kvmlx/store.py is not there yet")
-    from kvmlx.publish import publish
+    store_mod = pytest.importorskip("kvmlx.runtime.store", reason="kvmlx/store.py is not there yet")
+    from kvmlx.runtime.publish import publish
 
     sources = tmp_path / "sources"
     sources.mkdir()

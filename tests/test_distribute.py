@@ -20,11 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from fuzz_corpus import synthetic_artifact
-from kvmlx import distribute as dist
-from kvmlx import trust as trust_api
+from kvmlx.serving import artifacts as dist
+from kvmlx.artifact import trust as trust_api
 from kvmlx.errors import IntegrityError, UntrustedPublisherError
-from kvmlx.format import Artifact
-from kvmlx.store import Store
+from kvmlx.artifact.format import Artifact
+from kvmlx.runtime.store import Store
 
 PRICE = 0.25
 
@@ -64,7 +64,7 @@ def site(tmp_path_factory):
 def _server(directory: Path, *args: str):
     """`kvmlx serve-artifacts DIRECTORY` in a subprocess on a free 127.0.0.1 port; always terminated."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvmlx.distribute", "serve-artifacts", str(directory), "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "kvmlx.serving.artifacts", "serve-artifacts", str(directory), "--port", str(port), *args],
                             env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -369,8 +369,8 @@ def test_push_and_pull_through_emulated_hub(fake_hub, tmp_path):
 def test_fetched_artifact_generates(tiny, document, tmp_path):
     """A tiny-model artifact served, fetched by the `fetch` command into a store, then generated from:
     the same tokens as from the publisher's own file."""
-    from kvmlx.generate import generate
-    from kvmlx.publish import publish
+    from kvmlx.runtime.generate import generate
+    from kvmlx.runtime.publish import publish
 
     served = tmp_path / "served"
     served.mkdir()
@@ -378,7 +378,7 @@ def test_fetched_artifact_generates(tiny, document, tmp_path):
     publish(tiny, text, served / "doc.kvmlx")
     digest = _digest(served / "doc.kvmlx")
     with _server(served) as url:
-        out = subprocess.run([sys.executable, "-m", "kvmlx.distribute", "fetch", f"{url}/artifacts/{digest}",
+        out = subprocess.run([sys.executable, "-m", "kvmlx.serving.artifacts", "fetch", f"{url}/artifacts/{digest}",
                               "--store", str(tmp_path / "store"), "--json"],
                              env={**os.environ}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -5,9 +5,9 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from kvmlx.generate import compare, continue_from, from_scratch, verify
-from kvmlx.load import load_artifact, split_prompt
-from kvmlx.publish import publish
+from kvmlx.runtime.generate import compare, continue_from, from_scratch, verify
+from kvmlx.runtime.load import load_artifact, split_prompt
+from kvmlx.runtime.publish import publish
 
 CHUNK = 16
 MAX_TOKENS = 24
@@ -132,7 +132,7 @@ def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
 
     Large buffers come from `mx.load` (no fill), small ones and any `mx.load` failure from zeros.
     """
-    from kvmlx import load
+    from kvmlx.runtime import load
 
     calls = []
     real_load = load.mx.load
@@ -163,7 +163,7 @@ def _check_buffers(arrays, shapes, dtype):
 def test_spare_slots_are_zero_even_in_recycled_memory(tmp_path, tiny, document, monkeypatch):
     """Destinations come from MLX's buffer cache uninitialised; what the document does not fill is
     zeroed, so `save_prompt_cache` (which writes the whole buffer) never leaks earlier memory."""
-    from kvmlx import load
+    from kvmlx.runtime import load
 
     monkeypatch.setattr(load, "SMALL_BUFFER", 0)  # the uninitialised path, whatever the buffers' size
     doc = doc_tokens(tiny, document, 40)

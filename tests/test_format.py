@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvmlx.errors import ArtifactError, IntegrityError, KvmlxError, UnsupportedVersionError
-from kvmlx.format import ALIGN, MAGIC, PREAMBLE, Artifact, TensorData, canonical_json, read_header, write_artifact
+from kvmlx.artifact.format import ALIGN, MAGIC, PREAMBLE, Artifact, TensorData, canonical_json, read_header, write_artifact
 
 LAYERS, HEADS, TOKENS, HEAD_DIM, VOCAB = 2, 2, 5, 8, 16
 
@@ -65,7 +65,7 @@ def test_round_trip_and_alignment(tmp_path):
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     good, _ = synthetic(tmp_path, "keep.kvmlx")
     before = good.read_bytes()
-    import kvmlx.format as fmt
+    import kvmlx.artifact.format as fmt
 
     def boom(f, data):
         raise OSError("disk full")
@@ -239,7 +239,7 @@ class _NoHashing:
 
 
 def _load_kv(path, verify=True):
-    from kvmlx.load import read_caches
+    from kvmlx.runtime.load import read_caches
 
     art = Artifact(path)
     try:
@@ -251,7 +251,7 @@ def _load_kv(path, verify=True):
 @pytest.fixture
 def settled(monkeypatch):
     """Treat every file as settled, so files written by the test itself can be recorded as verified."""
-    import kvmlx.format as fmt
+    import kvmlx.artifact.format as fmt
 
     monkeypatch.setattr(fmt, "SETTLED_SECONDS", -1.0)
     fmt.forget_verified()
@@ -260,7 +260,7 @@ def settled(monkeypatch):
 
 
 def test_reload_of_a_verified_file_skips_hashing(tmp_path, settled, monkeypatch):
-    from kvmlx.load import read_caches
+    from kvmlx.runtime.load import read_caches
 
     path, arrays = synthetic(tmp_path)
     with Artifact(path) as art:
@@ -278,7 +278,7 @@ def test_reload_of_a_verified_file_skips_hashing(tmp_path, settled, monkeypatch)
 
 
 def test_recent_files_are_not_recorded(tmp_path):
-    import kvmlx.format as fmt
+    import kvmlx.artifact.format as fmt
 
     fmt.forget_verified()
     path, _ = synthetic(tmp_path)  # written just now: its change time could still repeat
@@ -308,7 +308,7 @@ def test_a_file_modified_after_verification_is_hashed_again(tmp_path, settled):
 def test_a_file_changed_during_an_unhashed_reload_is_refused(tmp_path, settled):
     path, _ = synthetic(tmp_path)
     _load_kv(path)
-    from kvmlx.load import read_caches
+    from kvmlx.runtime.load import read_caches
 
     with Artifact(path) as art:
         assert art.verified_before

@@ -41,7 +41,7 @@ from fuzz_corpus import (
     set_preamble,
     split,
 )
-from kvmlx.format import ALIGN, SIGNATURE_BLOCK, align
+from kvmlx.artifact.format import ALIGN, SIGNATURE_BLOCK, align
 
 LONG = os.environ.get("KVMLX_FUZZ") == "long"
 settings.register_profile("kvmlx-fuzz-ci", max_examples=1, deadline=10_000, database=None,
@@ -81,7 +81,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def signing_key():
-    from kvmlx.trust import generate_key
+    from kvmlx.artifact.trust import generate_key
 
     return generate_key()
 
@@ -89,8 +89,8 @@ def signing_key():
 @pytest.fixture(scope="module")
 def bases(work, tiny, signing_key):
     """A small valid artifact of the tiny model (12 tokens, 9 tensors, 160 KiB), unsigned and signed."""
-    from kvmlx.publish import publish
-    from kvmlx.trust import signer
+    from kvmlx.runtime.publish import publish
+    from kvmlx.artifact.trust import signer
 
     tokens = tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over.")[:12]
     publish(tiny, tokens, work / "base.kvmlx", chunk_size=8)
@@ -252,7 +252,7 @@ def _assert_same_kv(work, original: bytes, changed: bytes, lm) -> None:
     import mlx.core as mx
     import numpy as np
 
-    from kvmlx.load import load_artifact
+    from kvmlx.runtime.load import load_artifact
 
     a, b = work / "same-a.kvmlx", work / "same-b.kvmlx"
     a.write_bytes(original)
@@ -279,7 +279,7 @@ json_values = st.recursive(
 @given(st.data())
 def test_random_json_in_every_header_field(work, tiny, bases, data):
     """Replace any value (or delete any key, or add one) anywhere in the header; re-digest and sign."""
-    from kvmlx.trust import generate_key, signer
+    from kvmlx.artifact.trust import generate_key, signer
 
     raw = bases[1]
     h = header_of(raw)
@@ -311,8 +311,8 @@ ENCODED = ["expsplit-zstd", "bytesplit-zstd", "q4", "q8", "int8-tensor"]
 
 @pytest.fixture(scope="module")
 def encoded_bases(work, tiny):
-    from kvmlx.format import ENCODINGS
-    from kvmlx.publish import publish
+    from kvmlx.artifact.format import ENCODINGS
+    from kvmlx.runtime.publish import publish
 
     tokens = tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over.")[:12]
     out = {}

@@ -3,9 +3,9 @@
 import mlx.core as mx
 import pytest
 
-from kvmlx.generate import compare, continue_from, from_scratch
-from kvmlx.load import load_artifact, zero_copy_available
-from kvmlx.publish import publish
+from kvmlx.runtime.generate import compare, continue_from, from_scratch
+from kvmlx.runtime.load import load_artifact, zero_copy_available
+from kvmlx.runtime.publish import publish
 
 pytestmark = pytest.mark.skipif(not zero_copy_available(), reason="needs MLX's Metal backend (Apple Silicon)")
 

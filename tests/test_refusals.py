@@ -10,11 +10,11 @@ from kvmlx.errors import (
     TokenizerMismatchError,
     UnsupportedModelError,
 )
-from kvmlx.generate import continue_from, verify
-from kvmlx.identity import check_supported, model_fingerprint, tokenizer_fingerprint
-from kvmlx.load import load_artifact, split_prompt
+from kvmlx.runtime.generate import continue_from, verify
+from kvmlx.artifact.identity import check_supported, model_fingerprint, tokenizer_fingerprint
+from kvmlx.runtime.load import load_artifact, split_prompt
 from kvmlx.models import build_builtin, default_corpus, load_model
-from kvmlx.publish import publish
+from kvmlx.runtime.publish import publish
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_prompt_must_start_with_the_document(tiny, artifact):
 
 
 def test_tampered_tensor_is_refused_on_load(tmp_path, tiny, artifact):
-    from kvmlx.format import Artifact
+    from kvmlx.artifact.format import Artifact
 
     with Artifact(artifact) as art:
         off = art.tensors["layers.2.values"].offset

@@ -16,12 +16,12 @@ import numpy as np
 import openai
 import pytest
 
-from kvmlx.agent import chat_messages, chat_prefix_tokens, chat_prompt_tokens
-from kvmlx.generate import from_scratch
-from kvmlx.load import load_artifact
-from kvmlx.publish import DEFAULT_CHUNK, prefill
-from kvmlx.server import KVPool, ResidentKV, resident_from_loaded
-from kvmlx.store import Store
+from kvmlx.runtime.agent import chat_messages, chat_prefix_tokens, chat_prompt_tokens
+from kvmlx.runtime.generate import from_scratch
+from kvmlx.runtime.load import load_artifact
+from kvmlx.runtime.publish import DEFAULT_CHUNK, prefill
+from kvmlx.serving.engine import KVPool, ResidentKV, resident_from_loaded
+from kvmlx.runtime.store import Store
 
 CHUNK = 16
 MAX = 16
@@ -51,7 +51,7 @@ def served(tmp_path_factory, tiny, document, toks):
     chat_prefix = chat_prefix_tokens(tiny, chat_doc)
     chat_key = store.publish(tiny, chat_prefix, chunk_size=CHUNK).key
     port = _free_port()
-    cmd = [sys.executable, "-m", "kvmlx.server", "--model", "builtin:tiny", "--dtype", "bfloat16",
+    cmd = [sys.executable, "-m", "kvmlx.serving.engine", "--model", "builtin:tiny", "--dtype", "bfloat16",
            "--store", str(store_dir), "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from kvmlx.errors import ArtifactError, IntegrityError, KvmlxError
-from kvmlx.format import read_header
-from kvmlx.identity import model_fingerprint, tokenizer_fingerprint
-from kvmlx.load import load_artifact
-from kvmlx.publish import publish
-from kvmlx.store import Store, StoreError, artifact_key, header_key, parse_size
+from kvmlx.artifact.format import read_header
+from kvmlx.artifact.identity import model_fingerprint, tokenizer_fingerprint
+from kvmlx.runtime.load import load_artifact
+from kvmlx.runtime.publish import publish
+from kvmlx.runtime.store import Store, StoreError, artifact_key, header_key, parse_size
 
 CHUNK = 16
 
@@ -285,7 +285,7 @@ def test_many_entries_longest_match_without_opening_files(tmp_path, tiny, toks, 
         prompts.append(src[:cut] + rng.integers(3, 1024, int(rng.integers(0, 300))).tolist())
     prompts += [toks[:120], toks[:70] + [5, 6, 7], system + [1, 2, 3], toks[200:205] + [9] * 40]
 
-    import kvmlx.format as fmt
+    import kvmlx.artifact.format as fmt
 
     opened = []
     real_init = fmt.Artifact.__init__
@@ -337,7 +337,7 @@ def _spawn(code, *args):
 
 ADD_CHILD = """
     import os, sys, time
-    from kvmlx.store import Store
+    from kvmlx.runtime.store import Store
     root, art, go = sys.argv[1:4]
     print("ready", flush=True)
     while not os.path.exists(go):
@@ -370,7 +370,7 @@ def test_processes_racing_on_one_key_leave_one_valid_artifact(tmp_path, tiny, to
 PUBLISH_CHILD = """
     import os, sys, time
     from kvmlx.models import load_model
-    from kvmlx.store import Store
+    from kvmlx.runtime.store import Store
     root, doc, go = sys.argv[1:4]
     lm = load_model("builtin:tiny")
     print("ready", flush=True)
@@ -405,8 +405,8 @@ def test_concurrent_publishers_and_readers(tmp_path, tiny, document):
 
 KILL_CHILD = """
     import os, sys, time
-    import kvmlx.format as fmt
-    import kvmlx.store as st
+    import kvmlx.artifact.format as fmt
+    import kvmlx.runtime.store as st
     from kvmlx.models import load_model
     root, doc, phase = sys.argv[1:4]
     lm = load_model("builtin:tiny")

@@ -28,11 +28,11 @@ from kvmlx.errors import (
     UnsignedArtifactError,
     UntrustedPublisherError,
 )
-from kvmlx.format import Artifact, TensorData, write_artifact
-from kvmlx.load import load_artifact
-from kvmlx.publish import prefill, publish
-from kvmlx.spotcheck import spot_check
-from kvmlx.trust import (
+from kvmlx.artifact.format import Artifact, TensorData, write_artifact
+from kvmlx.runtime.load import load_artifact
+from kvmlx.runtime.publish import prefill, publish
+from kvmlx.measure.spotcheck import spot_check
+from kvmlx.artifact.trust import (
     KEY_PREFIX,
     TrustList,
     check_signature,
@@ -204,7 +204,7 @@ def test_a_malformed_trust_list_fails_closed(tmp_path, arts, content):
 def test_concurrent_trust_adds_lose_nothing(tmp_path):
     """Two processes adding 8 keys each to one trust list: all 16 are there (lock + atomic rename)."""
     path = tmp_path / "trust.json"
-    script = ("import sys; from kvmlx.trust import TrustList, generate_key, public_key_id\n"
+    script = ("import sys; from kvmlx.artifact.trust import TrustList, generate_key, public_key_id\n"
               "for i in range(8): TrustList(sys.argv[1]).add(public_key_id(generate_key()), f'{sys.argv[2]}{i}')\n")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(path), tag]) for tag in ("p", "q")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
@@ -280,10 +280,10 @@ def test_model_ids_from_untrusted_headers():
 
 
 def test_an_agent_requiring_signatures_skips_other_publishers_without_discarding(tmp_path, tiny, document, publisher):
-    """Automatic reuse from the store (kvmlx.agent) only uses trusted publishers' entries; an entry
+    """Automatic reuse from the store (kvmlx.runtime.agent) only uses trusted publishers' entries; an entry
     from anyone else is skipped for this agent, not quarantined as broken."""
-    agent_mod = pytest.importorskip("kvmlx.agent", reason="kvmlx/agent.py is not there yet")
-    from kvmlx.store import Store
+    agent_mod = pytest.importorskip("kvmlx.runtime.agent", reason="kvmlx/agent.py is not there yet")
+    from kvmlx.runtime.store import Store
 
     store = Store(tmp_path / "store")
     doc = document.strip()[:400]

@@ -2,7 +2,7 @@
 lossless byte-plane splitting + zstd that decodes bit-exactly.
 
 Every encoder takes an evaluated [1, H, L, D] MLX array and returns (blob bytes, params); every
-decoder returns the decoded tensor's raw bytes (numpy uint8, C order). `kvmlx.format` only knows the
+decoder returns the decoded tensor's raw bytes (numpy uint8, C order). `kvmlx.artifact.format` only knows the
 names and whether each is lossless; this module does the arithmetic.
 
 Lossless designs (16-bit dtypes; float32 falls back to 4 byte planes):
@@ -20,7 +20,7 @@ import numpy as np
 import mlx.core as mx
 import zstandard
 
-from .errors import ArtifactError
+from ..errors import ArtifactError
 
 ZSTD_LEVEL = 1  # level 1 compressed KV planes as well as 3 here, twice as fast
 _MLX_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}

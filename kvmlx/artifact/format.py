@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 import blake3
 
-from .errors import ArtifactError, IntegrityError, UnsupportedVersionError
+from ..errors import ArtifactError, IntegrityError, UnsupportedVersionError
 
 MAGIC = b"\x89KVMLX\r\n"
 VERSION = 1

@@ -28,7 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .errors import DtypeMismatchError, ModelMismatchError, TokenizerMismatchError, UnsupportedModelError
+from ..errors import DtypeMismatchError, ModelMismatchError, TokenizerMismatchError, UnsupportedModelError
 from .format import canonical_json
 
 FINGERPRINT_VERSION = 1

@@ -6,7 +6,7 @@ tokenizer fingerprints, so one signature covers the whole artifact. This module:
 
 - makes and stores keys: `generate_key`, `write_private_key` (0600, PEM/PKCS#8, optionally
   passphrase-encrypted, or the raw 32-byte seed), `load_private_key`, `signer` / `signer_from_file`
-  (the `sign=` callable `kvmlx.format.write_artifact` and `kvmlx.publish.publish` take);
+  (the `sign=` callable `kvmlx.artifact.format.write_artifact` and `kvmlx.runtime.publish.publish` take);
 - names public keys with a short text id, ``ed25519:`` + unpadded URL-safe base64 of the 32 raw
   bytes (`public_key_id`, `parse_public_key`, which also accepts 64 hex digits);
 - keeps a local trust list (`TrustList`, ``trust.json`` in `config_dir()`), written atomically
@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import (
+from ..errors import (
     ArtifactError,
     BadSignatureError,
     KeyFileError,

@@ -18,17 +18,17 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from . import __version__
-from .agent import Agent, chat_prefix_tokens, chat_prompt_tokens
-from .errors import KvmlxError
-from . import bench as bench_api
-from .bench import DEFAULT_LENGTHS as BENCH_LENGTHS, DEFAULT_RUNS as BENCH_RUNS, SHAPES, parse_lengths
-from .format import ENCODINGS, Artifact, read_header
-from .generate import DEFAULT_MAX_TOKENS, generate as generate_api, verify as verify_api
-from .models import load_model
-from .publish import DEFAULT_CHUNK, publish as publish_api
-from . import trust as trust_api
-from .store import Store, parse_size
+from .. import __version__
+from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
+from ..errors import KvmlxError
+from ..measure import bench as bench_api
+from ..measure.bench import DEFAULT_LENGTHS as BENCH_LENGTHS, DEFAULT_RUNS as BENCH_RUNS, SHAPES, parse_lengths
+from ..artifact.format import ENCODINGS, Artifact, read_header
+from ..runtime.generate import DEFAULT_MAX_TOKENS, generate as generate_api, verify as verify_api
+from ..models import load_model
+from ..runtime.publish import DEFAULT_CHUNK, publish as publish_api
+from ..artifact import trust as trust_api
+from ..runtime.store import Store, parse_size
 
 DTYPE_CHOICE = click.Choice(["float16", "bfloat16", "float32"])
 EXIT_NOT_EXACT = 3
@@ -491,7 +491,7 @@ def bench(model, dtype, lengths, runs, shape, compression, directory, chunk_size
 def cost(readers, tokens, price_per_mtok, tariff, ratio, egress_per_gb, storage_per_gb_month, months,
          bytes_per_token, compression_ratio, gb_unit, artifact, model, bench, as_json, plot_path) -> None:
     """What N readers pay to re-prefill a document vs. load its published KV (the paper's cost model)."""
-    from . import cost as cost_api
+    from ..measure import cost as cost_api
 
     inputs, sources = cost_api.resolve_inputs(
         readers=readers, tokens=tokens, price_per_mtok=price_per_mtok, tariff=tariff, ratio=ratio,
@@ -611,7 +611,7 @@ def trust_rm(key_or_name, as_json) -> None:
 @click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
 def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV."""
-    from .server import serve as serve_api  # imported here: starlette and uvicorn only load for `serve`
+    from ..serving.engine import serve as serve_api  # imported here: starlette and uvicorn only load for `serve`
 
     try:
         budget = parse_size(max_resident_bytes) if max_resident_bytes else None
@@ -643,7 +643,7 @@ def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tok
 def verify_command(artifact, model, dtype, recompute, sample, probe, seed, tolerance, no_model, require_signed,
                    no_verify_digests, as_json) -> None:
     """Check ARTIFACT: structure, digests, signature, model binding, and recomputed-KV spot checks."""
-    from . import spotcheck
+    from ..measure import spotcheck
 
     trust_list = trust_api.TrustList.load()
     lm = None
@@ -664,6 +664,6 @@ def verify_command(artifact, model, dtype, recompute, sample, probe, seed, toler
 
 
 # Distribution commands (kvmlx/distribute.py): serve-artifacts, fetch, token issue|report, push, pull.
-from .distribute import register_commands as _register_distribution  # noqa: E402
+from ..serving.artifacts import register_commands as _register_distribution  # noqa: E402
 
 _register_distribution(main, _emit)

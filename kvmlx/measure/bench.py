@@ -53,14 +53,14 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
-from . import __version__
-from .compress import decode, encode
-from .format import DTYPE_SIZES, ENCODINGS, SETTLED_SECONDS, Artifact, TensorData, digest, forget_verified, write_artifact
-from .generate import compare, continue_from
-from .identity import config_geometry
-from .load import DEFAULT_HEADROOM, DTYPES, LOAD_PATHS, load_artifact, read_caches, zero_copy_available
-from .models import LoadedModel
-from .publish import DEFAULT_CHUNK, prefill, publish
+from .. import __version__
+from ..artifact.encodings import decode, encode
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, SETTLED_SECONDS, Artifact, TensorData, digest, forget_verified, write_artifact
+from ..runtime.generate import compare, continue_from
+from ..artifact.identity import config_geometry
+from ..runtime.load import DEFAULT_HEADROOM, DTYPES, LOAD_PATHS, load_artifact, read_caches, zero_copy_available
+from ..models import LoadedModel
+from ..runtime.publish import DEFAULT_CHUNK, prefill, publish
 
 T = TypeVar("T")
 ProgressFn = Callable[[int, int, str], None]  # (phases done, phases in all, what just finished)
@@ -163,7 +163,7 @@ def document_tokens(tokenizer, n: int) -> list[int]:
 
 
 def available_load_paths() -> list[str]:
-    """Every concrete load path kvmlx.load offers that can run here (zero-copy needs Metal)."""
+    """Every concrete load path kvmlx.runtime.load offers that can run here (zero-copy needs Metal)."""
     return [p for p in LOAD_PATHS if p != "auto" and (p != "zero-copy" or zero_copy_available())]
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import CostError, ModelLoadError
+from ..errors import CostError, ModelLoadError
 
 __all__ = [
     "BYTES_PER_GB",
@@ -454,7 +454,7 @@ def resolve_inputs(*, readers: int | None = None, tokens: int | None = None,
     """Build :class:`CostInputs` from CLI-style options (None = not given) and say where each came from.
 
     The KV size comes from one of ``bytes_per_token``, ``artifact`` (its header, read with
-    ``read_header``, default ``kvmlx.format.read_header``) or ``model`` (its config.json); the
+    ``read_header``, default ``kvmlx.artifact.format.read_header``) or ``model`` (its config.json); the
     ratio from ``ratio`` or ``bench``; everything else from the option or the paper's default.
     Returns the inputs and a ``{field: source}`` dict for the report.
     """
@@ -481,9 +481,9 @@ def resolve_inputs(*, readers: int | None = None, tokens: int | None = None,
     elif artifact is not None:
         if read_header is None:
             try:
-                from kvmlx.format import read_header  # lazy: cost does not depend on the format module
+                from kvmlx.artifact.format import read_header  # lazy: cost does not depend on the format module
             except ImportError as e:
-                raise CostError(f"cannot read artifacts: kvmlx.format is unavailable ({e})") from None
+                raise CostError(f"cannot read artifacts: kvmlx.artifact.format is unavailable ({e})") from None
         try:
             header = read_header(str(artifact))
         except OSError as e:  # a KvmlxError (bad artifact) passes through unchanged

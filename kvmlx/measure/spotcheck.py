@@ -30,7 +30,7 @@ Nothing here catches a forgery confined to positions no check looked at; only a 
 artifact. See docs/SECURITY.md.
 
 Structure, signature, model binding and every digest are checked first, exactly as
-`kvmlx.load.load_artifact` does; the stored KV compared is the one its copy path loads.
+`kvmlx.runtime.load.load_artifact` does; the stored KV compared is the one its copy path loads.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ from typing import Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .errors import RecomputeMismatchError
-from .format import Artifact
-from .identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
-from .load import _release, check_tokens_and_logits, read_caches
-from .models import LoadedModel
-from .publish import prefill
-from .trust import SignatureStatus, TrustList, check_signature
+from ..errors import RecomputeMismatchError
+from ..artifact.format import Artifact
+from ..artifact.identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
+from ..runtime.load import _release, check_tokens_and_logits, read_caches
+from ..models import LoadedModel
+from ..runtime.publish import prefill
+from ..artifact.trust import SignatureStatus, TrustList, check_signature
 
 DEFAULT_RECOMPUTE = 64
 DEFAULT_PROBE = 8

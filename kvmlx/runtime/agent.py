@@ -1,6 +1,6 @@
 """Automatic reuse: an agent sends its whole prompt; kvmlx reuses the stored KV sharing its longest prefix.
 
-    from kvmlx.agent import Agent
+    from kvmlx.runtime.agent import Agent
     agent = Agent(lm)                                        # the default store, $KVMLX_HOME/store
     agent.publish(open("paper.txt").read())                  # once, by anyone, into the store
     out = agent.generate(paper_text + "\\n\\nQuestion: ...")   # no artifact named
@@ -10,7 +10,7 @@
     mlx_lm.stream_generate(lm.model, lm.tokenizer, prompt=suffix, prompt_cache=caches)
 
 How a prompt is served: tokenize it as the model's tokenizer does (special tokens included, like
-`kvmlx.publish` tokenizes documents), ask the store for the artifact of this model, tokenizer and
+`kvmlx.runtime.publish` tokenizes documents), ask the store for the artifact of this model, tokenizer and
 dtype sharing the longest token prefix, load it, trim it to the shared prefix, prefill the rest in
 the artifact's chunk size and decode greedily. At least one prompt token is always computed, except
 when the prompt *is* an artifact's whole document: then the artifact's stored last logits give the
@@ -32,11 +32,11 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from .errors import KvmlxError, TrustError
+from ..errors import KvmlxError, TrustError
 from .generate import DEFAULT_MAX_TOKENS, Generation, compare, decode_timed, from_scratch
-from .identity import model_fingerprint, tokenizer_fingerprint
+from ..artifact.identity import model_fingerprint, tokenizer_fingerprint
 from .load import LoadedKV, load_artifact
-from .models import LoadedModel
+from ..models import LoadedModel
 from .publish import DEFAULT_CHUNK, prefill
 from .store import BLOCK, Entry, Store, StorePublish
 
@@ -166,7 +166,7 @@ class Agent:
         self.verify_digests = verify_digests
         self.load_path = load_path
         self.allow_lossy = allow_lossy  # reuse quantised (lossily encoded) KV too: faster, no longer exact
-        self.require_signed, self.trust_list = require_signed, trust_list  # accepted publishers (kvmlx.trust)
+        self.require_signed, self.trust_list = require_signed, trust_list  # accepted publishers (kvmlx.artifact.trust)
         self.last_reuse: Reuse | None = None
 
     # ---- identity and tokens --------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from .load import LoadedKV, load_artifact, split_prompt
-from .models import LoadedModel
+from ..models import LoadedModel
 from .publish import prefill
 
 DEFAULT_MAX_TOKENS = 32
@@ -195,7 +195,7 @@ def generate(
 ) -> tuple[Generation, LoadedKV]:
     """Load `artifact` for `lm`, append `prompt` (text continuing the document) and decode greedily.
 
-    `require_signed`/`trust_list`: see `kvmlx.load.load_artifact` (publisher signatures, kvmlx.trust).
+    `require_signed`/`trust_list`: see `kvmlx.runtime.load.load_artifact` (publisher signatures, kvmlx.artifact.trust).
     """
     t0 = time.perf_counter()
     loaded, suffix = _load_with_prompt(artifact, lm, prompt, verify_digests, require_exact,

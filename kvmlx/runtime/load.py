@@ -40,12 +40,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from .compress import decode
-from .errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
-from .format import DTYPE_SIZES, ENCODINGS, Artifact
-from .identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
-from .models import LoadedModel
-from .trust import SignatureStatus, TrustList, check_signature
+from ..artifact.encodings import decode
+from ..errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact
+from ..artifact.identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
+from ..models import LoadedModel
+from ..artifact.trust import SignatureStatus, TrustList, check_signature
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
@@ -64,7 +64,7 @@ class LoadedKV:
     header: dict
     load_seconds: float  # until the caches were returned (with "overlap", layers may still be arriving)
     load_path: str  # "copy", "zero-copy" or "overlap"
-    signature: SignatureStatus | None = None  # who signed it (kvmlx.trust.check_signature's result)
+    signature: SignatureStatus | None = None  # who signed it (kvmlx.artifact.trust.check_signature's result)
 
     def wait(self) -> None:
         """Block until every layer is in memory (only the overlap path returns earlier)."""

@@ -11,11 +11,11 @@ from typing import Callable, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from . import __version__
-from .compress import encode
-from .format import ENCODINGS, Signer, TensorData, digest, write_artifact
-from .identity import check_supported, model_fingerprint, rope_settings, tokenizer_fingerprint
-from .models import LoadedModel
+from .. import __version__
+from ..artifact.encodings import encode
+from ..artifact.format import ENCODINGS, Signer, TensorData, digest, write_artifact
+from ..artifact.identity import check_supported, model_fingerprint, rope_settings, tokenizer_fingerprint
+from ..models import LoadedModel
 
 DEFAULT_CHUNK = 512
 ProgressFn = Callable[[int, int], None]
@@ -68,8 +68,8 @@ def publish(
 
     Text is tokenized with the model's tokenizer including its special tokens (a BOS where the model
     uses one), exactly as an agent's prompt that starts with the document would be. `encoding` is one
-    of `kvmlx.format.ENCODINGS` (lossy ones are marked so that exact loads refuse them); `sign`
-    signs the header digest (see `kvmlx.trust`).
+    of `kvmlx.artifact.format.ENCODINGS` (lossy ones are marked so that exact loads refuse them); `sign`
+    signs the header digest (see `kvmlx.artifact.trust`).
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .errors import IntegrityError, KvmlxError
-from .format import Artifact, canonical_json
-from .store import OBJECT_SUFFIX, Store
-from . import trust as trust_api
+from ..errors import IntegrityError, KvmlxError
+from ..artifact.format import Artifact, canonical_json
+from ..runtime.store import OBJECT_SUFFIX, Store
+from ..artifact import trust as trust_api
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8377
@@ -296,9 +296,9 @@ def report(log: str | os.PathLike, prices: Mapping[str, float] | None = None, *,
     """Per-artifact loads, revenue and bytes served from a metering log, with the egress they cost.
 
     Revenue = paid loads (loads under a token) x the artifact's price per load; egress cost = bytes
-    served / bytes_per_gb x egress_per_gb (kvmlx.cost's defaults: $0.09 per 1.024e9 bytes).
+    served / bytes_per_gb x egress_per_gb (kvmlx.measure.cost's defaults: $0.09 per 1.024e9 bytes).
     """
-    from .cost import CostInputs
+    from ..measure.cost import CostInputs
     defaults = CostInputs()
     egress = defaults.egress_per_gb if egress_per_gb is None else egress_per_gb
     gb = defaults.bytes_per_gb if bytes_per_gb is None else bytes_per_gb
@@ -790,7 +790,7 @@ def register_commands(group, json_out: Callable[[Any], None]) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print the token and its claims as JSON.")
     def token_issue(artifact, loads, expires, key_path, as_json) -> None:
         """Mint a signed access token for one artifact."""
-        from .cli import _ask_passphrase
+        from ..cli import _ask_passphrase
         if not _DIGEST_RE.match(artifact.lower()):
             raise click.BadParameter("a 64-hex header digest, as in the catalog", param_hint="--artifact")
         key = trust_api.load_private_key(key_path or trust_api.default_key_path(), _ask_passphrase)
@@ -843,7 +843,7 @@ def register_commands(group, json_out: Callable[[Any], None]) -> None:
 def _standalone():
     import click
 
-    from .cli import KvmlxGroup, _emit
+    from ..cli import KvmlxGroup, _emit
 
     @click.group(cls=KvmlxGroup)
     def cli() -> None:

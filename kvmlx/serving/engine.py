@@ -10,9 +10,9 @@ Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
 `"stream": true` as server-sent events), `GET /v1/kvmlx/stats` (JSON counters) and `GET /metrics`
 (the same counters as Prometheus text). docs/SERVER.md has the design.
 
-How a request is served (the agent runtime's rules, `kvmlx.agent.Agent.caches_for`): the prompt's
+How a request is served (the agent runtime's rules, `kvmlx.runtime.agent.Agent.caches_for`): the prompt's
 token ids (completions: `tokenizer.encode`, as publish does; chat: the model's chat template, as
-`kvmlx.agent.chat_prompt_tokens` renders it) are looked up in the store; the matching artifact is
+`kvmlx.runtime.agent.chat_prompt_tokens` renders it) are looked up in the store; the matching artifact is
 loaded once into a resident pool (LRU under `max_resident_bytes`) and each request gets its own
 `KVCache` objects whose keys/values are *slices* of the shared arrays (MLX arrays are immutable
 values: the request's first append makes its own buffer, the shared one is never written). Only the
@@ -39,10 +39,10 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .agent import MAX_LOAD_ATTEMPTS, Agent, ChatTemplateError, _render
-from .models import LoadedModel
-from .publish import DEFAULT_CHUNK, prefill
-from .store import BLOCK, Store
+from ..runtime.agent import MAX_LOAD_ATTEMPTS, Agent, ChatTemplateError, _render
+from ..models import LoadedModel
+from ..runtime.publish import DEFAULT_CHUNK, prefill
+from ..runtime.store import BLOCK, Store
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -680,14 +680,14 @@ def serve(lm: LoadedModel, store: Store | str | None = None, *, host: str = DEFA
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m kvmlx.server`: the same options as `kvmlx serve`."""
+    """`python -m kvmlx.serving.engine`: the same options as `kvmlx serve`."""
     import argparse
     import sys
 
-    from .models import load_model
-    from .store import parse_size
+    from ..models import load_model
+    from ..runtime.store import parse_size
 
-    ap = argparse.ArgumentParser(prog="python -m kvmlx.server", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kvmlx.serving.engine", description=__doc__.split("\n")[0])
     ap.add_argument("--model", "-m", default=None)
     ap.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--store", default=None)

@@ -48,13 +48,13 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import blake3
 import numpy as np
 
-from .errors import ArtifactError, KvmlxError
-from .format import ENCODINGS, Artifact, canonical_json, fsync_dir
-from .models import kvmlx_home
+from ...errors import ArtifactError, KvmlxError
+from ...artifact.format import ENCODINGS, Artifact, canonical_json, fsync_dir
+from ...models import kvmlx_home
 
 if TYPE_CHECKING:
-    from .models import LoadedModel
-    from .publish import PublishResult
+    from ...models import LoadedModel
+    from ..publish import PublishResult
 
 BLOCK = 16  # tokens per prefix block (vLLM's default block size)
 SCHEMA_VERSION = 5
@@ -532,10 +532,10 @@ class Store:
 
         If the same tokens are already stored for this model, tokenizer and dtype, nothing is
         computed (unless `force`): the existing entry is returned with `existed=True`. Other keyword
-        arguments (`encoding=`, `sign=`) go to `kvmlx.publish.publish`.
+        arguments (`encoding=`, `sign=`) go to `kvmlx.runtime.publish.publish`.
         """
-        from .identity import model_fingerprint, tokenizer_fingerprint
-        from .publish import DEFAULT_CHUNK, publish as publish_api
+        from ...artifact.identity import model_fingerprint, tokenizer_fingerprint
+        from ..publish import DEFAULT_CHUNK, publish as publish_api
 
         tokens = list(lm.tokenizer.encode(document)) if isinstance(document, str) else [int(t) for t in document]
         if not tokens:
@@ -707,8 +707,8 @@ class Store:
             pass
 
     def load(self, key: str, lm: "LoadedModel", **kwargs):
-        """`kvmlx.load.load_artifact` on a stored entry, recording the use for gc's LRU order."""
-        from .load import load_artifact
+        """`kvmlx.runtime.load.load_artifact` on a stored entry, recording the use for gc's LRU order."""
+        from ..load import load_artifact
 
         loaded = load_artifact(self.path(key), lm, **kwargs)
         self.touch(self.resolve(key))

@@ -1,0 +1,3 @@
+"""The `kvmlx` command line: a thin layer of arguments and printing over the Python API."""
+
+from .app import main  # noqa: F401
