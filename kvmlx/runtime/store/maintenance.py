@@ -1,0 +1,102 @@
+"""Keeping a `Store` tidy and its index true to its files: `reconcile` the index with objects/,
+`quarantine` an object that failed a load, and `gc` (dead writers' staging directories, quarantined
+files, and least recently used entries over a size budget). Functions of a store's root directory
+and its index; each changes files and index rows together, so each runs under the store-wide lock.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ...artifact.format import Artifact, fsync_dir
+from ...errors import KvmlxError
+from .index import Index
+from .keys import _KEY_RE, OBJECT_SUFFIX, GcResult, ReindexResult, header_key
+from .lock import dead_staging
+
+
+def object_path(root: Path, key: str) -> Path:
+    """Where `key`'s artifact lives in the store at `root`."""
+    return root / "objects" / f"{key}{OBJECT_SUFFIX}"
+
+
+def reconcile(root: Path, index: Index) -> ReindexResult:
+    """Index the files of objects/ that the index lacks, drop rows whose file is gone (lock held)."""
+    res = ReindexResult()
+    names = {}
+    with os.scandir(root / "objects") as it:
+        for e in it:
+            stem = e.name[: -len(OBJECT_SUFFIX)] if e.name.endswith(OBJECT_SUFFIX) else ""
+            if _KEY_RE.match(stem) and e.is_file(follow_symlinks=False):
+                names[stem] = e
+            elif not e.name.startswith("."):
+                res.skipped.append(e.name)
+    indexed = index.keys()
+    gone = sorted(indexed - names.keys())
+    index.drop(gone)
+    res.dropped = len(gone)
+    for key in sorted(names.keys() - indexed):
+        path = object_path(root, key)
+        try:
+            with Artifact(path) as art:
+                header, signed = art.header, art.signature is not None
+        except (KvmlxError, OSError):
+            res.skipped.append(path.name)
+            continue
+        if header_key(header) != key:
+            res.skipped.append(path.name)
+            continue
+        st = path.stat()
+        index.insert(key, header, signed, st.st_mtime, st.st_mtime)
+        res.indexed += 1
+    return res
+
+
+def quarantine(root: Path, index: Index, key: str, reason: str = "") -> None:
+    """Drop `key`'s row and move its file to quarantine/ (with `reason` beside it)."""
+    with index.lock:
+        index.drop([key])
+        src = object_path(root, key)
+        if src.exists():
+            (root / "quarantine").mkdir(exist_ok=True)
+            os.replace(src, root / "quarantine" / f"{key}.{int(time.time())}{OBJECT_SUFFIX}")
+            if reason:
+                (root / "quarantine" / f"{key}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+
+
+def gc(root: Path, index: Index, max_bytes: int | None = None) -> GcResult:
+    """Remove dead writers' staging directories and quarantined files, sync, then evict least recently
+    used entries until the artifacts total at most `max_bytes` (none evicted without it)."""
+    out = GcResult()
+    with index.lock:
+        tmp, quarantined = root / "tmp", root / "quarantine"
+        for d in sorted(tmp.iterdir()) if tmp.exists() else []:
+            if dead_staging(d):
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                out.temp_removed += 1
+        if quarantined.exists():
+            for f in quarantined.iterdir():
+                f.unlink(missing_ok=True)
+                out.quarantine_removed += 1
+        reconcile(root, index)
+        rows = index.lru()
+        total = sum(b for _, b in rows)
+        victims = []
+        if max_bytes is not None:
+            for key, nbytes in rows:
+                if total <= max_bytes:
+                    break
+                victims.append(key)
+                total -= nbytes
+                out.freed_bytes += nbytes
+        index.drop(victims)
+        for key in victims:
+            object_path(root, key).unlink(missing_ok=True)
+        if victims:
+            fsync_dir(root / "objects")
+        out.evicted = victims
+        out.kept, out.kept_bytes = len(rows) - len(victims), total
+    return out
