@@ -1,55 +1,29 @@
-"""The economics of a published KV cache: what N readers pay under each way of serving it.
+"""The cost model itself: what N readers pay under each way of serving a published KV cache.
 
-The model is the one of "Can I Buy Your KV Cache?" (Zhang 2026, arXiv:2606.13361). One read of a
-document costs ``C_prefill`` when the reader re-runs prefill. When a publisher prefills once and N
-readers load the result instead, one read costs ``C_prefill / N + C_load``, so reuse pays from
-
-    N* = C_prefill / (C_prefill - C_load)
-
-readers on. Storage ``sigma`` ($/GB-month) over ``T`` months and egress ``beta`` ($/GB) of an
-artifact of ``s`` GB add ``beta * s + sigma * s * T / N`` per load. Every strategy below is written
-as ``total(N) = fixed + N * per_load``; docs/COST.md states each formula and unit convention, and
-which of them reproduce the paper's worked example (the defaults of :class:`CostInputs`).
-
-Pure Python (numpy; matplotlib only inside :func:`plot`), no model code, no MLX.
+One read of a document costs ``C_prefill`` when the reader re-runs prefill; when a publisher
+prefills once and N readers load the result instead, one read costs ``C_prefill / N + C_load``, so
+reuse pays from ``N* = C_prefill / (C_prefill - C_load)`` readers on ("Can I Buy Your KV Cache?",
+Zhang 2026, arXiv:2606.13361). Storage ``sigma`` ($/GB-month) over ``T`` months and egress ``beta``
+($/GB) of an artifact of ``s`` GB add ``beta * s + sigma * s * T / N`` per load. This module owns the
+gigabyte conventions, :class:`CostInputs` (its defaults are the paper's worked example), every
+strategy written as ``total(N) = fixed + N * per_load`` (:class:`StrategyCost`,
+:func:`strategy_costs`, :func:`cost_curve`), :func:`break_even`, and the KV size per token of
+an artifact header or a Hugging Face config (:func:`kv_size_from_header`,
+:func:`bytes_per_token_from_config`); docs/COST.md states each formula and unit convention, and
+which of them reproduce the paper's worked example. Pure Python and numpy: it imports nothing of
+kvmlx but its errors.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import CostError, ModelLoadError
-
-__all__ = [
-    "BYTES_PER_GB",
-    "BenchRatio",
-    "CostError",
-    "CostInputs",
-    "GB_PAPER",
-    "GB_SI",
-    "GIB",
-    "QWEN3_4B_FP16_BYTES_PER_TOKEN",
-    "StrategyCost",
-    "break_even",
-    "bytes_per_token_from_config",
-    "cost_curve",
-    "format_table",
-    "kv_size_from_header",
-    "load_bench",
-    "load_model_config",
-    "plot",
-    "ratio_from_bench",
-    "report_dict",
-    "resolve_inputs",
-    "strategy_costs",
-]
+from ...errors import CostError
 
 
 #: The paper's gigabyte: sizes in MB of 10^6 bytes, divided by 1024 (so 1 GB = 1.024e9 bytes).
@@ -296,7 +270,7 @@ def cost_curve(inputs: CostInputs, readers: Sequence[float] | np.ndarray,
     return curves
 
 
-# -- real inputs: artifact header, model config, bench JSON -----------------------------------------
+# -- the KV size of an artifact header or a model config ---------------------------------------------
 
 def kv_size_from_header(header: Mapping[str, Any]) -> tuple[int, int, int | None]:
     """(KV bytes, tokens, dtype bytes or None) of a kvmlx artifact header.
@@ -356,287 +330,3 @@ def bytes_per_token_from_config(config: Mapping[str, Any]) -> tuple[int, int]:
     _require(key in _DTYPE_BYTES, f"model config has an unknown dtype {dtype!r}")
     dtype_bytes = _DTYPE_BYTES[key]
     return layers * 2 * kv_heads * head_dim * dtype_bytes, dtype_bytes
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CostError(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CostError(f"{what} {str(path)!r} is not valid JSON: {e}") from None
-
-
-def _hub_download(repo: str, filename: str) -> str:
-    """``hf_hub_download``, trying the local cache first so an offline machine with the model cached works."""
-    from huggingface_hub import hf_hub_download  # lazy: only --model with a repo id needs the hub
-
-    try:
-        return hf_hub_download(repo, filename, local_files_only=True)
-    except Exception:  # not cached (the hub's error types vary between versions): ask the network
-        return hf_hub_download(repo, filename)
-
-
-def load_model_config(model: str | Path,
-                      download: Callable[[str, str], str] | None = None) -> dict[str, Any]:
-    """The ``config.json`` of a local model dir, a config file, or a Hugging Face repo id.
-
-    ``download(repo, filename) -> local path`` defaults to ``huggingface_hub.hf_hub_download`` (cache first);
-    any failure there (offline, unknown repo) is a one-line :class:`~kvmlx.errors.ModelLoadError`.
-    """
-    path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-        _require(path.is_file(), f"model directory {str(model)!r} has no config.json")
-    elif not path.is_file():
-        text = str(model)
-        if text.count("/") != 1 or text.startswith((".", "/")) or text.endswith("/"):
-            raise ModelLoadError(f"model {text!r} is neither a local path nor a Hugging Face repo id")
-        try:
-            path = Path((download or _hub_download)(text, "config.json"))
-        except Exception as e:  # hub errors have many types; all mean "could not get it"
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            raise ModelLoadError(f"cannot fetch config.json of {text!r}: {type(e).__name__}: {first_line}") from None
-    config = _read_json(path, "model config")
-    _require(isinstance(config, dict), f"model config {str(path)!r} is not a JSON object")
-    return config
-
-
-@dataclass(frozen=True)
-class BenchRatio:
-    """The prefill/reuse ratio taken from one row of a bench result."""
-
-    ratio: float
-    tokens: int
-
-
-#: Keys read from ``kvmlx bench --json`` output.
-BENCH_ROWS_KEY = "results"
-BENCH_TOKENS_KEY = "tokens"
-BENCH_RATIO_KEY = "prefill_over_load_first_token"
-
-
-def ratio_from_bench(data: Mapping[str, Any], tokens: int) -> BenchRatio:
-    """The ratio of the ``results`` row whose ``tokens`` is nearest ``tokens`` (ties: the shorter row).
-
-    Rows need numeric ``tokens`` and ``prefill_over_load_first_token``; rows without the ratio are
-    skipped. Raises :class:`CostError` if no row has both, or the chosen ratio is not > 0.
-    """
-    rows = data.get(BENCH_ROWS_KEY) if isinstance(data, Mapping) else None
-    _require(isinstance(rows, list) and rows != [],
-             f"bench JSON has no non-empty {BENCH_ROWS_KEY!r} list (expected output of `kvmlx bench --json`)")
-    usable = [r for r in rows if isinstance(r, Mapping)
-              and _is_real(r.get(BENCH_TOKENS_KEY)) and _is_real(r.get(BENCH_RATIO_KEY))]
-    _require(usable != [], f"no bench row has numeric {BENCH_TOKENS_KEY!r} and {BENCH_RATIO_KEY!r}")
-    row = min(usable, key=lambda r: (abs(r[BENCH_TOKENS_KEY] - tokens), r[BENCH_TOKENS_KEY]))
-    ratio = float(row[BENCH_RATIO_KEY])
-    _require(ratio > 0, f"bench row at {row[BENCH_TOKENS_KEY]} tokens has a ratio {ratio!r}, not > 0")
-    return BenchRatio(ratio=ratio, tokens=int(row[BENCH_TOKENS_KEY]))
-
-
-def load_bench(path: str | Path) -> dict[str, Any]:
-    """Read a bench JSON file; it must hold one JSON object."""
-    data = _read_json(Path(path), "bench file")
-    _require(isinstance(data, dict), f"bench file {str(path)!r} does not hold a JSON object")
-    return data
-
-
-def resolve_inputs(*, readers: int | None = None, tokens: int | None = None,
-                   price_per_mtok: float | None = None, tariff: float | None = None,
-                   ratio: float | None = None, egress_per_gb: float | None = None,
-                   storage_per_gb_month: float | None = None, months: float | None = None,
-                   bytes_per_token: float | None = None, compression_ratio: float | None = None,
-                   gb_unit: str | None = None, artifact: str | Path | None = None,
-                   model: str | None = None, bench: str | Path | None = None,
-                   read_header: Callable[[str], Mapping[str, Any]] | None = None,
-                   download: Callable[[str, str], str] | None = None,
-                   ) -> tuple[CostInputs, dict[str, str]]:
-    """Build :class:`CostInputs` from CLI-style options (None = not given) and say where each came from.
-
-    The KV size comes from one of ``bytes_per_token``, ``artifact`` (its header, read with
-    ``read_header``, default ``kvmlx.artifact.format.read_header``) or ``model`` (its config.json); the
-    ratio from ``ratio`` or ``bench``; everything else from the option or the paper's default.
-    Returns the inputs and a ``{field: source}`` dict for the report.
-    """
-    given = [name for name, v in (("--bytes-per-token", bytes_per_token), ("--artifact", artifact),
-                                  ("--model", model)) if v is not None]
-    _require(len(given) <= 1, f"give only one KV size source, not {' and '.join(given)}")
-    _require(ratio is None or bench is None, "give --ratio or --bench, not both")
-
-    defaults = CostInputs()
-    fields: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for name, value in (("readers", readers), ("tokens", tokens), ("price_per_mtok", price_per_mtok),
-                        ("tariff", tariff), ("egress_per_gb", egress_per_gb),
-                        ("storage_per_gb_month", storage_per_gb_month), ("months", months),
-                        ("compression_ratio", compression_ratio)):
-        if value is not None:
-            fields[name], sources[name] = value, "option"
-    if gb_unit is not None:
-        _require(gb_unit in BYTES_PER_GB, f"gb unit must be one of {', '.join(BYTES_PER_GB)}, got {gb_unit!r}")
-        fields["bytes_per_gb"], sources["bytes_per_gb"] = BYTES_PER_GB[gb_unit], f"option ({gb_unit})"
-
-    if bytes_per_token is not None:
-        fields["bytes_per_token"], sources["bytes_per_token"] = bytes_per_token, "option"
-    elif artifact is not None:
-        if read_header is None:
-            try:
-                from kvmlx.artifact.format import read_header  # lazy: cost does not depend on the format module
-            except ImportError as e:
-                raise CostError(f"cannot read artifacts: kvmlx.artifact.format is unavailable ({e})") from None
-        try:
-            header = read_header(str(artifact))
-        except OSError as e:  # a KvmlxError (bad artifact) passes through unchanged
-            raise CostError(f"cannot read artifact {str(artifact)!r}: {e.strerror or e}") from None
-        nbytes, n_tokens, dtype_bytes = kv_size_from_header(header)
-        fields["bytes_per_token"] = nbytes / n_tokens
-        sources["bytes_per_token"] = f"artifact {artifact} ({nbytes:,} KV bytes / {n_tokens:,} tokens)"
-        if dtype_bytes is not None:
-            fields["dtype_bytes"] = dtype_bytes
-        if tokens is None:
-            fields["tokens"], sources["tokens"] = n_tokens, f"artifact {artifact}"
-    elif model is not None:
-        per_token, dtype_bytes = bytes_per_token_from_config(load_model_config(model, download))
-        fields["bytes_per_token"], fields["dtype_bytes"] = per_token, dtype_bytes
-        sources["bytes_per_token"] = f"model {model} config.json"
-
-    n_tokens_doc = fields.get("tokens", defaults.tokens)
-    if ratio is not None:
-        fields["ratio"], sources["ratio"] = ratio, "option"
-    elif bench is not None:
-        found = ratio_from_bench(load_bench(bench), n_tokens_doc)
-        fields["ratio"] = found.ratio
-        sources["ratio"] = f"bench {bench} (row at {found.tokens:,} tokens)"
-
-    for name in ("readers", "tokens", "price_per_mtok", "tariff", "ratio", "egress_per_gb",
-                 "storage_per_gb_month", "months", "bytes_per_token", "bytes_per_gb"):
-        sources.setdefault(name, "paper default")
-    return CostInputs(**fields), sources
-
-
-# -- reporting -----------------------------------------------------------------------------------
-
-def _gb_unit_name(bytes_per_gb: float) -> str:
-    for name, value in BYTES_PER_GB.items():
-        if value == bytes_per_gb:
-            return name
-    return f"{bytes_per_gb:g} B"
-
-
-def report_dict(inputs: CostInputs, costs: Sequence[StrategyCost] | None = None,
-                sources: Mapping[str, str] | None = None, plot_path: str | None = None) -> dict[str, Any]:
-    """One JSON-ready object: inputs, derived quantities, sources and every strategy's cost."""
-    costs = strategy_costs(inputs) if costs is None else costs
-    fields = {k: getattr(inputs, k) for k in CostInputs.__dataclass_fields__}
-    out: dict[str, Any] = {
-        "inputs": fields,
-        "derived": {
-            "prefill_cost": inputs.prefill_cost,
-            "load_compute_cost": inputs.load_compute_cost,
-            "kv_bytes": inputs.kv_bytes,
-            "kv_gb": inputs.kv_gb,
-            "gb_unit": _gb_unit_name(inputs.bytes_per_gb),
-        },
-        "sources": dict(sources or {}),
-        "strategies": [c.as_dict() for c in costs],
-    }
-    if plot_path is not None:
-        out["plot"] = str(plot_path)
-    return out
-
-
-def _num(x: float, decimals: int = 2) -> str:
-    """Comma-grouped with fixed decimals from 1 up; 4 significant digits below 1."""
-    return f"{x:,.{decimals}f}" if abs(x) >= 1 else f"{x:.4g}"
-
-
-def _money(x: float) -> str:
-    return "$" + _num(x)
-
-
-def format_table(inputs: CostInputs, costs: Sequence[StrategyCost] | None = None,
-                 sources: Mapping[str, str] | None = None) -> str:
-    """A plain-text table: strategy, total $, $ per reader, total vs re-prefill, break-even N*."""
-    costs = strategy_costs(inputs) if costs is None else costs
-    lines = [
-        f"{inputs.readers:,} readers x one {inputs.tokens:,}-token document",
-        f"  prefill ${inputs.price_per_mtok:g}/Mtok = {_money(inputs.prefill_cost)} per read; "
-        f"load = prefill / {inputs.ratio:g} = {_money(inputs.load_compute_cost)}",
-        f"  KV {inputs.bytes_per_token:,.6g} B/token x {inputs.tokens:,} = {_num(inputs.kv_bytes / 1e6, 1)} MB"
-        f" = {inputs.kv_gb:.4g} GB (1 GB = {inputs.bytes_per_gb:.6g} B, {_gb_unit_name(inputs.bytes_per_gb)});"
-        f" egress ${inputs.egress_per_gb:g}/GB, storage ${inputs.storage_per_gb_month:g}/GB-month"
-        f" x {inputs.months:g} months",
-    ]
-    for name, source in (sources or {}).items():
-        if source != "paper default" and source != "option":
-            lines.append(f"  {name}: {source}")
-    header = ("strategy", "total $", "per reader $", "vs re-prefill", "break-even N*")
-    rows = [header]
-    for c in costs:
-        n_star = "-" if c.name == "re-prefill" else ("never" if c.break_even is None else f"{c.break_even:,.4g}")
-        rows.append((c.label, _num(c.total), f"{c.per_reader:.4g}", f"{c.vs_reprefill:#.3g}x", n_star))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines.append("")
-    for r in rows:
-        lines.append("  ".join([r[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(r[1:], widths[1:])]))
-    return "\n".join(lines)
-
-
-def plot(inputs: CostInputs, path: str | Path, readers: Sequence[float] | np.ndarray | None = None) -> Path:
-    """Write a PNG of cost per reader vs number of readers (log-log), break-even points marked.
-
-    ``readers`` defaults to 1 .. max(N, 100 x the largest finite N*), log-spaced.
-    Needs matplotlib (Agg backend); raises :class:`CostError` if it is missing.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's backend
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise CostError("plotting needs matplotlib: pip install matplotlib") from None
-
-    out = Path(path)
-    _require(out.parent.is_dir(), f"cannot write plot {str(out)!r}: no such directory")
-    costs = strategy_costs(inputs)
-    if readers is None:
-        finite = [c.break_even for c in costs if c.break_even is not None]
-        top = max([float(inputs.readers), 10.0] + [100.0 * x for x in finite])
-        readers = np.geomspace(1.0, top, 400)
-    n = np.asarray(readers, dtype=float)
-    curves = cost_curve(inputs, n, per_reader=True)
-
-    fig = Figure(figsize=(8.5, 5.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = ["black", "tab:blue", "tab:green", "tab:red", "tab:orange", "tab:purple"]
-    for c, color in zip(costs, colors):
-        style = "--" if c.name == "re-prefill" else "-"
-        ax.plot(n, curves[c.name], style, color=color, lw=2,
-                label=f"{c.label}: ${c.total:,.0f} at N={inputs.readers:,}")
-    p = inputs.prefill_cost
-    marked = 0
-    for c, color in zip(costs, colors):
-        if c.break_even is None or not (n.min() <= c.break_even <= n.max()):
-            continue
-        ax.plot([c.break_even], [p], "o", color=color, ms=8, mec="black", zorder=5)
-        ax.annotate(f"N*={c.break_even:,.3g}", (c.break_even, p), textcoords="offset points",
-                    xytext=(40, 22 + 20 * marked), fontsize=9, color=color,
-                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "alpha": 0.9},
-                    arrowprops={"arrowstyle": "-", "color": color, "lw": 0.8})
-        marked += 1
-    if n.min() <= inputs.readers <= n.max():
-        ax.axvline(inputs.readers, color="gray", ls=":", lw=1)
-        ax.annotate(f"N={inputs.readers:,}", (inputs.readers, p), textcoords="offset points",
-                    xytext=(-8, -28), ha="right", fontsize=9, color="gray")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("number of readers N")
-    ax.set_ylabel("cost per reader ($)")
-    ax.set_title(f"{inputs.tokens:,}-token document, ${inputs.price_per_mtok:g}/Mtok, "
-                 f"prefill/reuse {inputs.ratio:g}x, {inputs.kv_gb:.3g} GB KV", fontsize=10)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-    try:
-        fig.savefig(out, format="png", bbox_inches="tight")
-    except OSError as e:
-        raise CostError(f"cannot write plot {str(out)!r}: {e.strerror or e}") from None
-    return out
