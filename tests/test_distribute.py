@@ -20,7 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from fuzz_corpus import synthetic_artifact
-from kvmlx.serving import artifacts as dist
+from kvmlx.serving.artifacts import PRICES_FILE, ArtifactServer
+from kvmlx.serving.entitlements import (DistributionError, TokenError, issue_token, read_log, report, token_claims_unverified,
+                                        verify_token)
+from kvmlx.serving.fetch import fetch
+from kvmlx.serving.hub import parse_hub_spec, pull, push
 from kvmlx.artifact import trust as trust_api
 from kvmlx.errors import IntegrityError, UntrustedPublisherError
 from kvmlx.artifact.format import Artifact
@@ -53,7 +57,7 @@ def site(tmp_path_factory):
     paid = synthetic_artifact(served / "paid.kvmlx", tokens=48, head_dim=64, seed=2, sign=trust_api.signer(key))
     victim = synthetic_artifact(served / "victim.kvmlx", tokens=56, head_dim=64, seed=3)
     digests = {name: _digest(p) for name, p in (("free", free), ("paid", paid), ("victim", victim))}
-    (served / dist.PRICES_FILE).write_text(json.dumps({digests["paid"]: PRICE}))
+    (served / PRICES_FILE).write_text(json.dumps({digests["paid"]: PRICE}))
     log = root / "metering.jsonl"
     with _server(served, "--publisher-key", f"{key_file}.pub", "--log", str(log)) as url:
         yield {"url": url, "key": key, "key_file": key_file, "digests": digests, "paths": {"free": free, "paid": paid, "victim": victim},
@@ -64,7 +68,7 @@ def site(tmp_path_factory):
 def _server(directory: Path, *args: str):
     """`kvmlx serve-artifacts DIRECTORY` in a subprocess on a free 127.0.0.1 port; always terminated."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvmlx.serving.artifacts", "serve-artifacts", str(directory), "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "kvmlx", "serve-artifacts", str(directory), "--port", str(port), *args],
                             env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -93,7 +97,7 @@ def _url(site, name: str) -> str:
 
 
 def _token(site, name: str, loads: int = 1, expires: float | None = None) -> str:
-    return dist.issue_token(site["key"], site["digests"][name], loads, expires or time.time() + 3600)
+    return issue_token(site["key"], site["digests"][name], loads, expires or time.time() + 3600)
 
 
 def test_catalog_and_health(site):
@@ -127,7 +131,7 @@ def test_full_and_ranged_download(site, tmp_path):
     assert httpx.get(site["url"] + "/artifacts/" + "0" * 64).status_code == 404
     # the client: into a store, verified, byte-identical
     store = Store(tmp_path / "store")
-    res = dist.fetch(url, store=store)
+    res = fetch(url, store=store)
     assert res.resumed_from == 0 and res.bytes_downloaded == len(data)
     assert store.path(res.key).read_bytes() == data and store.get(res.key).num_tokens == 40
     assert not list(store.tmp.glob("fetch-*"))
@@ -140,26 +144,26 @@ def test_unauthorized_and_forbidden(site, tmp_path):
     assert httpx.head(url).status_code == 401
     assert httpx.head(url, headers={"Authorization": "Bearer x.y"}).status_code == 403
     assert httpx.head(url, headers={"Authorization": f"Bearer {_token(site, 'paid')}"}).status_code == 200
-    forged = dist.issue_token(trust_api.generate_key(), site["digests"]["paid"], 5, time.time() + 3600)
+    forged = issue_token(trust_api.generate_key(), site["digests"]["paid"], 5, time.time() + 3600)
     expired = _token(site, "paid", expires=time.time() - 1)
     other = _token(site, "free")
     for bad in (forged, expired, other, "garbage", "x.y", "a.b.c", _token(site, "paid")[:-4] + "AAAA"):
         r = httpx.get(url, headers={"Authorization": f"Bearer {bad}"})
         assert r.status_code == 403, (bad, r.text)
     for bad in ("é.é", "", "." * 5000, "e30.AAAA"):
-        with pytest.raises(dist.TokenError):
-            dist.verify_token(bad, trust_api.parse_public_key(trust_api.public_key_id(site["key"])))
-    with pytest.raises(dist.DistributionError, match="401"):
-        dist.fetch(url, store=tmp_path / "s")
-    with pytest.raises(dist.DistributionError, match="403.*expired"):
-        dist.fetch(url, token=expired, store=tmp_path / "s")
+        with pytest.raises(TokenError):
+            verify_token(bad, trust_api.parse_public_key(trust_api.public_key_id(site["key"])))
+    with pytest.raises(DistributionError, match="401"):
+        fetch(url, store=tmp_path / "s")
+    with pytest.raises(DistributionError, match="403.*expired"):
+        fetch(url, token=expired, store=tmp_path / "s")
     assert Store(tmp_path / "s").ls() == []
 
 
 def test_tokens_resume_and_use_up(site, tmp_path):
     """2 loads: an interrupted download resumed (1 load), a second full one, then 403; all in the log."""
     url, tok = _url(site, "paid"), _token(site, "paid", loads=2)
-    tid = dist.token_claims_unverified(tok)["tid"]
+    tid = token_claims_unverified(tok)["tid"]
     size = site["paths"]["paid"].stat().st_size
     store = Store(tmp_path / "a")
 
@@ -171,29 +175,29 @@ def test_tokens_resume_and_use_up(site, tmp_path):
             raise Cut
 
     with pytest.raises(Cut):
-        dist.fetch(url, token=tok, store=store, chunk_size=16384, on_chunk=cut)
+        fetch(url, token=tok, store=store, chunk_size=16384, on_chunk=cut)
     part = store.tmp / f"fetch-{site['digests']['paid']}" / "artifact.part"
     assert 32768 <= part.stat().st_size < size and store.ls() == []
     kept = part.stat().st_size
-    res = dist.fetch(url, token=tok, store=store, chunk_size=16384)
+    res = fetch(url, token=tok, store=store, chunk_size=16384)
     assert res.resumed_from == kept  # a Range request from where the partial file ends
     assert res.resumed_from + res.bytes_downloaded == size
     assert store.path(res.key).read_bytes() == site["paths"]["paid"].read_bytes()
-    dist.fetch(url, token=tok, store=tmp_path / "b")  # the second load
-    with pytest.raises(dist.DistributionError, match="403.*used up"):
-        dist.fetch(url, token=tok, store=tmp_path / "c")
+    fetch(url, token=tok, store=tmp_path / "b")  # the second load
+    with pytest.raises(DistributionError, match="403.*used up"):
+        fetch(url, token=tok, store=tmp_path / "c")
     # a resume-shaped request cannot get around the limit either, beyond the bounded slack
     r = httpx.get(url, headers={"Authorization": f"Bearer {tok}", "Range": "bytes=1-"})
     assert r.status_code == 403
     # a fresh token is a fresh start; the signature is checked against a trust list when required
     trusted = trust_api.TrustList(tmp_path / "trust.json")
     with pytest.raises(UntrustedPublisherError):
-        dist.fetch(url, token=_token(site, "paid"), store=tmp_path / "d", require_signed=True, trust_list=trusted)
+        fetch(url, token=_token(site, "paid"), store=tmp_path / "d", require_signed=True, trust_list=trusted)
     trusted.add(site["key"], "pub")
-    res = dist.fetch(url, token=_token(site, "paid"), store=tmp_path / "e", require_signed=True, trust_list=trusted)
+    res = fetch(url, token=_token(site, "paid"), store=tmp_path / "e", require_signed=True, trust_list=trusted)
     assert res.signature["trusted"] is True
     time.sleep(0.3)  # the server logs a response when it has finished sending it
-    recs = [r for r in dist.read_log(site["log"]) if r["token"] == tid]
+    recs = [r for r in read_log(site["log"]) if r["token"] == tid]
     assert sum(r["load"] for r in recs) == 2
     resumes = [r for r in recs if not r["load"]]
     assert [r["start"] for r in resumes] == [kept] and resumes[0]["status"] == 206
@@ -210,19 +214,19 @@ def test_tampered_file_refused(site, tmp_path):
     victim.write_bytes(bytes(data))  # the header (and its digest) unchanged: the server still offers it
     store = Store(tmp_path / "store")
     with pytest.raises(IntegrityError):
-        dist.fetch(_url(site, "victim"), store=store)
+        fetch(_url(site, "victim"), store=store)
     assert store.ls() == [] and not list(store.objects.iterdir())
     assert not list(store.tmp.glob("fetch-*/artifact.part"))  # not kept to be "resumed"
 
 
 def test_metering_report(site, tmp_path):
     """The report's figures, from the log the server wrote (during this test and the ones above)."""
-    dist.fetch(_url(site, "paid"), token=_token(site, "paid"), store=tmp_path / "s")
-    dist.fetch(_url(site, "free"), store=tmp_path / "s")
+    fetch(_url(site, "paid"), token=_token(site, "paid"), store=tmp_path / "s")
+    fetch(_url(site, "free"), store=tmp_path / "s")
     time.sleep(0.3)
-    recs = dist.read_log(site["log"])
+    recs = read_log(site["log"])
     paid = site["digests"]["paid"]
-    rep = dist.report(site["log"], {paid: PRICE}, egress_per_gb=0.1, bytes_per_gb=1e9)
+    rep = report(site["log"], {paid: PRICE}, egress_per_gb=0.1, bytes_per_gb=1e9)
     row = next(r for r in rep["artifacts"] if r["artifact"] == paid)
     paid_loads = sum(1 for r in recs if r["artifact"] == paid and r["load"] and r["token"])
     assert paid_loads >= 1 and row["paid_loads"] == paid_loads
@@ -233,12 +237,13 @@ def test_metering_report(site, tmp_path):
     assert free["revenue_usd"] == 0 and free["loads"] >= 1
     assert all(set(r) >= {"when", "token", "artifact", "bytes"} for r in recs)
     # the CLI: token issue with the key file, token report
-    cli = dist._standalone()
+    from kvmlx.cli import main as cli
+
     out = CliRunner().invoke(cli, ["token", "issue", "--artifact", paid, "--loads", "3", "--expires", "1h",
                                    "--key", str(site["key_file"]), "--json"])
     assert out.exit_code == 0, out.output
     tok = json.loads(out.output)["token"]
-    claims = dist.verify_token(tok, trust_api.parse_public_key(trust_api.public_key_id(site["key"])), artifact=paid)
+    claims = verify_token(tok, trust_api.parse_public_key(trust_api.public_key_id(site["key"])), artifact=paid)
     assert claims["loads"] == 3 and claims["exp"] > time.time() + 3500
     out = CliRunner().invoke(cli, ["token", "report", "--log", str(site["log"]), "--price", f"{paid}={PRICE}", "--json"])
     assert out.exit_code == 0 and json.loads(out.output)["totals"]["revenue_usd"] == pytest.approx(paid_loads * PRICE)
@@ -248,17 +253,17 @@ def test_metering_report(site, tmp_path):
 
 def test_priced_without_key_refused(tmp_path):
     a = synthetic_artifact(tmp_path / "a.kvmlx")
-    with pytest.raises(dist.DistributionError, match="publisher-key"):
-        dist.ArtifactServer(tmp_path, prices={_digest(a): 1.0})
-    with pytest.raises(dist.DistributionError, match="matches 0"):
-        dist.ArtifactServer(tmp_path, prices={"ab" * 32: 1.0}, publisher_key=trust_api.public_key_id(trust_api.generate_key()))
+    with pytest.raises(DistributionError, match="publisher-key"):
+        ArtifactServer(tmp_path, prices={_digest(a): 1.0})
+    with pytest.raises(DistributionError, match="matches 0"):
+        ArtifactServer(tmp_path, prices={"ab" * 32: 1.0}, publisher_key=trust_api.public_key_id(trust_api.generate_key()))
 
 
 def test_unreachable_server_is_a_clean_error(tmp_path):
-    with pytest.raises(dist.DistributionError, match="ConnectError"):
-        dist.fetch(f"http://127.0.0.1:{_free_port()}/artifacts/{'ab' * 32}", store=tmp_path / "s", timeout=5)
-    with pytest.raises(dist.DistributionError, match="not an artifact URL"):
-        dist.fetch("http://127.0.0.1:1/catalog", store=tmp_path / "s")
+    with pytest.raises(DistributionError, match="ConnectError"):
+        fetch(f"http://127.0.0.1:{_free_port()}/artifacts/{'ab' * 32}", store=tmp_path / "s", timeout=5)
+    with pytest.raises(DistributionError, match="not an artifact URL"):
+        fetch("http://127.0.0.1:1/catalog", store=tmp_path / "s")
 
 
 def test_pull_from_hub_cache(tmp_path, monkeypatch):
@@ -280,10 +285,10 @@ def test_pull_from_hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    res = dist.pull("alice/kv:doc.kvmlx", store=tmp_path / "store")
+    res = pull("alice/kv:doc.kvmlx", store=tmp_path / "store")
     assert Store(tmp_path / "store").path(res.key).read_bytes() == art.read_bytes()
-    with pytest.raises(dist.DistributionError):
-        dist.parse_hub_spec("../etc:x")
+    with pytest.raises(DistributionError):
+        parse_hub_spec("../etc:x")
 
 
 @pytest.fixture
@@ -356,14 +361,14 @@ def fake_hub(monkeypatch):
 
 def test_push_and_pull_through_emulated_hub(fake_hub, tmp_path):
     art = synthetic_artifact(tmp_path / "doc.kvmlx", seed=11)
-    res = dist.push(art, "alice/kvdocs")
+    res = push(art, "alice/kvdocs")
     assert res["digest"] == _digest(art) and fake_hub["files"][("alice/kvdocs", "doc.kvmlx")] == art.read_bytes()
-    pulled = dist.pull("alice/kvdocs", store=tmp_path / "store")  # no FILE: the one .kvmlx in the repo
+    pulled = pull("alice/kvdocs", store=tmp_path / "store")  # no FILE: the one .kvmlx in the repo
     assert Store(tmp_path / "store").path(pulled.key).read_bytes() == art.read_bytes()
     assert ("POST", "/api/models/alice/kvdocs/commit/main") in fake_hub["calls"]
     assert any(m == "GET" and "/resolve/" in p for m, p in fake_hub["calls"])
-    with pytest.raises(dist.DistributionError, match="missing.kvmlx"):
-        dist.pull("alice/kvdocs:missing.kvmlx", store=tmp_path / "store")
+    with pytest.raises(DistributionError, match="missing.kvmlx"):
+        pull("alice/kvdocs:missing.kvmlx", store=tmp_path / "store")
 
 
 def test_fetched_artifact_generates(tiny, document, tmp_path):
@@ -378,7 +383,7 @@ def test_fetched_artifact_generates(tiny, document, tmp_path):
     publish(tiny, text, served / "doc.kvmlx")
     digest = _digest(served / "doc.kvmlx")
     with _server(served) as url:
-        out = subprocess.run([sys.executable, "-m", "kvmlx.serving.artifacts", "fetch", f"{url}/artifacts/{digest}",
+        out = subprocess.run([sys.executable, "-m", "kvmlx", "fetch", f"{url}/artifacts/{digest}",
                               "--store", str(tmp_path / "store"), "--json"],
                              env={**os.environ}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
