@@ -66,7 +66,7 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         server = subprocess.Popen(
-            [sys.executable, "-m", "kvmlx.serving.engine", "--model", args.model, "--store", store.root.as_posix(),
+            [sys.executable, "-m", "kvmlx", "serve", "--model", args.model, "--store", store.root.as_posix(),
              "--port", str(port)], stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         rows = []
