@@ -1,0 +1,314 @@
+"""The document commands: `publish`, `generate` (from an artifact or the store, with `--verify`),
+`inspect`, `verify` (spot checks) and `demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from ..artifact import trust as trust_api
+from ..artifact.format import ENCODINGS, Artifact, read_header
+from ..models import load_model
+from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
+from ..runtime.generate import DEFAULT_MAX_TOKENS
+from ..runtime.generate import generate as generate_api
+from ..runtime.generate import verify as verify_api
+from ..runtime.publish import DEFAULT_CHUNK
+from ..runtime.publish import publish as publish_api
+from ..runtime.store import Store
+from .app import (
+    DTYPE_CHOICE,
+    EXIT_NOT_EXACT,
+    Progress,
+    ask_passphrase,
+    emit,
+    main,
+    stream_printer,
+)
+
+DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache instead of running prefill?\nAnswer:"
+
+
+@main.command()
+@click.argument("document", type=click.File("r", encoding="utf-8"))
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False, writable=True), help="Artifact file to write (.kvmlx).")
+@click.option("--store", "to_store", is_flag=True, help="Write into the local store instead of a file (`kvmlx generate` then finds it by prompt).")
+@click.option("--store-dir", type=click.Path(file_okay=False), default=None, help="The store's directory (implies --store; default: $KVMLX_HOME/store).")
+@click.option("--chat", is_flag=True, help="Publish the chat-templated prefix: [system turn], then the user turn up to the end of the document.")
+@click.option("--system", default=None, help="With --chat: the system prompt.")
+@click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the built-in tiny Qwen3).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Run the model (and store the KV) in this dtype (default: the model's).")
+@click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size (recorded; agents reuse it).")
+@click.option("--encoding", type=click.Choice(list(ENCODINGS)), default="raw", show_default=True,
+              help="KV encoding: raw, lossless (bytesplit-zstd, expsplit-zstd) or lossy (int8-tensor, q8, q4).")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Sign the artifact with this Ed25519 private key (from `kvmlx keygen`).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, sign_key, as_json) -> None:
+    """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact (--out) or store it (--store)."""
+    to_store = to_store or store_dir is not None
+    if (out is None) != to_store:
+        raise click.UsageError("give --out FILE or --store, not both" if out else "give --out FILE or --store")
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
+    key = trust_api.load_private_key(sign_key, ask_passphrase) if sign_key else None  # fail before the prefill
+    signing = {"sign": trust_api.signer(key)} if key else {}
+    lm = load_model(model, dtype)
+    text = document.read()
+    payload = chat_prefix_tokens(lm, text, system) if chat else text
+    stored = None
+    with Progress("prefill", as_json) as bar:
+        if to_store:
+            stored = Store(store_dir).publish(lm, payload, chunk_size=chunk_size, encoding=encoding, progress=bar,
+                                               **signing)
+            result = stored.result  # None when the store already held these tokens: nothing was computed
+        else:
+            result = publish_api(lm, payload, out, chunk_size=chunk_size, encoding=encoding, progress=bar, **signing)
+    if result is not None:
+        summary = {
+            "artifact": str(result.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": result.num_tokens,
+            "artifact_bytes": result.artifact_bytes, "kv_bytes": result.kv_bytes,
+            "prefill_seconds": result.prefill_seconds, "write_seconds": result.write_seconds,
+            "model_fingerprint": result.header["model"]["fingerprint"], "encoding": encoding,
+        }
+    else:
+        e = stored.entry
+        summary = {"artifact": str(e.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": e.num_tokens,
+                   "artifact_bytes": e.file_bytes, "prefill_seconds": 0.0, "write_seconds": 0.0,
+                   "model_fingerprint": e.model_fingerprint, "encoding": e.encoding}
+    if stored is not None:
+        summary.update(key=stored.key, existed=stored.existed)
+    summary["chat"] = chat
+    summary["signed_by"] = trust_api.public_key_id(key) if key and result is not None else None
+    if as_json:
+        emit(summary)
+    elif result is None:
+        click.echo(f"already stored: {summary['tokens']} tokens of KV as {stored.key[:12]} ({summary['artifact']})")
+    else:
+        where = f"store entry {stored.key[:12]} ({result.path})" if stored else str(result.path)
+        click.echo(f"published {result.num_tokens} tokens of KV ({result.artifact_bytes / 1e6:.1f} MB, {lm.dtype}) "
+                   f"to {where} in {result.prefill_seconds:.2f} s prefill + {result.write_seconds:.2f} s write")
+
+
+@main.command()
+@click.argument("artifact", required=False, default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt", "-p", default=None,
+              help="With ARTIFACT: text that continues the document (tokenized without special tokens). Without: the "
+                   "whole prompt (tokenized as the model's tokenizer does); the stored KV sharing its longest prefix is reused.")
+@click.option("--prompt-file", type=click.File("r", encoding="utf-8"), default=None, help="Read the prompt from a file.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
+              help="Without ARTIFACT: the store to reuse from (default: $KVMLX_HOME/store).")
+@click.option("--chat-document", type=click.File("r", encoding="utf-8"), default=None,
+              help="Without ARTIFACT: ask the prompt as a question about this document, in the model's chat template.")
+@click.option("--system", default=None, help="With --chat-document: the system prompt.")
+@click.option("--allow-lossy", is_flag=True, help="Without ARTIFACT: also reuse quantised (lossily encoded) KV; not token-exact.")
+@click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the model the artifact names; "
+                                                    "without ARTIFACT, the built-in tiny Qwen3).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Model dtype (default: the artifact's KV dtype, or the model's).")
+@click.option("--max-tokens", "-n", default=DEFAULT_MAX_TOKENS, show_default=True, type=click.IntRange(1))
+@click.option("--verify", is_flag=True, help="Also prefill document + prompt from scratch and compare tokens and logits.")
+@click.option("--single-pass", is_flag=True, help="With --verify, also compare against one unchunked forward pass.")
+@click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
+@click.option("--require-exact", is_flag=True, help="Refuse lossily encoded (quantised) artifacts.")
+@click.option("--require-signed", is_flag=True,
+              help="Only use artifacts signed by a key in your trust list (`kvmlx trust`); without ARTIFACT, "
+                   "stored entries from other publishers are skipped.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens,
+             verify, single_pass, no_verify_digests, require_exact, require_signed, as_json) -> None:
+    """Continue a prompt greedily without re-running the prefill of a published document.
+
+    With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
+    kvmlx reuses the stored artifact (see `kvmlx store`) sharing its longest token prefix, if any.
+    """
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    text = prompt_file.read() if prompt_file is not None else (prompt or "")
+    if artifact is None:
+        if require_exact:
+            raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
+        _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
+                             single_pass, no_verify_digests, as_json, require_signed)
+        return
+    if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
+        raise click.UsageError("--store, --chat-document, --system and --allow-lossy are for prompts without ARTIFACT")
+    trust_list = trust_api.TrustList.load() if require_signed else None
+    with Artifact(artifact) as art:  # the publisher is checked before the header names a model to load
+        trust_api.check_signature(art, require_signed, trust_list)
+        header = art.header
+    lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"])
+    printer = stream_printer(lm, not as_json)
+    if verify:
+        report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer,
+                            require_signed=require_signed, trust_list=trust_list)
+        _finish_verification(lm, report, as_json)
+        return
+    gen, loaded = generate_api(artifact, lm, text, max_tokens=max_tokens, on_token=printer,
+                               verify_digests=not no_verify_digests, require_exact=require_exact,
+                               require_signed=require_signed, trust_list=trust_list)
+    if as_json:
+        emit({
+            "text": lm.tokenizer.decode(gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,
+            "prefilled_tokens": gen.prefilled_tokens, "load_seconds": loaded.load_seconds,
+            "reuse_first_token_seconds": gen.first_token_seconds, "total_seconds": gen.total_seconds,
+            "load_path": loaded.load_path, "artifact_bytes": loaded.header["file_bytes"],
+            "signature": loaded.signature.to_json() if loaded.signature else None,
+        })
+    else:
+        click.echo()
+
+
+def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
+                         single_pass, no_verify_digests, as_json, require_signed=False) -> None:
+    """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
+    if system is not None and chat_document is None:
+        raise click.UsageError("--system needs --chat-document")
+    lm = load_model(model, dtype)
+    agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
+                  require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None)
+    tokens = chat_prompt_tokens(lm, chat_document.read(), text, system) if chat_document is not None else agent.encode(text)
+    if not tokens:
+        raise click.UsageError("the prompt is empty: give --prompt or --prompt-file")
+    printer = stream_printer(lm, not as_json)
+    if verify:
+        report = agent.verify(tokens, max_tokens=max_tokens, single_pass=single_pass, on_token=printer)
+        _finish_verification(lm, report, as_json)
+        return
+    gen = agent.generate(tokens, max_tokens=max_tokens, on_token=printer)
+    if as_json:
+        emit(gen.to_json())
+        return
+    click.echo()
+    source = f"store entry {gen.key[:12]}" if gen.key else "the store (no match)"
+    click.echo(f"reused {gen.reused_tokens} of {gen.prompt_tokens} prompt tokens from {source}; "
+               f"prefilled {gen.prefilled_tokens}", err=True)
+
+
+def _finish_verification(lm, report, as_json: bool, *, lead: str = "", extra: dict | None = None) -> None:
+    """Print a verification's result (`extra` fields join the JSON; `lead` precedes the words) and
+    exit with EXIT_NOT_EXACT when reuse diverged."""
+    if as_json:
+        emit({**report.to_json(), **(extra or {}), "text": lm.tokenizer.decode(report.reuse.tokens)})
+    else:
+        click.echo()
+        click.echo(lead + _verification_words(report))
+    if not report.token_exact:
+        sys.exit(EXIT_NOT_EXACT)
+
+
+def _verification_words(report) -> str:
+    r = report.to_json()
+    verdict = "TOKEN-EXACT" if r["token_exact"] else f"NOT exact (first difference at token {r['first_mismatch']})"
+    lines = [
+        f"verify: {verdict}: {r['tokens_compared']} greedy tokens compared with prefilling from scratch; "
+        f"max |logit difference| = {r['max_abs_logit_diff']:.3g}" + (" (bit-identical)" if r["logits_identical"] else ""),
+        f"reused {r['reused_tokens']} tokens from a {r['artifact_bytes'] / 1e6:.2f} MB artifact, prefilled {r['prefilled_tokens']}; "
+        f"first token after {r['reuse_first_token_seconds'] * 1e3:.1f} ms (load {r['load_seconds'] * 1e3:.1f} ms) "
+        f"vs {r['prefill_seconds'] * 1e3:.1f} ms from scratch ({r['speedup_first_token']:.1f}x)",
+    ]
+    if report.single_pass:
+        sp = report.single_pass
+        lines.append(f"single unchunked forward pass: tokens {'equal' if sp['token_exact'] else 'differ'}, "
+                     f"max |logit difference| = {sp['max_abs_logit_diff']:.3g}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole validated header as JSON.")
+def inspect(artifact, as_json) -> None:
+    """Show ARTIFACT's header: what produced it, its geometry, tokens and tensors (validated, digests unchecked)."""
+    h = read_header(artifact)
+    if as_json:
+        emit(h)
+        return
+    m, kv, tensors = h["model"], h["kv"], h["tensors"]
+    kv_bytes = sum(t["nbytes"] for t in tensors if t["name"].startswith("layers."))
+    tokens = h["document"]["tokens"]
+    preview = " ".join(map(str, tokens[:12])) + (" ..." if len(tokens) > 12 else "")
+    rows = [
+        ("format", f"kvmlx v{h['version']} ({h.get('created_by', '?')})"),
+        ("model", f"{m['id']} ({m['model_type']})"),
+        ("model fingerprint", m["fingerprint"]),
+        ("tokenizer fingerprint", h["tokenizer"]["fingerprint"]),
+        ("geometry", f"{m['num_layers']} layers x {m['num_kv_heads']} KV heads x head_dim {m['head_dim']}, layout {kv['layout']}"),
+        ("rope", json.dumps(m["rope"], sort_keys=True)),
+        ("kv", f"{kv['dtype']}, {kv['num_tokens']} tokens, prefill chunk {kv['chunk_size']}"),
+        ("bytes", f"{h['file_bytes']} in the file, {kv_bytes} of KV ({h['file_bytes'] / max(kv_bytes, 1):.3f}x)"),
+        ("tensors", f"{len(tensors)} ({h['digest']} digest each), 16 KiB-aligned"),
+        ("tokens", preview),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@main.command()
+@click.option("--model", "-m", default="builtin:tiny", show_default=True, help="Model to demonstrate with.")
+@click.option("--max-tokens", "-n", default=DEFAULT_MAX_TOKENS, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Keep the artifact here (default: a temp dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def demo(model, max_tokens, out, as_json) -> None:
+    """Publish the bundled sample document, generate from its artifact, and verify against prefill."""
+    say = (lambda s: None) if as_json else click.echo
+    document = resources.files("kvmlx").joinpath("data/sample_document.txt").read_text(encoding="utf-8")
+    say(f"1. loading {model} (built on first use, offline)")
+    lm = load_model(model)
+    with tempfile.TemporaryDirectory(prefix="kvmlx-demo-") as tmp:
+        path = Path(out or Path(tmp) / "sample.kvmlx")
+        with Progress("prefill", as_json) as bar:
+            pub = publish_api(lm, document, path, progress=bar)
+        say(f"2. published the sample document: {pub.num_tokens} tokens -> {path.name}, "
+            f"{pub.artifact_bytes / 1e6:.2f} MB of {lm.dtype} KV, prefill {pub.prefill_seconds:.2f} s")
+        say(f"3. generating from the artifact with the prompt {DEMO_PROMPT.strip()!r}:\n")
+        report = verify_api(path, lm, DEMO_PROMPT, max_tokens=max_tokens, single_pass=True,
+                            on_token=stream_printer(lm, not as_json))
+    _finish_verification(lm, report, as_json, lead="\n4. ", extra={
+        "model": lm.model_id, "dtype": lm.dtype, "document_tokens": pub.num_tokens,
+        "publish_prefill_seconds": pub.prefill_seconds})
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-m", default=None, help="Model to check against (default: the model id the artifact names).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Model dtype (default: the artifact's KV dtype).")
+@click.option("--recompute", "-r", default=None, type=click.IntRange(0),
+              help="Prefill the first N tokens from scratch and compare their KV.  [default: 64]")
+@click.option("--sample", "-s", default=0, show_default=True, type=click.IntRange(0),
+              help="Also recompute from scratch up to K random prefix lengths (costs a prefill of the longest).")
+@click.option("--probe", default=None, type=click.IntRange(0),
+              help="Recompute K random positions (the last always) from the stored KV before them, one step each.  [default: 8]")
+@click.option("--seed", default=None, type=int, help="Seed for the --sample/--probe positions (default: random).")
+@click.option("--tolerance", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Largest accepted |difference| (0: bit-exact, right for the CPU backend; GPU backends may need more).")
+@click.option("--no-model", is_flag=True, help="Check structure, digests and signature only (no model is loaded).")
+@click.option("--require-signed", is_flag=True, help="Fail unless the artifact is signed by a key in your trust list.")
+@click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_command(artifact, model, dtype, recompute, sample, probe, seed, tolerance, no_model, require_signed,
+                   no_verify_digests, as_json) -> None:
+    """Check ARTIFACT: structure, digests, signature, model binding, and recomputed-KV spot checks."""
+    from ..measure import spotcheck
+
+    trust_list = trust_api.TrustList.load()
+    lm = None
+    if not no_model:
+        with Artifact(artifact) as art:  # the publisher is checked before the header names a model to load
+            trust_api.check_signature(art, require_signed, trust_list)
+            header = art.header
+        lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"])
+    report = spotcheck.spot_check(
+        artifact, lm, recompute=spotcheck.DEFAULT_RECOMPUTE if recompute is None else recompute, sample=sample,
+        probe=spotcheck.DEFAULT_PROBE if probe is None else probe, seed=seed, tolerance=tolerance,
+        verify_digests=not no_verify_digests, require_signed=require_signed, trust_list=trust_list)
+    if as_json:
+        emit(report.to_json())
+    else:
+        click.echo(report.describe())
+    report.raise_if_failed()

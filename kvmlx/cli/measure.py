@@ -1,0 +1,106 @@
+"""`kvmlx bench` (load vs prefill vs mlx-lm, shape and compression studies) and `kvmlx cost`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ..artifact.format import read_header
+from ..measure import bench as bench_api
+from ..measure.bench import DEFAULT_LENGTHS as BENCH_LENGTHS
+from ..measure.bench import DEFAULT_RUNS as BENCH_RUNS
+from ..measure.bench import SHAPES, parse_lengths
+from ..models import load_model
+from ..runtime.publish import DEFAULT_CHUNK
+from .app import DTYPE_CHOICE, Progress, emit, main
+
+
+def _lengths_option(ctx, param, value):
+    try:
+        return parse_lengths(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@main.command()
+@click.option("--model", "-m", default=None, help="Model for prefill vs reuse: local path, hub repo id or builtin:<preset>.  [default: builtin:small]")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Run the model (and its KV) in this dtype (default: the model's).")
+@click.option("--lengths", default=",".join(map(str, BENCH_LENGTHS)), show_default=True, callback=_lengths_option,
+              help="Document lengths in tokens, comma-separated (default: the paper's).")
+@click.option("--runs", default=BENCH_RUNS, show_default=True, type=click.IntRange(1), help="Runs per figure: median, min-max and quartiles reported.")
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
+              help="Time the load path alone on synthetic KV of this model's exact shape: no model, no prefill.")
+@click.option("--compression", is_flag=True, help="Instead: compare every KV encoding (size, speed, tokens, logits).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, writable=True), default=None,
+              help="Parent of the temporary directory for artifacts (pick one on the disk you care about).  [default: the system's]")
+@click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size, as in publish.")
+@click.option("--no-cold", is_flag=True, help="Skip cold loads (files evicted from the page cache before each run).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine, config, roofline, results, targets).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
+def bench(model, dtype, lengths, runs, shape, compression, directory, chunk_size, no_cold, as_json, plot_path) -> None:
+    """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
+    if shape and (model or dtype or compression):
+        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression")
+    if compression:
+        lm = load_model(model or "builtin:small", dtype)
+        with Progress("encodings", as_json, unit="enc") as bar:
+            result = bench_api.run_compression_bench(lm, max(lengths), runs=runs, directory=directory,
+                                                     chunk_size=chunk_size, progress=bar)
+        emit(result) if as_json else click.echo(bench_api.format_compression_table(result))
+        return
+    with Progress("bench", as_json, unit="phase") as bar:
+        options = dict(directory=directory, cold=not no_cold, chunk_size=chunk_size,
+                       progress=lambda done, total, _phase: bar(done, total))
+        if shape:
+            result = bench_api.run_shape_bench(shape, lengths, runs, **options)
+        else:
+            result = bench_api.run_model_bench(load_model(model or "builtin:small", dtype), lengths, runs, **options)
+    if plot_path is not None:
+        result["plot"] = str(bench_api.plot(result, plot_path))
+    if as_json:
+        emit(result)
+    else:
+        click.echo(bench_api.format_table(result))
+        if plot_path is not None:
+            click.echo(f"\nplot: {plot_path}")
+
+
+@main.command("cost")
+@click.option("--readers", type=click.IntRange(1), default=None, help="Number of readers (agents) N.  [default: 80,000,000]")
+@click.option("--tokens", type=click.IntRange(1), default=None, help="Document length in tokens.  [default: 3774, or the artifact's]")
+@click.option("--price-per-mtok", type=float, default=None, help="Input-token price, $ per million tokens.  [default: 5]")
+@click.option("--tariff", type=float, default=None, help="Cache-read price as a fraction of the input price.  [default: 0.1]")
+@click.option("--ratio", type=float, default=None, help="Measured prefill time / reuse time.  [default: 49.7, the paper's M1 Pro]")
+@click.option("--egress-per-gb", type=float, default=None, help="Egress, $ per GB downloaded.  [default: 0.09]")
+@click.option("--storage-per-gb-month", type=float, default=None, help="Storage, $ per GB-month.  [default: 0]")
+@click.option("--months", type=float, default=None, help="Storage horizon in months.  [default: 1]")
+@click.option("--bytes-per-token", type=float, default=None, help="KV bytes per token.  [default: 147456, fp16 Qwen3-4B]")
+@click.option("--compression-ratio", type=float, default=None, help="Add a 'ship compressed' strategy at size / C.")
+@click.option("--gb-unit", type=click.Choice(["paper", "si", "iec"]), default=None,
+              help="What a GB is: paper = 1.024e9 B (reproduces the paper), si = 1e9, iec = 2^30.  [default: paper]")
+@click.option("--artifact", type=click.Path(exists=True, dir_okay=False), default=None, help="Take the KV size and token count from this artifact.")
+@click.option("--model", "-m", default=None, help="Take the KV size from this model's config.json (local path or hub repo id).")
+@click.option("--bench", type=click.Path(exists=True, dir_okay=False), default=None, help="Take the ratio from `kvmlx bench --json` output.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a PNG: cost per reader vs readers, break-even points marked.")
+def cost(readers, tokens, price_per_mtok, tariff, ratio, egress_per_gb, storage_per_gb_month, months,
+         bytes_per_token, compression_ratio, gb_unit, artifact, model, bench, as_json, plot_path) -> None:
+    """What N readers pay to re-prefill a document vs. load its published KV (the paper's cost model)."""
+    from ..measure import cost as cost_api
+
+    inputs, sources = cost_api.resolve_inputs(
+        readers=readers, tokens=tokens, price_per_mtok=price_per_mtok, tariff=tariff, ratio=ratio,
+        egress_per_gb=egress_per_gb, storage_per_gb_month=storage_per_gb_month, months=months,
+        bytes_per_token=bytes_per_token, compression_ratio=compression_ratio, gb_unit=gb_unit,
+        artifact=artifact, model=model, bench=bench, read_header=read_header)
+    costs = cost_api.strategy_costs(inputs)
+    if plot_path is not None:
+        cost_api.plot(inputs, plot_path)
+    if as_json:
+        emit(cost_api.report_dict(inputs, costs, sources, plot_path))
+    else:
+        click.echo(cost_api.format_table(inputs, costs, sources))
+        if plot_path is not None:
+            click.echo(f"\nplot: {plot_path}")

@@ -1,0 +1,38 @@
+"""`kvmlx serve`: the OpenAI-compatible provider that answers from hosted KV.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ..models import load_model
+from ..runtime.store import Store, parse_size
+from .app import DTYPE_CHOICE, main
+
+
+@main.command("serve")
+@click.option("--model", "-m", default=None, help="Local path or Hugging Face repo id (default: the built-in tiny Qwen3).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Run the model in this dtype (must match the published KV's).")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
+              help="The store to answer from (default: $KVMLX_HOME/store).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (no authentication: keep it local).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-resident-bytes", default=None, help="Keep at most this much published KV in memory, LRU (e.g. 4G).")
+@click.option("--min-reuse-tokens", default=16, show_default=True, type=click.IntRange(1),
+              help="Shorter matches are prefilled instead of loaded.")
+@click.option("--allow-lossy", is_flag=True, help="Also reuse quantised (lossily encoded) KV; not token-exact.")
+@click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
+def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests) -> None:
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV."""
+    from ..serving.openai import (
+        serve as serve_api,  # imported here: starlette and uvicorn only load for `serve`
+    )
+
+    try:
+        budget = parse_size(max_resident_bytes) if max_resident_bytes else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-resident-bytes")
+    lm = load_model(model, dtype)
+    serve_api(lm, Store(store_dir), host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
+              verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
+              on_ready=lambda url: click.echo(f"kvmlx serve: {lm.model_id} at {url}", err=True))
