@@ -11,7 +11,8 @@ from kvmlx.errors import (
     UnsupportedModelError,
 )
 from kvmlx.runtime.generate import continue_from, verify
-from kvmlx.artifact.identity import check_supported, model_fingerprint, tokenizer_fingerprint
+from kvmlx.artifact.identity import model_fingerprint, tokenizer_fingerprint
+from kvmlx.caches import check_supported
 from kvmlx.runtime.load import load_artifact, split_prompt
 from kvmlx.models import build_builtin, default_corpus, load_model
 from kvmlx.runtime.publish import publish

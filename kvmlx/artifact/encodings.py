@@ -16,8 +16,8 @@ Lossless designs (16-bit dtypes; float32 falls back to 4 byte planes):
 
 from __future__ import annotations
 
-import numpy as np
 import mlx.core as mx
+import numpy as np
 import zstandard
 
 from ..errors import ArtifactError

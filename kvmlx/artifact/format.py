@@ -48,7 +48,7 @@ DIGEST = "blake3"
 
 # dtype name -> bytes per element. KV and logits are floating; nothing else is accepted in v1.
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
-# encoding name -> lossless? The arithmetic lives in kvmlx/compress.py; raw tensors can be mapped as-is.
+# encoding name -> lossless? The arithmetic lives in kvmlx/artifact/encodings.py; raw tensors can be mapped as-is.
 ENCODINGS = {"raw": True, "bytesplit-zstd": True, "expsplit-zstd": True, "int8-tensor": False, "q8": False, "q4": False}
 MAX_EXPANSION = 64  # an encoded tensor may decode to at most this many times its stored bytes (+1 MiB)
 # Files whose every tensor digest matched in this process, by (device, inode, size, mtime, ctime) and
@@ -59,8 +59,13 @@ _VERIFIED_LOCK = threading.Lock()
 SETTLED_SECONDS = 2.0  # a file changed this recently may change again within one timestamp tick
 
 ProgressFn = Callable[[int, int], None]
-# Given the header digest, returns (raw 32-byte public key, 64-byte signature). See kvmlx/trust.py.
+# Given the header digest, returns (raw 32-byte public key, 64-byte signature). See kvmlx/artifact/trust.py.
 Signer = Callable[[bytes], tuple[bytes, bytes]]
+
+
+def kv_tensor_names(num_layers: int) -> list[str]:
+    """The KV tensors a version-1 artifact holds, in file order: layers.{i}.keys, layers.{i}.values."""
+    return [f"layers.{i}.{kind}" for i in range(num_layers) for kind in ("keys", "values")]
 
 
 def align(n: int) -> int:
@@ -381,7 +386,7 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
     """Read and check the preamble, header and signature block; never reads past what the file holds.
 
     Returns (header, data offset, header digest, (public key, signature) or None). The signature is
-    only extracted here; whether it is valid and trusted is kvmlx/trust.py's business.
+    only extracted here; whether it is valid and trusted is kvmlx/artifact/trust.py's business.
     """
     if size < PREAMBLE.size:
         raise ArtifactError(f"{name}: truncated ({size} bytes, smaller than the 64-byte preamble)")
@@ -515,7 +520,7 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
     _require(gap is None, name, f"tensor {gap!r} is not right after the previous one (the layout has no gaps)")
     _require(file_bytes == align(end), name, "bytes after the last tensor")
     n_layers, heads, head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
-    expected = [f"layers.{i}.{kind}" for i in range(n_layers) for kind in ("keys", "values")]
+    expected = kv_tensor_names(n_layers)
     by_name = {e["name"]: e for e in entries}
     for tname in expected:
         _require(tname in by_name, name, f"tensor {tname!r} is missing")

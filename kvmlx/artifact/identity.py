@@ -26,9 +26,8 @@ import blake3
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from ..errors import DtypeMismatchError, ModelMismatchError, TokenizerMismatchError, UnsupportedModelError
+from ..errors import DtypeMismatchError, ModelMismatchError, TokenizerMismatchError
 from .format import canonical_json
 
 FINGERPRINT_VERSION = 1
@@ -116,16 +115,6 @@ def _tokenizer_fingerprint(tokenizer: Any, hf: Any) -> str:
         "probe": list(hf.encode(PROBE_TEXT)),
     }
     return _tag(blake3.blake3(canonical_json(fields)))
-
-
-def check_supported(model: Any) -> None:
-    """Refuse models whose caches are not all plain `KVCache` (sliding windows, SSM state, ...)."""
-    caches = make_prompt_cache(model)
-    other = sorted({type(c).__name__ for c in caches if type(c) is not KVCache})
-    if other or not caches:
-        raise UnsupportedModelError(
-            f"this model uses {', '.join(other) or 'no'} caches; kvmlx supports models whose caches are all plain mlx-lm KVCache"
-        )
 
 
 def config_geometry(model: Any, config: dict) -> KVGeometry | None:

@@ -45,13 +45,19 @@ from typing import Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from ..errors import RecomputeMismatchError
 from ..artifact.format import Artifact
-from ..artifact.identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
-from ..runtime.load import _release, check_tokens_and_logits, read_caches
-from ..models import LoadedModel
-from ..runtime.publish import prefill
+from ..artifact.identity import (
+    check_binding,
+    config_geometry,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
+from ..caches import check_supported
+from ..errors import RecomputeMismatchError
+from ..models import LoadedModel
+from ..runtime.load import _release, check_tokens_and_logits, read_caches
+from ..runtime.publish import prefill
 
 DEFAULT_RECOMPUTE = 64
 DEFAULT_PROBE = 8

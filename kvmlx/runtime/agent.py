@@ -32,11 +32,17 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from ..errors import KvmlxError, TrustError
-from .generate import DEFAULT_MAX_TOKENS, Generation, compare, decode_timed, from_scratch
 from ..artifact.identity import model_fingerprint, tokenizer_fingerprint
-from .load import LoadedKV, load_artifact
+from ..errors import KvmlxError, TrustError
 from ..models import LoadedModel
+from .generate import (
+    DEFAULT_MAX_TOKENS,
+    Generation,
+    compare,
+    decode_timed,
+    from_scratch,
+)
+from .load import LoadedKV, load_artifact
 from .publish import DEFAULT_CHUNK, prefill
 from .store import BLOCK, Entry, Store, StorePublish
 

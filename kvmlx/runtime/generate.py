@@ -16,8 +16,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from .load import LoadedKV, load_artifact, split_prompt
 from ..models import LoadedModel
+from .load import LoadedKV, load_artifact, split_prompt
 from .publish import prefill
 
 DEFAULT_MAX_TOKENS = 32

@@ -41,11 +41,17 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..artifact.encodings import decode
-from ..errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
-from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact
-from ..artifact.identity import check_binding, check_supported, config_geometry, model_fingerprint, tokenizer_fingerprint
-from ..models import LoadedModel
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, kv_tensor_names
+from ..artifact.identity import (
+    check_binding,
+    config_geometry,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
+from ..caches import StreamedKVCache, check_supported, from_arrays
+from ..errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
+from ..models import LoadedModel
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
@@ -151,7 +157,7 @@ def read_caches(
     """
     if load_path not in LOAD_PATHS:
         raise ValueError(f"load_path must be one of {LOAD_PATHS}")
-    names = [f"layers.{i}.{kind}" for i in range(art.header["model"]["num_layers"]) for kind in ("keys", "values")]
+    names = kv_tensor_names(art.header["model"]["num_layers"])
     n = art.header["kv"]["num_tokens"]
     raw = art.header["kv"].get("encoding", "raw") == "raw"
     used = "zero-copy" if load_path == "zero-copy" or (load_path == "auto" and raw and zero_copy_available()) else load_path
@@ -168,7 +174,7 @@ def read_caches(
         arrays = [_adopt(art, name) for name in names]
         mx.eval(logits, arrays)
         _finish(art, hashed, recheck)
-        return _caches(arrays, n), logits, used
+        return from_arrays(arrays, n), logits, used
     capacity = -(-(n + headroom) // KVCache.step) * KVCache.step
     mx.eval(logits)
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
@@ -189,7 +195,7 @@ def read_caches(
         for f in futures:
             f.result()
         _finish(art, hashed, False)
-        return _caches(arrays, n), logits, used
+        return from_arrays(arrays, n), logits, used
 
     def close_when_done() -> None:
         wait(futures)
@@ -223,47 +229,6 @@ def _finish(art: Artifact, verified_all: bool, recheck: bool) -> None:
         art.mark_verified()
     if recheck:
         art.check_unchanged()
-
-
-def _caches(arrays: list[mx.array], n: int) -> list[KVCache]:
-    caches = []
-    for keys, values in zip(arrays[::2], arrays[1::2]):
-        cache = KVCache()
-        cache.keys, cache.values, cache.offset = keys, values, n
-        caches.append(cache)
-    return caches
-
-
-class StreamedKVCache(KVCache):
-    """A `KVCache` whose prefix is still being read in by a worker thread.
-
-    Every access waits for this layer's read (and its digest check) to finish; the wait first starts
-    MLX on the layers before it, so loading and computing overlap. Once ready, it is a plain KVCache.
-    """
-
-    def __init__(self, keys: mx.array, values: mx.array, offset: int, loading: Future):
-        super().__init__()
-        self.keys, self.values, self.offset = keys, values, offset
-        self._loading = loading
-
-    def wait(self, *pending: mx.array) -> None:
-        """Block until this layer is loaded; raise the loader's error (e.g. a bad digest) if it failed."""
-        if pending and not self._loading.done():
-            mx.async_eval(*pending)
-        self._loading.result()
-
-    def update_and_fetch(self, keys, values):
-        self.wait(keys, values)
-        return super().update_and_fetch(keys, values)
-
-    @property
-    def state(self):
-        self.wait()
-        return self.keys, self.values, self.offset
-
-    @state.setter
-    def state(self, v):
-        self.keys, self.values, self.offset = v
 
 
 def zero_copy_available() -> bool:

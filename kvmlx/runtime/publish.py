@@ -14,7 +14,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from .. import __version__
 from ..artifact.encodings import encode
 from ..artifact.format import ENCODINGS, Signer, TensorData, digest, write_artifact
-from ..artifact.identity import check_supported, model_fingerprint, rope_settings, tokenizer_fingerprint
+from ..artifact.identity import model_fingerprint, rope_settings, tokenizer_fingerprint
+from ..caches import check_supported, kv_arrays
 from ..models import LoadedModel
 
 DEFAULT_CHUNK = 512
@@ -85,10 +86,7 @@ def publish(
     prefill_seconds = time.perf_counter() - t0
 
     n = len(tokens)
-    tensors = []
-    for i, c in enumerate(cache):
-        for kind, buf in (("keys", c.keys), ("values", c.values)):
-            tensors.append(_tensor(f"layers.{i}.{kind}", mx.contiguous(buf[..., :n, :]), encoding))
+    tensors = [_tensor(name, x, encoding) for name, x in kv_arrays(cache, n)]
     tensors.append(_tensor("logits", logits, "raw"))
     _, heads, _, head_dim = cache[0].keys.shape
     header = {
