@@ -185,10 +185,7 @@ def test_lossy_entries_only_when_allowed(tmp_path, tiny, toks):
     assert loose.generate(prompt, max_tokens=2).key == exact.key  # exact KV preferred at equal length
 
 
-# ---- CLI (kvmlx/cli.py integration) ------------------------------------------------------------
-
-CLI_READY = "store" in main.commands
-needs_cli = pytest.mark.skipif(not CLI_READY, reason="the store commands are not in kvmlx/cli.py yet")
+# ---- CLI (kvmlx/cli/ integration) -------------------------------------------------------------
 
 
 def run(args, **kw):
@@ -197,7 +194,6 @@ def run(args, **kw):
     return result
 
 
-@needs_cli
 def test_cli_publish_store_and_generate_without_artifact(tmp_path, tiny, document):
     store, doc = tmp_path / "store", tmp_path / "doc.txt"
     text = document.strip()

@@ -210,13 +210,11 @@ def test_small_pieces(tmp_path):
         run_shape_bench(TINY_SHAPE, [8], runs=0, directory=tmp_path)
 
 
-# -- the `kvmlx bench` command (skipped until kvmlx/cli.py registers it) ---------------------------------
+# -- the `kvmlx bench` command ------------------------------------------------------------------------------
 
 def _cli():
     from kvmlx.cli import main
 
-    if "bench" not in main.commands:
-        pytest.skip("`kvmlx bench` is not registered in kvmlx/cli.py yet")
     return main
 
 
