@@ -13,6 +13,7 @@
 
 __version__ = "0.1.0"
 
+from .artifact.format import Artifact, read_header  # noqa: E402
 from .errors import (  # noqa: E402
     ArtifactError,
     DtypeMismatchError,
@@ -26,13 +27,19 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
     UnsupportedVersionError,
 )
-from .artifact.format import Artifact, read_header  # noqa: E402
-from .runtime.generate import Generation, Verification, continue_from, from_scratch, generate, verify  # noqa: E402
-from .runtime.load import LoadedKV, load_artifact, split_prompt  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
+from .runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens  # noqa: E402
+from .runtime.generate import (  # noqa: E402
+    Generation,
+    Verification,
+    continue_from,
+    from_scratch,
+    generate,
+    verify,
+)
+from .runtime.load import LoadedKV, load_artifact, split_prompt  # noqa: E402
 from .runtime.publish import PublishResult, publish  # noqa: E402
 from .runtime.store import Store, StoreError  # noqa: E402
-from .runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens  # noqa: E402
 
 __all__ = [
     "Agent", "Store", "StoreError", "chat_prefix_tokens", "chat_prompt_tokens",
