@@ -15,7 +15,8 @@ from .. import __version__
 from ..artifact.encodings import encode
 from ..artifact.format import ENCODINGS, Signer, TensorData, digest, write_artifact
 from ..artifact.identity import model_fingerprint, rope_settings, tokenizer_fingerprint
-from ..caches import check_supported, kv_arrays
+from ..caches import KVQuantization, check_supported, kv_arrays
+from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
 
 DEFAULT_CHUNK = 512
@@ -35,11 +36,14 @@ class PublishResult:
     header: dict
 
 
-def prefill(model, tokens: Sequence[int], cache: list, chunk_size: int, progress: ProgressFn | None = None) -> mx.array:
+def prefill(model, tokens: Sequence[int], cache: list, chunk_size: int, progress: ProgressFn | None = None, *,
+            quant: KVQuantization | None = None, on_chunk: Callable[[int], None] | None = None) -> mx.array:
     """Run `tokens` through the model in chunks of `chunk_size`, filling `cache`; return the last logits row.
 
     Chunking is part of an artifact's identity: logits are bit-identical between two runs only when
-    both split the sequence at the same positions (docs/FORMAT.md, "What exact means").
+    both split the sequence at the same positions (docs/FORMAT.md, "What exact means"). With `quant`,
+    caches are quantized after every chunk as `mlx_lm.generate` does with those KV settings.
+    `on_chunk(done)` is called after each chunk with the number of tokens prefilled so far.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
@@ -49,7 +53,10 @@ def prefill(model, tokens: Sequence[int], cache: list, chunk_size: int, progress
     for start in range(0, len(tokens), chunk_size):
         chunk = mx.array(tokens[start : start + chunk_size])[None]
         logits = model(chunk, cache=cache)[0, -1]
+        apply_quantization(quant, cache)
         mx.eval(logits, [c.state for c in cache])
+        if on_chunk:
+            on_chunk(min(start + chunk_size, len(tokens)))
         if progress:
             progress(min(start + chunk_size, len(tokens)), len(tokens))
     return logits
