@@ -90,19 +90,6 @@ def _check_family(model, caches, tmp_path, first=5):
         assert np.array_equal(x, y)
 
 
-@pytest.fixture(scope="module")
-def preset():
-    from kvmlx.models import load_model
-
-    loaded = {}
-
-    def get(name):
-        if name not in loaded:
-            loaded[name] = load_model(f"builtin:{name}")
-        return loaded[name]
-    return get
-
-
 @pytest.mark.parametrize("name,families", [("hybrid", {"ArraysCache", "KVCache"}),
                                            ("sliding", {"RotatingKVCache", "KVCache"}),
                                            ("gpt-oss", {"RotatingKVCache", "KVCache"})])

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import CacheList, make_prompt_cache
 
+from ..artifact.layers import checkpointed as needs_checkpoint
+from ..artifact.layers import tensor_names
 from ..errors import CacheMismatchError, UnsupportedModelError
 from . import arrays, kv, quantized, rotating
 from .kv import StreamedKVCache
@@ -83,26 +85,6 @@ class _Lazy(dict):
 
     def __missing__(self, name):
         return self._get(name)
-
-
-def tensor_names(meta: Mapping) -> list[str]:
-    """The tensor names (within a layer) a layer of this metadata holds, in file order."""
-    family = meta["family"]
-    if family == LIST:
-        return [f"{j}.{n}" for j, m in enumerate(meta["caches"]) for n in tensor_names(m)]
-    if family == arrays.FAMILY:
-        return [f"state.{j}" for j, p in enumerate(meta["present"]) if p]
-    if family == quantized.FAMILY:
-        return [f"{k}.{p}" for k in ("keys", "values") for p in quantized.PARTS]
-    return ["keys", "values"]
-
-
-def needs_checkpoint(meta: Mapping) -> bool:
-    """Whether this layer's state at an earlier position cannot come from its final state (recurrent
-    state, or a sliding window that may have wrapped)."""
-    if meta["family"] == LIST:
-        return any(needs_checkpoint(m) for m in meta["caches"])
-    return meta["family"] in (arrays.FAMILY, rotating.FAMILY)
 
 
 def trimmable_to(meta: Mapping, n: int, quant: KVQuantization | None = None) -> bool:

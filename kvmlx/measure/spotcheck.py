@@ -53,8 +53,8 @@ from ..artifact.identity import (
     tokenizer_fingerprint,
 )
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
-from ..caches import check_supported
-from ..errors import RecomputeMismatchError
+from ..caches import all_plain
+from ..errors import RecomputeMismatchError, UnsupportedModelError
 from ..models import LoadedModel
 from ..runtime.load import _release, check_tokens_and_logits, read_caches
 from ..runtime.publish import prefill
@@ -210,7 +210,9 @@ def spot_check(
                 report.digests_verified = len(art.tensors)
             report.seconds["digests"] = time.perf_counter() - t1
             return report
-        check_supported(lm.model)
+        if not all_plain(lm.model) or h.get("caches") is not None:
+            raise UnsupportedModelError("recomputing positions supports plain-KV artifacts; for sliding-window, recurrent "
+                                        "or quantized KV use `kvmlx generate --verify`")
         check_binding(
             h, model_fp=model_fingerprint(lm.model, lm.config), tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
             dtype=lm.dtype, geometry=config_geometry(lm.model, lm.config),
