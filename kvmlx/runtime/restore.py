@@ -12,6 +12,7 @@ the loaded caches themselves are trimmed in place (an agent that owns them).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
@@ -106,3 +107,20 @@ def _cut(meta: dict, arrays: dict, reuse: int) -> tuple[dict, dict]:
     if family == "rotating":
         return {**meta, "offset": reuse, "idx": meta["idx"] - drop}, arrays
     return {**meta, "offset": reuse}, {k: v[..., :reuse, :] for k, v in arrays.items()}
+
+
+def compact(loaded):
+    """`loaded` with every cache cut to exactly its state (no load headroom) and evaluated: what a
+    resident pool keeps and shares."""
+    loaded.wait()
+    caches = [load_layer(m, lambda t, a=a: mx.contiguous(a[t])) for m, a in (save_layer(c) for c in loaded.caches)]
+    mx.eval([c.state for c in caches], loaded.logits)
+    return replace(loaded, caches=caches)
+
+
+def loaded_nbytes(loaded) -> int:
+    """Bytes of a loaded document's arrays: caches, state checkpoints and the logits row."""
+    def size(c):
+        return sum(x.nbytes for x in save_layer(c)[1].values())
+    return (sum(size(c) for c in loaded.caches) + loaded.logits.nbytes
+            + sum(size(c) for cp in loaded.checkpoints.values() for c in cp.values()))

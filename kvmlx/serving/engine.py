@@ -5,8 +5,9 @@ How a request is served (the agent runtime's rules, `kvmlx.runtime.agent.Agent.c
 token ids (completions: `tokenizer.encode`, as publish does; chat: the model's chat template, as
 `kvmlx.runtime.agent.chat_prompt_tokens` renders it) are looked up in the store; the matching artifact is
 loaded once into a resident pool (LRU under `max_resident_bytes`) and each request gets its own
-`KVCache` objects whose keys/values are *slices* of the shared arrays (MLX arrays are immutable
-values: the request's first append makes its own buffer, the shared one is never written). Only the
+caches for its reuse length from `kvmlx.runtime.restore.caches_at`: new cache objects over *slices*
+of the shared arrays (MLX arrays are immutable values: the request's first append makes its own
+buffer, the shared one is never written), from a state checkpoint where the caches cannot be trimmed. Only the
 rest of the prompt is prefilled, in the artifact's chunk size. Decoding is greedy unless a positive
 `temperature` is given.
 
@@ -28,11 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
+from ..caches import KVQuantization
+from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
 from ..runtime.agent import MAX_LOAD_ATTEMPTS, Agent
+from ..runtime.load import LoadedKV
 from ..runtime.publish import DEFAULT_CHUNK, prefill
+from ..runtime.restore import caches_at, compact, loaded_nbytes
 from ..runtime.store import BLOCK, Store
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
@@ -44,41 +49,28 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
 
 @dataclass
 class ResidentKV:
-    """One published document's KV, loaded once and shared (read-only) by every request using it."""
+    """One published document's caches (and state checkpoints), loaded once and shared (read-only) by
+    every request using it."""
 
     key: str
     tokens: list[int]
-    keys: list[mx.array]  # per layer [1, heads, n, head_dim]: exactly the document, no headroom
-    values: list[mx.array]
+    loaded: LoadedKV  # compacted: exactly the document, no load headroom
     logits: mx.array  # the stored logits row after the document's last token
     chunk_size: int
     nbytes: int
     load_seconds: float
 
-    def caches(self, reuse: int) -> list[KVCache]:
-        """Fresh per-request caches holding the first `reuse` tokens: copy-on-write views of the shared KV.
-
-        Each cache gets new array objects (slices), so mlx-lm's in-place `cache.keys[...] = x` rebinds
-        the request's own array and can never reach the shared one; the slice is exactly `reuse` long,
-        so the first append allocates the request's own buffer (one device copy of the prefix).
-        """
-        out = []
-        for k, v in zip(self.keys, self.values):
-            c = KVCache()
-            c.keys, c.values, c.offset = k[..., :reuse, :], v[..., :reuse, :], reuse
-            out.append(c)
-        return out
+    def caches(self, reuse: int) -> list:
+        """Fresh per-request caches holding the first `reuse` tokens (`kvmlx.runtime.restore.caches_at`):
+        new cache and array objects over the shared arrays, so a request's appends never reach them."""
+        return caches_at(self.loaded, reuse)
 
 
 def resident_from_loaded(key: str, loaded, chunk_size: int) -> ResidentKV:
     """Trim a loaded artifact's caches to the document (dropping load headroom) and evaluate them."""
-    loaded.wait()
-    n = len(loaded.tokens)
-    keys = [mx.contiguous(c.keys[..., :n, :]) for c in loaded.caches]
-    values = [mx.contiguous(c.values[..., :n, :]) for c in loaded.caches]
-    mx.eval(keys, values, loaded.logits)
-    nbytes = sum(a.nbytes for a in keys) + sum(a.nbytes for a in values) + loaded.logits.nbytes
-    return ResidentKV(key, list(loaded.tokens), keys, values, loaded.logits, chunk_size, nbytes, loaded.load_seconds)
+    loaded = compact(loaded)
+    return ResidentKV(key, list(loaded.tokens), loaded, loaded.logits, chunk_size, loaded_nbytes(loaded),
+                      loaded.load_seconds)
 
 
 class KVPool:
@@ -147,10 +139,11 @@ class Engine:
     """Owns the model, the store and the resident KV; runs every job on one worker thread."""
 
     def __init__(self, lm: LoadedModel, store: Store | None = None, *, max_resident_bytes: int | None = None,
-                 min_reuse_tokens: int = BLOCK, verify_digests: bool = True, allow_lossy: bool = False):
+                 min_reuse_tokens: int = BLOCK, verify_digests: bool = True, allow_lossy: bool = False,
+                 kv_quant: KVQuantization | None = None):
         self.lm = lm
         self.agent = Agent(lm, store, min_reuse_tokens=min_reuse_tokens, verify_digests=verify_digests,
-                           allow_lossy=allow_lossy)
+                           allow_lossy=allow_lossy, kv_quant=kv_quant)
         self.store = self.agent.store
         self.pool = KVPool(max_resident_bytes)
         self.eos = set(lm.tokenizer.eos_token_ids)
@@ -228,7 +221,7 @@ class Engine:
             resident = self.pool.get(entry.key)
             if resident is None:
                 # the shared copy must be complete before requests slice it: never the overlap path
-                loaded = agent.load_entry(entry, tokens, reuse,
+                loaded = agent.load_entry(entry, tokens, reuse, all_checkpoints=True,
                                           load_path="copy" if agent.load_path == "overlap" else None)
                 if loaded is None:
                     excluded.append(entry.key)
@@ -250,7 +243,7 @@ class Engine:
         caches, suffix, reused, key, logits, chunk = self.prepare(tokens)
         if suffix:
             t0 = time.perf_counter()
-            logits = prefill(self.lm.model, suffix, caches, chunk)
+            logits = prefill(self.lm.model, suffix, caches, chunk, quant=self.agent.kv_quant)
             mx.eval(logits)
             dt = time.perf_counter() - t0
         else:
@@ -292,6 +285,7 @@ class Engine:
             if job.cancelled.is_set():
                 return
             logits = self.lm.model(mx.array([[token]]), cache=caches)[0, -1]
+            apply_quantization(self.agent.kv_quant, caches)
 
     # -- counters --
 
