@@ -11,6 +11,7 @@ from .families import (  # noqa: F401
     RestoreInfo,
     check_model,
     check_supported,
+    layer_groups,
     load_layer,
     model_specs,
     needs_checkpoint,

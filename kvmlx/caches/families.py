@@ -184,3 +184,20 @@ def restore_info(header: Mapping) -> RestoreInfo:
         if all(str(i) in cp["caches"] or trimmable_to(m, p, quant) for i, m in enumerate(metas)):
             points.append(p)
     return RestoreInfo(any_from, tuple(sorted(points)))
+
+
+def layer_groups(header: Mapping) -> list[dict]:
+    """Layers with the same cache (family and what the model fixes), for people: [{family, layers,
+    window?, keep?, bits?, group_size?, size?, checkpoints}] in order of first layer."""
+    metas = header.get("caches") or [{"family": kv.FAMILY}] * header["model"]["num_layers"]
+    points = {str(i): [] for i in range(len(metas))}
+    for cp in header.get("checkpoints", []):
+        for i in cp["caches"]:
+            points[i].append(cp["tokens"])
+    groups: dict[str, dict] = {}
+    for i, s in enumerate(specs_of(metas)):
+        key = repr(sorted(s.items()))
+        g = groups.setdefault(key, {**{("window" if k == "max_size" else k): v for k, v in s.items()}, "layers": [],
+                                    "checkpoints": points[str(i)]})
+        g["layers"].append(i)
+    return list(groups.values())

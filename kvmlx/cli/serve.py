@@ -7,7 +7,7 @@ import click
 
 from ..models import load_model
 from ..runtime.store import Store, parse_size
-from .app import DTYPE_CHOICE, main
+from .app import DTYPE_CHOICE, kv_quant_from, kv_quant_options, main
 
 
 @main.command("serve")
@@ -22,8 +22,11 @@ from .app import DTYPE_CHOICE, main
               help="Shorter matches are prefilled instead of loaded.")
 @click.option("--allow-lossy", is_flag=True, help="Also reuse quantised (lossily encoded) KV; not token-exact.")
 @click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
-def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests) -> None:
+@kv_quant_options
+def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests,
+          kv_bits, kv_group_size, quantized_kv_start) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV."""
+    kv_quant = kv_quant_from(kv_bits, kv_group_size, quantized_kv_start)
     from ..serving.openai import (
         serve as serve_api,  # imported here: starlette and uvicorn only load for `serve`
     )
@@ -34,5 +37,5 @@ def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tok
         raise click.BadParameter(str(e), param_hint="--max-resident-bytes")
     lm = load_model(model, dtype)
     serve_api(lm, Store(store_dir), host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
-              verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
+              verify_digests=not no_verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant,
               on_ready=lambda url: click.echo(f"kvmlx serve: {lm.model_id} at {url}", err=True))

@@ -133,6 +133,7 @@ def publish(
             "num_layers": len(cache),
             "rope": rope_settings(lm.config),
             **_geometry(lm, cache),
+            **_weights_quantization(lm.config),
         },
         "tokenizer": {"fingerprint": tokenizer_fingerprint(lm.tokenizer)},
         "kv": {"dtype": lm.dtype, "layout": "BHLD", "num_tokens": n, "chunk_size": chunk_size,
@@ -226,6 +227,14 @@ def _geometry(lm: LoadedModel, cache: list) -> dict:
         if isinstance(keys, mx.array):
             return {"num_kv_heads": keys.shape[1], "head_dim": keys.shape[3]}
     return {"num_kv_heads": 1, "head_dim": 1}
+
+
+def _weights_quantization(config: dict) -> dict:
+    """The model's weight quantization (mlx_lm.convert -q: bits, group size), for `kvmlx inspect`."""
+    q = config.get("quantization")
+    if not isinstance(q, dict) or not isinstance(q.get("bits"), int):
+        return {}
+    return {"weights_quantization": {k: q[k] for k in ("bits", "group_size", "mode") if isinstance(q.get(k), (int, str))}}
 
 
 def _tensor(name: str, x: mx.array, encoding: str) -> TensorData:
