@@ -77,3 +77,19 @@ def test_quantized_weight_models_stay_token_exact(tmp_path, document):
         report = verify(path, lm, " And then the", max_tokens=24)
         assert report.token_exact and report.max_abs_logit_diff == 0.0
         assert len(set(report.reuse.tokens)) > 4
+
+
+def test_bench_for_a_hybrid_model_reports_each_family(runner, tmp_path):
+    png = tmp_path / "families.png"
+    r = runner.invoke(main, ["bench", "--model", "builtin:hybrid", "--lengths", "200", "--runs", "1", "--json",
+                             "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["rows"][0]
+    assert {g["family"] for g in row["groups"]} == {"arrays", "kv"}
+    assert row["token_exact"] and row["max_abs_logit_diff"] == 0.0
+    assert row["prefix_reused"] == 64 and row["prefix_token_exact"]  # 60% of 200 shared: the checkpoint at 64
+    assert row["spacings"]["64"]["checkpoints"] == 3 and row["checkpoint_every"] % 64 == 0
+    kv = next(g for g in row["groups"] if g["family"] == "kv")
+    assert kv["bytes_per_token"] == 2 * 2 * 32 * 2  # one full-attention layer: keys + values, 2 heads x 32, bfloat16
+    assert row["load_seconds"]["median"] > 0 and row["mlx_lm_load_seconds"]["median"] > 0
+    assert png.stat().st_size > 10_000

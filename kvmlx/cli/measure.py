@@ -10,6 +10,7 @@ from ..measure import bench as bench_api
 from ..measure.bench import DEFAULT_LENGTHS as BENCH_LENGTHS
 from ..measure.bench import DEFAULT_RUNS as BENCH_RUNS
 from ..measure.bench import SHAPES, parse_lengths
+from ..caches import KVQuantization, all_plain
 from ..models import load_model
 from ..runtime.publish import DEFAULT_CHUNK
 from .app import DTYPE_CHOICE, Progress, emit, main
@@ -31,6 +32,9 @@ def _lengths_option(ctx, param, value):
 @click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
               help="Time the load path alone on synthetic KV of this model's exact shape: no model, no prefill.")
 @click.option("--compression", is_flag=True, help="Instead: compare every KV encoding (size, speed, tokens, logits).")
+@click.option("--families", is_flag=True,
+              help="Instead: every cache family's bytes per token, checkpoints, load vs mlx-lm and exactness, one row per "
+                   "built-in family preset (also what --model runs for a model with sliding-window or recurrent caches).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, writable=True), default=None,
               help="Parent of the temporary directory for artifacts (pick one on the disk you care about).  [default: the system's]")
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size, as in publish.")
@@ -38,10 +42,15 @@ def _lengths_option(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine, config, roofline, results, targets).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
-def bench(model, dtype, lengths, runs, shape, compression, directory, chunk_size, no_cold, as_json, plot_path) -> None:
+def bench(model, dtype, lengths, runs, shape, compression, families, directory, chunk_size, no_cold, as_json,
+          plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
-    if shape and (model or dtype or compression):
-        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression")
+    if shape and (model or dtype or compression or families):
+        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression/--families")
+    lm = load_model(model, dtype) if model and not compression else None
+    if families or (lm is not None and not all_plain(lm.model)):
+        _bench_families(lm, dtype, lengths, runs, directory, as_json, plot_path)
+        return
     if compression:
         lm = load_model(model or "builtin:small", dtype)
         with Progress("encodings", as_json, unit="enc") as bar:
@@ -55,7 +64,7 @@ def bench(model, dtype, lengths, runs, shape, compression, directory, chunk_size
         if shape:
             result = bench_api.run_shape_bench(shape, lengths, runs, **options)
         else:
-            result = bench_api.run_model_bench(load_model(model or "builtin:small", dtype), lengths, runs, **options)
+            result = bench_api.run_model_bench(lm or load_model("builtin:small", dtype), lengths, runs, **options)
     if plot_path is not None:
         result["plot"] = str(bench_api.plot(result, plot_path))
     if as_json:
@@ -102,5 +111,31 @@ def cost(readers, tokens, price_per_mtok, tariff, ratio, egress_per_gb, storage_
         emit(cost_api.report_dict(inputs, costs, sources, plot_path))
     else:
         click.echo(cost_api.format_table(inputs, costs, sources))
+        if plot_path is not None:
+            click.echo(f"\nplot: {plot_path}")
+
+
+FAMILY_CHUNK = 64
+FAMILY_TOKENS = 512
+
+
+def _bench_families(lm, dtype, lengths, runs, directory, as_json, plot_path) -> None:
+    """`bench --families` (every built-in family preset; --kv-bits rows quantize from token 0, group 32)
+    or `bench --model M` (`lm`) for a model with sliding-window or recurrent caches."""
+    explicit = click.get_current_context().get_parameter_source("lengths") == click.core.ParameterSource.COMMANDLINE
+    length = max(lengths) if explicit else FAMILY_TOKENS
+    targets = [(lm, None)] if lm is not None else []
+    for spec in [] if lm is not None else bench_api.FAMILY_MODELS:
+        name, _, bits = spec.partition(" --kv-bits ")
+        targets.append((load_model(name, dtype), KVQuantization(int(bits), 32, 0) if bits else None))
+    with Progress("families", as_json, unit="phase") as bar:
+        result = bench_api.run_families(targets, length, runs, chunk_size=FAMILY_CHUNK, directory=directory,
+                                        progress=lambda done, total, _phase: bar(done, total))
+    if plot_path is not None:
+        result["plot"] = str(bench_api.plot_families(result, plot_path))
+    if as_json:
+        emit(result)
+    else:
+        click.echo(bench_api.format_family_table(result))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")
