@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import CacheList, make_prompt_cache
 
-from ..artifact.layers import checkpointed as needs_checkpoint
-from ..artifact.layers import tensor_names
+from ..artifact.layers import checkpointed as needs_checkpoint  # noqa: F401  (re-exported)
+from ..artifact.layers import tensor_names  # noqa: F401  (re-exported)
 from ..errors import CacheMismatchError, UnsupportedModelError
 from . import arrays, kv, quantized, rotating
 from .kv import StreamedKVCache

@@ -65,12 +65,17 @@ def bench(model, dtype, lengths, runs, shape, compression, families, directory, 
             result = bench_api.run_shape_bench(shape, lengths, runs, **options)
         else:
             result = bench_api.run_model_bench(lm or load_model("builtin:small", dtype), lengths, runs, **options)
+    _show(result, as_json, plot_path, bench_api.plot, bench_api.format_table)
+
+
+def _show(result: dict, as_json: bool, plot_path, plot, table) -> None:
+    """Draw the result (`plot`) if asked, then print it as JSON or as a table."""
     if plot_path is not None:
-        result["plot"] = str(bench_api.plot(result, plot_path))
+        result["plot"] = str(plot(result, plot_path))
     if as_json:
         emit(result)
     else:
-        click.echo(bench_api.format_table(result))
+        click.echo(table(result))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")
 
@@ -131,11 +136,4 @@ def _bench_families(lm, dtype, lengths, runs, directory, as_json, plot_path) -> 
     with Progress("families", as_json, unit="phase") as bar:
         result = bench_api.run_families(targets, length, runs, chunk_size=FAMILY_CHUNK, directory=directory,
                                         progress=lambda done, total, _phase: bar(done, total))
-    if plot_path is not None:
-        result["plot"] = str(bench_api.plot_families(result, plot_path))
-    if as_json:
-        emit(result)
-    else:
-        click.echo(bench_api.format_family_table(result))
-        if plot_path is not None:
-            click.echo(f"\nplot: {plot_path}")
+    _show(result, as_json, plot_path, bench_api.plot_families, bench_api.format_family_table)
