@@ -190,7 +190,7 @@ class Agent:
     def identity(self) -> tuple[str, str, str]:
         """(model fingerprint, tokenizer fingerprint, KV variant): what a stored artifact must match (the
         variant is the dtype, plus the `--kv-bits` settings when the agent quantizes its KV)."""
-        return (model_fingerprint(self.lm.model, self.lm.config), tokenizer_fingerprint(self.lm.tokenizer),
+        return (model_fingerprint(self.lm), tokenizer_fingerprint(self.lm),
                 kv_variant(self.lm.dtype, self.kv_quant.to_json() if self.kv_quant else None))
 
     def encode(self, prompt: str) -> list[int]:

@@ -178,7 +178,7 @@ class Store:
         lossless = bool(ENCODINGS.get(encoding, False))
         quant = publish_kwargs.get("kv_quant")
         variant = kv_variant(lm.dtype, quant.to_json() if quant else None)
-        key = artifact_key(model_fingerprint(lm.model, lm.config), tokenizer_fingerprint(lm.tokenizer), variant, tokens,
+        key = artifact_key(model_fingerprint(lm), tokenizer_fingerprint(lm), variant, tokens,
                            None if lossless else encoding)
         if not force and (entry := self.get(key)) is not None:
             return StorePublish(key, entry, None, True)
