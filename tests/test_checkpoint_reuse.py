@@ -73,3 +73,7 @@ def test_kv_bits_entries_serve_only_the_same_settings(tmp_path, tiny, document):
     assert report.reuse.reused_tokens == 150  # quantized KV above `start` trims exactly
     assert report.token_exact and report.max_abs_logit_diff == 0.0
     assert q_agent.lookup(tokens[:40] + tokens[500:520])[0].deepest(40) == 0  # below `start`: not restorable
+    # kvmlx serve --kv-bits: the engine finds it with the same settings only, and continues as mlx-lm would
+    assert Engine(tiny, store).prepare(list(prompt))[2] == 0
+    caches, suffix, reused, *_ = Engine(tiny, store, kv_quant=quant).prepare(list(prompt))
+    assert reused == 150 and type(caches[0]).__name__ == "QuantizedKVCache"

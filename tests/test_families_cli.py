@@ -93,3 +93,22 @@ def test_bench_for_a_hybrid_model_reports_each_family(runner, tmp_path):
     assert kv["bytes_per_token"] == 2 * 2 * 32 * 2  # one full-attention layer: keys + values, 2 heads x 32, bfloat16
     assert row["load_seconds"]["median"] > 0 and row["mlx_lm_load_seconds"]["median"] > 0
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("case, words", [
+    ("checkpoint off a chunk boundary", "is not on a prefill-chunk boundary (chunk size 8)"),
+    ("window smaller than the model's", "layer 0: artifact sliding window is 16, this model's is 32"),
+    ("family unknown", "unknown cache family 'mamba2'"),
+])
+def test_bad_v2_artifacts_are_one_line_errors_on_the_cli(runner, preset, tmp_path, case, words):
+    from fuzz_corpus import corpus_v2
+
+    lm = preset("sliding")
+    good = tmp_path / "good.kvmlx"
+    publish(lm, lm.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over. " * 4)[:48], good,
+            chunk_size=8, checkpoint_every=16)
+    bad = tmp_path / "bad.kvmlx"
+    bad.write_bytes(corpus_v2(good.read_bytes())[case])
+    r = runner.invoke(main, ["generate", str(bad), "-m", "builtin:sliding", "-p", " x", "-n", "2"])
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and words in r.output and "Traceback" not in r.output
