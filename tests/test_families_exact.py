@@ -8,9 +8,7 @@ hostile version-2 headers are refused with one-line typed errors.
 """
 
 import mlx.core as mx
-import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from kvmlx.artifact import format as fmt
 from kvmlx.artifact.format import Artifact, TensorData, read_header, write_artifact
