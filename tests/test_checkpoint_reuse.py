@@ -77,3 +77,25 @@ def test_kv_bits_entries_serve_only_the_same_settings(tmp_path, tiny, document):
     assert Engine(tiny, store).prepare(list(prompt))[2] == 0
     caches, suffix, reused, *_ = Engine(tiny, store, kv_quant=quant).prepare(list(prompt))
     assert reused == 150 and type(caches[0]).__name__ == "QuantizedKVCache"
+
+
+def test_the_http_api_reuses_the_checkpoint_exactly(setup):
+    """`kvmlx serve`'s OpenAI API (in process): a completion of the partly shared prompt reports the
+    checkpoint's tokens as cached and returns the from-scratch greedy tokens."""
+    from starlette.testclient import TestClient
+
+    from kvmlx.serving.openai import Server
+
+    lm, store, agent, doc, prompt = setup
+    engine = Engine(lm, store).start()
+    try:
+        with TestClient(Server(engine).app) as client:
+            r = client.post("/v1/completions", json={"model": lm.model_id, "prompt": list(prompt), "max_tokens": 8,
+                                                     "temperature": 0})
+    finally:
+        engine.stop()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 128
+    ref = from_scratch(lm, prompt[:128], prompt[128:], chunk_size=CHUNK, max_tokens=8)  # stops at EOS, as the server
+    assert body["choices"][0]["text"] == lm.tokenizer.decode(ref.tokens)
