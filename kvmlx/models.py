@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -76,11 +76,25 @@ PRESETS: dict[str, dict] = {
         intermediate_size=1024,
         vocab_size=4096,
     ),
+    # tiny's sizes as a Qwen2 (mlx-lm's qwen2 has both `shard()` and `pipeline()`, and plain KVCaches):
+    # the preset for tensor- and pipeline-parallel runs under `mlx.launch` (runtime/distributed.py).
+    "tiny-qwen2": dict(
+        model_type="qwen2",
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=384,
+        vocab_size=1024,
+    ),
 }
 
-_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Bump when the build recipe changes, so builtin_path stops reusing models built by the old recipe.
-_RECIPE_VERSION = 1
+# 2: model.safetensors.index.json (mlx-lm's pipeline sharding reads it to pick each stage's files).
+_RECIPE_VERSION = 2
+PARALLEL_MODES = ("tensor", "pipeline")
 
 
 @dataclass
@@ -91,6 +105,8 @@ class LoadedModel:
     path: Path  # local directory holding config.json, weights and tokenizer files
     config: dict  # contents of config.json
     dtype: str  # "float16" | "bfloat16" | "float32": the floating dtype the model runs in now
+    group: Any = None  # the mx.distributed group the model is sharded over (None: one process, whole model)
+    parallel: str | None = None  # "tensor" or "pipeline" when sharded (runtime/distributed.py)
 
 
 def kvmlx_home() -> Path:
@@ -111,7 +127,7 @@ def build_builtin(
     *,
     seed: int = 0,
     corpus: str | None = None,
-    model_type: str = "qwen3",
+    model_type: str | None = None,
 ) -> Path:
     """Write a random-weight model in the Hugging Face layout to ``out_dir`` (which must not exist).
 
@@ -131,7 +147,9 @@ def build_builtin(
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(cfg))
         _write_json(tmp / "config.json", cfg)
-        _save_safetensors(tmp / "model.safetensors", _random_weights(cfg, seed))
+        weights = _random_weights(cfg, seed)
+        _save_safetensors(tmp / "model.safetensors", weights)
+        _write_json(tmp / "model.safetensors.index.json", _weight_index(weights))
         try:
             os.rename(tmp, out_dir)
         except OSError as e:  # a non-empty destination appeared meanwhile
@@ -151,7 +169,7 @@ def builtin_path(preset: str = "tiny") -> Path:
     recipe builds a new model instead of silently reusing a stale one.
     """
     recipe = json.dumps(
-        [_RECIPE_VERSION, GAIN, _config(preset, "qwen3"), hashlib.sha256(default_corpus().encode()).hexdigest()]
+        [_RECIPE_VERSION, GAIN, _config(preset), hashlib.sha256(default_corpus().encode()).hexdigest()]
     )
     path = kvmlx_home() / "models" / f"{preset}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if not path.exists():
@@ -162,16 +180,20 @@ def builtin_path(preset: str = "tiny") -> Path:
     return path
 
 
-def load_model(spec: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(spec: str | None = None, dtype: str | None = None, *, parallel: str | None = None) -> LoadedModel:
     """Load ``spec`` ("builtin:<preset>", default "builtin:tiny"; a local directory; or a hub repo id).
 
-    ``dtype`` casts the floating parameters; None keeps the stored dtype.
+    ``dtype`` casts the floating parameters; None keeps the stored dtype. Under a distributed launcher
+    (`mlx.launch`: ``mx.distributed.init().size() > 1``) the model is sharded over the group with
+    mlx-lm's ``sharded_load``: ``parallel="tensor"`` (the default there) or ``"pipeline"``.
     """
     import mlx_lm  # imports transformers: keep it off kvmlx's import path
 
     spec = spec or "builtin:tiny"
     if dtype is not None and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if parallel is not None and parallel not in PARALLEL_MODES:
+        raise ModelLoadError(f"unknown parallel mode {parallel!r}; expected one of {', '.join(PARALLEL_MODES)}")
     if spec.startswith("builtin:"):
         preset = spec.removeprefix("builtin:")
         if preset not in PRESETS:
@@ -182,20 +204,50 @@ def load_model(spec: str | None = None, dtype: str | None = None) -> LoadedModel
         source = Path(spec).expanduser()
         if not source.exists() and (source.is_absolute() or spec.startswith((".", "~"))):
             raise ModelLoadError(f"no model directory at {spec}")
+    group = distributed_group()
+    if group is None and parallel is not None:
+        raise ModelLoadError(f"{parallel} parallel needs several processes: run under `mlx.launch -n N`")
     try:
-        if source.exists():
+        if group is not None:
+            parallel = parallel or "tensor"
+            model, tokenizer, config = _sharded_load(str(source) if source.exists() else spec, group, parallel)
+            path = source.resolve() if source.exists() else mlx_lm.utils.hf_repo_to_path(spec)
+        elif source.exists():
             model, tokenizer, config = mlx_lm.load(str(source), return_config=True)
             path = source.resolve()
         else:  # a hub repo id: mlx_lm downloads it, then we find the snapshot it used
             model, tokenizer, config = mlx_lm.load(spec, return_config=True)
             path = mlx_lm.utils.hf_repo_to_path(spec)
+    except ModelLoadError:
+        raise
     except Exception as e:
         reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         raise ModelLoadError(f"cannot load model {spec!r}: {reason}") from e
     if dtype is not None:
         model.set_dtype(DTYPES[dtype])
         mx.eval(model.parameters())  # pay the cast now, not inside the first timed forward
-    return LoadedModel(model, tokenizer, spec, path, config, model_dtype(model))
+    return LoadedModel(model, tokenizer, spec, path, config, model_dtype(model), group, parallel if group else None)
+
+
+def distributed_group():
+    """The launcher's process group when this process is one of several (`mlx.launch`), else None."""
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def _sharded_load(source: str, group, parallel: str):
+    """mlx-lm's `sharded_load`, tensor- or pipeline-parallel over `group`, refusing what the model lacks."""
+    from mlx_lm.utils import sharded_load
+
+    try:
+        if parallel == "tensor":
+            return sharded_load(source, tensor_group=group, return_config=True)
+        return sharded_load(source, pipeline_group=group, return_config=True)
+    except ValueError as e:
+        if "does not support" in str(e):
+            raise ModelLoadError(f"cannot load {source} {parallel}-parallel: mlx-lm's model has no "
+                                 f"{'shard()' if parallel == 'tensor' else 'pipeline()'}") from None
+        raise
 
 
 def model_dtype(model: nn.Module) -> str:
@@ -209,15 +261,18 @@ def model_dtype(model: nn.Module) -> str:
     return str(sizes.most_common(1)[0][0]).removeprefix("mlx.core.")
 
 
-def _config(preset: str, model_type: str) -> dict:
+def _config(preset: str, model_type: str | None = None) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    sizes = dict(PRESETS[preset])
+    model_type = model_type or sizes.pop("model_type", "qwen3")
+    sizes.pop("model_type", None)
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"unsupported model_type {model_type!r}; expected one of {', '.join(_ARCHITECTURES)}")
     cfg = {
         "architectures": [_ARCHITECTURES[model_type]],
         "model_type": model_type,
-        **PRESETS[preset],
+        **sizes,
         "max_position_embeddings": 32768,
         "dtype": "bfloat16",
         "hidden_act": "silu",
@@ -273,9 +328,9 @@ def _random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     Each parameter gets its own generator keyed by (seed, crc32(name)): its values depend on nothing
     else. Vectors (the RMSNorm weights) are ones.
     """
-    from mlx_lm.models import llama, qwen3  # the two architectures _config writes
+    from mlx_lm.models import llama, qwen2, qwen3  # the architectures _config writes
 
-    arch = {"qwen3": qwen3, "llama": llama}[cfg["model_type"]]
+    arch = {"qwen3": qwen3, "llama": llama, "qwen2": qwen2}[cfg["model_type"]]
     model = arch.Model(arch.ModelArgs.from_dict(cfg))  # lazy: its own random init is never evaluated
     weights = {}
     for name, p in sorted(tree_flatten(model.parameters())):
@@ -318,6 +373,13 @@ def _save_safetensors(path: Path, weights: dict[str, np.ndarray]) -> None:
         f.write(struct.pack("<Q", len(head)) + head)
         for name in sorted(weights):
             f.write(weights[name].tobytes())  # little-endian, like every platform MLX runs on
+
+
+def _weight_index(weights: dict[str, np.ndarray]) -> dict:
+    """`model.safetensors.index.json` for one weights file: mlx-lm's pipeline sharding reads its
+    `weight_map` to find the files each stage needs (Hugging Face's sharded-checkpoint index)."""
+    total = sum(w.nbytes for w in weights.values())
+    return {"metadata": {"total_size": total}, "weight_map": {name: "model.safetensors" for name in sorted(weights)}}
 
 
 def _write_json(path: Path, obj: dict) -> None:
