@@ -65,6 +65,10 @@ class PrefixMismatchError(MismatchError):
     """The agent's prompt does not start with the artifact's document tokens."""
 
 
+class LayoutMismatchError(MismatchError):
+    """The artifact was published under another parallel layout (tensor parallel, pipeline stages, one process)."""
+
+
 class LossyArtifactError(MismatchError):
     """The artifact's KV is lossily encoded (quantised) but an exact load was required."""
 

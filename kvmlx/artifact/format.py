@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Sequence
 import blake3
 
 from ..errors import ArtifactError, IntegrityError, UnsupportedVersionError
+from .layout import kv_plan
 
 MAGIC = b"\x89KVMLX\r\n"
 VERSION = 1
@@ -63,9 +64,16 @@ ProgressFn = Callable[[int, int], None]
 Signer = Callable[[bytes], tuple[bytes, bytes]]
 
 
-def kv_tensor_names(num_layers: int) -> list[str]:
-    """The KV tensors a version-1 artifact holds, in file order: layers.{i}.keys, layers.{i}.values."""
-    return [f"layers.{i}.{kind}" for i in range(num_layers) for kind in ("keys", "values")]
+def kv_tensor_names(num_layers: int, first: int = 0) -> list[str]:
+    """The KV tensors a version-1 artifact holds, in file order: layers.{i}.keys, layers.{i}.values
+    (for i in [first, num_layers): a pipeline stage's part holds only its layers)."""
+    return [f"layers.{i}.{kind}" for i in range(first, num_layers) for kind in ("keys", "values")]
+
+
+def header_kv_names(header: dict) -> list[str]:
+    """The KV tensors a validated header lists: every layer's, or a parallel part's own (artifact/layout.py)."""
+    (first, end), _, _ = kv_plan(header, "artifact")
+    return kv_tensor_names(end, first)
 
 
 def align(n: int) -> int:
@@ -490,7 +498,9 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
     _require(all(_is_int(t, 0, (1 << 31) - 1) for t in tokens), name, "token ids must be non-negative integers")
 
     entries = _get(h, "tensors", list, name)
-    _require(len(entries) == 2 * model["num_layers"] + 1, name, f"{len(entries)} tensors for {model['num_layers']} layers (tensors missing or extra)")
+    (first, end_layer), heads, has_logits = kv_plan(h, name)  # a parallel part or manifest holds less (layout.py)
+    expected = kv_tensor_names(end_layer, first)
+    _require(len(entries) == len(expected) + has_logits, name, f"{len(entries)} tensors for {model['num_layers']} layers (tensors missing or extra)")
     seen: set[str] = set()
     end, gap = data_offset, None
     for e in sorted(entries, key=lambda e: e["offset"] if isinstance(e, dict) and _is_int(e.get("offset")) else -1):
@@ -519,18 +529,18 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
 
     _require(gap is None, name, f"tensor {gap!r} is not right after the previous one (the layout has no gaps)")
     _require(file_bytes == align(end), name, "bytes after the last tensor")
-    n_layers, heads, head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
-    expected = kv_tensor_names(n_layers)
+    head_dim = model["head_dim"]
     by_name = {e["name"]: e for e in entries}
     for tname in expected:
         _require(tname in by_name, name, f"tensor {tname!r} is missing")
         e = by_name[tname]
         _require(e["shape"] == [1, heads, n_tokens, head_dim], name, f"tensor {tname!r} has shape {e['shape']}, expected {[1, heads, n_tokens, head_dim]}")
         _require(e["dtype"] == kv_dtype, name, f"tensor {tname!r} is {e['dtype']}, the header says KV is {kv_dtype}")
-    _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
-    _require(by_name["logits"]["encoding"] == "raw", name, "tensor 'logits' must be raw")
+    if has_logits:
+        _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
+        _require(by_name["logits"]["encoding"] == "raw", name, "tensor 'logits' must be raw")
     kv_encoding = kv.get("encoding", "raw")
     _require(isinstance(kv_encoding, str) and kv_encoding in ENCODINGS, name, f"unknown KV encoding {kv_encoding!r}")
     _require(kv.get("lossless", ENCODINGS[kv_encoding]) is ENCODINGS[kv_encoding], name, "kv.lossless contradicts kv.encoding")
     _require(all(by_name[t]["encoding"] == kv_encoding for t in expected), name, "KV tensors' encodings differ from kv.encoding")
-    _require(len(entries) == len(expected) + 1, name, "unexpected extra tensors")
+    _require(len(entries) == len(expected) + has_logits, name, "unexpected extra tensors")

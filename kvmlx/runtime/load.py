@@ -41,10 +41,9 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..artifact.encodings import decode
-from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, kv_tensor_names
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, header_kv_names
 from ..artifact.identity import (
     check_binding,
-    config_geometry,
     model_fingerprint,
     tokenizer_fingerprint,
 )
@@ -52,6 +51,7 @@ from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import StreamedKVCache, check_supported, from_arrays
 from ..errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from ..models import LoadedModel
+from .distributed import ensure_fingerprint, full_geometry, open_part
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
@@ -100,15 +100,17 @@ def load_artifact(
     """
     t0 = time.perf_counter()
     check_supported(lm.model)
+    ensure_fingerprint(lm)
     art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
+        art = open_part(art, lm)  # the same layout, or refused by name; under mlx.launch, this rank's part
         check_binding(
             art.header,
             model_fp=model_fingerprint(lm.model, lm.config),
             tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
             dtype=lm.dtype,
-            geometry=config_geometry(lm.model, lm.config),
+            geometry=full_geometry(lm),
         )
         check_tokens_and_logits(art.header, lm)
         encoding = art.header["kv"].get("encoding", "raw")
@@ -157,7 +159,7 @@ def read_caches(
     """
     if load_path not in LOAD_PATHS:
         raise ValueError(f"load_path must be one of {LOAD_PATHS}")
-    names = kv_tensor_names(art.header["model"]["num_layers"])
+    names = header_kv_names(art.header)
     n = art.header["kv"]["num_tokens"]
     raw = art.header["kv"].get("encoding", "raw") == "raw"
     used = "zero-copy" if load_path == "zero-copy" or (load_path == "auto" and raw and zero_copy_available()) else load_path

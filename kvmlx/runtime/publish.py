@@ -17,6 +17,7 @@ from ..artifact.format import ENCODINGS, Signer, TensorData, digest, write_artif
 from ..artifact.identity import model_fingerprint, rope_settings, tokenizer_fingerprint
 from ..caches import check_supported, kv_arrays
 from ..models import LoadedModel
+from .distributed import ensure_fingerprint, write_parallel
 
 DEFAULT_CHUNK = 512
 ProgressFn = Callable[[int, int], None]
@@ -75,6 +76,7 @@ def publish(
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
     check_supported(lm.model)
+    ensure_fingerprint(lm)
     text_digest = digest(document.encode()) if isinstance(document, str) else None
     tokens = list(lm.tokenizer.encode(document)) if isinstance(document, str) else [int(t) for t in document]
     if not tokens:
@@ -106,10 +108,13 @@ def publish(
         "document": {"tokens": tokens, "text_blake3": text_digest},
     }
     t1 = time.perf_counter()
-    written = write_artifact(out, header, tensors, sign=sign)
+    if lm.group is not None:  # under mlx.launch: this rank's part, then the manifest (runtime/distributed.py)
+        written = write_parallel(out, header, tensors, lm, sign=sign)
+    else:
+        written = write_artifact(out, header, tensors, sign=sign)
     write_seconds = time.perf_counter() - t1
     kv_bytes = 2 * len(cache) * heads * n * head_dim * cache[0].keys.itemsize
-    return PublishResult(Path(out), n, written["file_bytes"], kv_bytes, prefill_seconds, write_seconds, written)
+    return PublishResult(Path(out), n, written.get("part_bytes", written["file_bytes"]), kv_bytes, prefill_seconds, write_seconds, written)
 
 
 def _tensor(name: str, x: mx.array, encoding: str) -> TensorData:

@@ -1,0 +1,280 @@
+"""Publishing and loading KV across the processes of a distributed run (`mlx.launch`, sharded by mlx-lm).
+
+Under `mlx.launch -n N`, `kvmlx.models.load_model` shards the model with mlx-lm's `sharded_load`
+(tensor parallel: each rank holds H/N KV heads of every layer; pipeline: each rank holds its layers).
+This module owns what kvmlx does there, and nothing else knows about ranks:
+
+- the running **layout** (`running_layout`): which rank holds which KV heads and layers; it is written
+  into the header and a load under any other layout is refused (artifact/layout.py);
+- **writing** (`write_parallel`): every rank writes its own *part* file (only its heads or layers,
+  each tensor with its BLAKE3 digest) atomically; the ranks then exchange each part's header digest
+  and size, and only when every rank succeeded does each write the *manifest* (a tensor-less kvmlx
+  file listing every part and its header digest; identical bytes on every rank, so each host of a
+  multi-Mac run gets its own copy without a shared file system). A rank killed before that leaves
+  parts but no manifest: nothing loads (a part alone is refused);
+- **reading** (`open_part`): a rank checks the manifest (signature, layout, binding), then opens only
+  its own part, whose header must have the digest the manifest records: it reads its share of the
+  bytes and verifies exactly those (`read_bytes` counts them, from the kernel's per-process I/O counter);
+- the **collectives** those steps need (a barrier with a timeout, gathering per-rank numbers).
+
+Part files are named `<manifest name>.<publish id>.rank<r>of<N>`; the manifest names them, so they
+travel with it (the store keeps them beside its object).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+
+from ..artifact import identity
+from ..artifact.format import Artifact, Signer, TensorData, write_artifact
+from ..artifact.identity import KVGeometry, config_geometry
+from ..artifact.layout import Layout, check_layout, header_layout, pipeline_layout, tensor_layout
+from ..errors import ArtifactError, IntegrityError, KvmlxError, UnsupportedModelError
+from ..models import LoadedModel
+
+BARRIER_TIMEOUT = float(os.environ.get("KVMLX_DIST_TIMEOUT", "300"))  # seconds a rank waits for the others
+ID_BYTES = 8
+# the header fields a part must share with its manifest (tensors, sizes and `parallel` differ by design)
+_SHARED_FIELDS = ("model", "tokenizer", "kv", "document", "created_by", "format", "version", "digest")
+
+
+class DistributedError(KvmlxError):
+    """Another rank failed, was killed or timed out: this rank stopped without publishing anything."""
+
+
+# ---- the layout of the running model ----------------------------------------------------------------
+
+def running_layout(lm: LoadedModel) -> Layout | None:
+    """The layout `lm` is sharded in (None: one process holding the whole model)."""
+    if lm.group is None:
+        return None
+    size, geometry = lm.group.size(), full_geometry(lm)
+    if lm.parallel == "tensor":
+        if geometry.num_kv_heads % size:
+            raise UnsupportedModelError(f"{geometry.num_kv_heads} KV heads do not split over {size} tensor-parallel ranks")
+        return tensor_layout(size, geometry.num_layers, geometry.num_kv_heads)
+    layout = pipeline_layout(size, geometry.num_layers, geometry.num_kv_heads)
+    inner = lm.model.model
+    mine = layout.part(lm.group.rank())
+    if (inner.start_idx, inner.end_idx) != mine.layers:  # mlx-lm changed its split: refuse rather than mislabel
+        raise UnsupportedModelError(f"rank {lm.group.rank()} runs layers {inner.start_idx}-{inner.end_idx - 1}, "
+                                    f"not the {mine.layers[0]}-{mine.layers[1] - 1} kvmlx expects of mlx-lm's pipeline")
+    return layout
+
+
+def full_geometry(lm: LoadedModel) -> KVGeometry | None:
+    """The whole model's KV geometry (a pipeline stage's `model.layers` holds only its own layers)."""
+    geometry = config_geometry(lm.model, lm.config)
+    if geometry is not None and lm.parallel == "pipeline":
+        geometry = dataclasses.replace(geometry, num_layers=int(lm.config["num_hidden_layers"]))
+    return geometry
+
+
+def ensure_fingerprint(lm: LoadedModel) -> None:
+    """Give a sharded model the fingerprint of its whole weights, the same on every rank and in one process.
+
+    Interim, until fingerprints are computed from the weight files (then sharding-invariant by
+    construction and this becomes a no-op): fingerprint the unsharded model, loaded lazily from the
+    same directory, and remember it for the sharded one.
+    """
+    if lm.group is None or id(lm.model) in identity._memo:
+        return
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    whole, _ = mlx_lm_load_model(lm.path, lazy=True, strict=False)
+    whole.set_dtype(getattr(mx, lm.dtype))
+    fp = identity.model_fingerprint(whole, lm.config)
+    identity._memo[id(lm.model)] = fp
+    import weakref
+
+    weakref.finalize(lm.model, identity._memo.pop, id(lm.model), None)
+
+
+# ---- collectives --------------------------------------------------------------------------------------
+
+def gather(lm: LoadedModel, row: Sequence[int], *, what: str, timeout: float | None = None) -> list[list[int]]:
+    """Every rank's `row` of int64s, in rank order (an all-sum of disjoint rows), within `timeout` seconds.
+
+    A lost peer (the ring backend fails its pending operations) or a timeout raises DistributedError.
+    """
+    size, rank = lm.group.size(), lm.group.rank()
+    rows = [[0] * len(row) for _ in range(size)]
+    rows[rank] = [int(v) for v in row]
+    box: dict = {}
+
+    def run() -> None:  # on its own thread, so that the caller can give up on it (MLX streams are per thread)
+        try:
+            stream = mx.new_stream(mx.cpu)
+            table = mx.array(rows, dtype=mx.int64)
+            box["out"] = mx.distributed.all_sum(table, group=lm.group, stream=stream).tolist()
+        except BaseException as e:  # noqa: BLE001 - reported to the caller below
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="kvmlx-collective", daemon=True)
+    worker.start()
+    worker.join(BARRIER_TIMEOUT if timeout is None else timeout)
+    if worker.is_alive():
+        raise DistributedError(f"rank {rank}: no answer from the other ranks within {timeout or BARRIER_TIMEOUT:.0f} s while {what}")
+    if "error" in box:
+        raise DistributedError(f"rank {rank}: lost the other ranks while {what} ({box['error']})")
+    return box["out"]
+
+
+def install_launcher_handlers() -> None:
+    """Turn the launcher's SIGTERM (`mlx.launch` ends every rank when one fails) into a one-line error."""
+    def stop(signum, frame):
+        raise DistributedError("stopped by the launcher (another rank failed or was killed)")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def read_bytes() -> int | None:
+    """Bytes this process has read with read/pread syscalls so far (Linux /proc/self/io `rchar`), or None."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+def write_parallel(out: str | os.PathLike, header: dict, tensors: Sequence[TensorData], lm: LoadedModel,
+                   *, sign: Signer | None = None) -> dict:
+    """Write this rank's part of a parallel artifact, then (once every rank wrote its part) the manifest.
+
+    `tensors` are this rank's KV tensors, named by local layer index as `caches.kv_arrays` names them,
+    plus `logits`. Returns the manifest's header with `part_bytes` (this rank's part) added.
+    """
+    out = Path(out)
+    layout, geometry = running_layout(lm), full_geometry(lm)
+    # the header describes the whole model; `parallel` says which share of it each part holds
+    header = {**header, "model": {**header["model"], "num_layers": geometry.num_layers, "num_kv_heads": geometry.num_kv_heads}}
+    rank, size = lm.group.rank(), lm.group.size()
+    mine = layout.part(rank)
+    publish_id = _shared_id(lm)
+    parallel = layout.to_json()
+    part_name = f"{out.name}.{publish_id}.rank{rank}of{size}"
+    previous = _previous_part(out, rank)
+    ok, written = 0, None
+    try:
+        named = [dataclasses.replace(t, name=_global_name(t.name, mine.layers[0])) for t in tensors]
+        written = write_artifact(out.parent / part_name, {**header, "parallel": {**parallel, "part": rank}}, named)
+        ok = 1
+    finally:
+        # every rank reaches this exchange, failed or not, so that no rank waits for one that gave up
+        digest = _part_digest(out.parent / part_name) if ok else bytes(32)
+        row = [ok, written["file_bytes"] if ok else 0, *(int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4))]
+        try:
+            table = gather(lm, row, what="exchanging part digests")
+        except DistributedError:
+            _remove(out.parent / part_name)
+            raise
+    failed = [r for r, t in enumerate(table) if not t[0]]
+    if failed:
+        _remove(out.parent / part_name)
+        raise DistributedError(f"rank {rank}: rank(s) {', '.join(map(str, failed))} could not write their parts; nothing was published")
+    parts = [{"rank": r, "file": f"{out.name}.{publish_id}.rank{r}of{size}", "file_bytes": t[1],
+              "header_blake3": b"".join(int(w).to_bytes(4, "little") for w in t[2:]).hex()} for r, t in enumerate(table)]
+    manifest = write_artifact(out, {**header, "parallel": {**parallel, "parts": parts}}, [], sign=sign)
+    gather(lm, [1], what="waiting for every rank's manifest")
+    if previous and previous != part_name:
+        _remove(out.parent / previous)
+    return {**manifest, "part_bytes": written["file_bytes"]}
+
+
+def _shared_id(lm: LoadedModel) -> str:
+    """A random id for this publish, drawn by rank 0 and shared (part files of two publishes never collide)."""
+    mine = [int.from_bytes(secrets.token_bytes(4), "little") for _ in range(ID_BYTES // 4)] if lm.group.rank() == 0 else [0, 0]
+    words = gather(lm, mine, what="starting the publish")[0]
+    return "".join(f"{w:08x}" for w in words)
+
+
+def _global_name(name: str, first_layer: int) -> str:
+    """`layers.{i}.keys` of a stage's local layer i -> the model's layer number (pipeline stages start later)."""
+    if not name.startswith("layers."):
+        return name
+    _, i, kind = name.split(".")
+    return f"layers.{int(i) + first_layer}.{kind}"
+
+
+def _part_digest(path: Path) -> bytes:
+    with Artifact(path) as art:
+        return art.header_digest
+
+
+def _previous_part(out: Path, rank: int) -> str | None:
+    """This rank's part named by a manifest already at `out` (replaced by this publish), if any."""
+    try:
+        with Artifact(out) as art:
+            parts = art.header.get("parallel", {}).get("parts") or []
+            return parts[rank]["file"] if rank < len(parts) else None
+    except (KvmlxError, OSError):
+        return None
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+def open_part(art: Artifact, lm: LoadedModel, *, populate: bool = True) -> Artifact:
+    """The artifact this rank reads: `art` itself for one process, else its own part of the manifest `art`.
+
+    Refuses any other layout than the running one, naming both (LayoutMismatchError), and a part
+    whose header is not the one the manifest records (IntegrityError). Closes `art` if it returns another.
+    """
+    running = running_layout(lm)
+    check_layout(art.header, running)
+    if running is None:
+        return art
+    rank = lm.group.rank()
+    entry = art.header["parallel"]["parts"][rank]
+    path = art.path.parent / entry["file"]
+    if not path.exists():
+        raise ArtifactError(f"{art.path.name}: rank {rank}'s part {entry['file']} is missing (copy it beside the manifest)")
+    part = Artifact(path, populate=populate)
+    try:
+        if part.header_digest.hex() != entry["header_blake3"] or part.size != entry["file_bytes"]:
+            raise IntegrityError(f"{path.name}: part does not match the digest its manifest {art.path.name} records")
+        p = part.header.get("parallel", {})
+        if p.get("part") != rank or header_layout(part.header) != running or \
+                any(part.header.get(k) != art.header.get(k) for k in _SHARED_FIELDS):
+            raise IntegrityError(f"{path.name}: part disagrees with its manifest {art.path.name}")
+    except BaseException:
+        part.close()
+        raise
+    art.close()
+    return part
+
+
+class Timer:
+    """Wall time and bytes read (rchar) of one step on this rank."""
+
+    def __init__(self):
+        self.seconds, self.bytes = 0.0, None
+
+    def __enter__(self) -> "Timer":
+        self._t, self._b = time.perf_counter(), read_bytes()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t
+        after = read_bytes()
+        self.bytes = after - self._b if after is not None and self._b is not None else None
