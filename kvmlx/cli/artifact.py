@@ -14,7 +14,9 @@ import click
 
 from ..artifact import trust as trust_api
 from ..artifact.format import ENCODINGS, Artifact, read_header
+from ..artifact.layout import describe
 from ..models import load_model
+from ..runtime.distributed import per_rank, running_layout
 from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
 from ..runtime.generate import DEFAULT_MAX_TOKENS
 from ..runtime.generate import generate as generate_api
@@ -31,6 +33,16 @@ from .app import (
     main,
     stream_printer,
 )
+
+PIPELINE_OPTION = click.option(
+    "--pipeline", is_flag=True,
+    help="Under mlx.launch: shard the model in pipeline stages (layers per rank) instead of tensor parallel (KV heads per rank).")
+
+
+def parallel_mode(pipeline: bool) -> str | None:
+    """load_model's `parallel`: pipeline when asked, else tensor parallel under a launcher (None lets it choose)."""
+    return "pipeline" if pipeline else None
+
 
 DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache instead of running prefill?\nAnswer:"
 
@@ -49,8 +61,10 @@ DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache inste
               help="KV encoding: raw, lossless (bytesplit-zstd, expsplit-zstd) or lossy (int8-tensor, q8, q4).")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Sign the artifact with this Ed25519 private key (from `kvmlx keygen`).")
+@PIPELINE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, sign_key, as_json) -> None:
+def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, sign_key, pipeline,
+            as_json) -> None:
     """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact (--out) or store it (--store)."""
     to_store = to_store or store_dir is not None
     if (out is None) != to_store:
@@ -59,7 +73,7 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
         raise click.UsageError("--system needs --chat")
     key = trust_api.load_private_key(sign_key, ask_passphrase) if sign_key else None  # fail before the prefill
     signing = {"sign": trust_api.signer(key)} if key else {}
-    lm = load_model(model, dtype)
+    lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
     text = document.read()
     payload = chat_prefix_tokens(lm, text, system) if chat else text
     stored = None
@@ -86,6 +100,12 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
         summary.update(key=stored.key, existed=stored.existed)
     summary["chat"] = chat
     summary["signed_by"] = trust_api.public_key_id(key) if key and result is not None else None
+    ranks = per_rank(lm, part_bytes=result.artifact_bytes if result else None,
+                     prefill_seconds=result.prefill_seconds if result else 0.0,
+                     write_seconds=result.write_seconds if result else 0.0)
+    if ranks is not None:
+        summary["parallel"] = {"layout": describe(running_layout(lm)), "ranks": ranks}
+        summary.pop("artifact_bytes", None)  # each rank's part is in ranks[]; the manifest is at `artifact`
     if as_json:
         emit(summary)
     elif result is None:
@@ -94,6 +114,8 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
         where = f"store entry {stored.key[:12]} ({result.path})" if stored else str(result.path)
         click.echo(f"published {result.num_tokens} tokens of KV ({result.artifact_bytes / 1e6:.1f} MB, {lm.dtype}) "
                    f"to {where} in {result.prefill_seconds:.2f} s prefill + {result.write_seconds:.2f} s write")
+        if ranks is not None:
+            click.echo(_rank_words(summary["parallel"], "part_bytes", "write_seconds", "wrote"))
 
 
 @main.command()
@@ -119,9 +141,10 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
 @click.option("--require-signed", is_flag=True,
               help="Only use artifacts signed by a key in your trust list (`kvmlx trust`); without ARTIFACT, "
                    "stored entries from other publishers are skipped.")
+@PIPELINE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens,
-             verify, single_pass, no_verify_digests, require_exact, require_signed, as_json) -> None:
+             verify, single_pass, no_verify_digests, require_exact, require_signed, pipeline, as_json) -> None:
     """Continue a prompt greedily without re-running the prefill of a published document.
 
     With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
@@ -134,7 +157,7 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
         if require_exact:
             raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
         _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                             single_pass, no_verify_digests, as_json, require_signed)
+                             single_pass, no_verify_digests, as_json, require_signed, pipeline)
         return
     if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
         raise click.UsageError("--store, --chat-document, --system and --allow-lossy are for prompts without ARTIFACT")
@@ -142,34 +165,39 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     with Artifact(artifact) as art:  # the publisher is checked before the header names a model to load
         trust_api.check_signature(art, require_signed, trust_list)
         header = art.header
-    lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"])
+    lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"],
+                    parallel=parallel_mode(pipeline))
     printer = stream_printer(lm, not as_json)
     if verify:
         report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer,
                             require_signed=require_signed, trust_list=trust_list)
-        _finish_verification(lm, report, as_json)
+        _finish_verification(lm, report, as_json, extra=_load_ranks(lm, report.load_seconds, report.bytes_read,
+                                                                     report.artifact_bytes))
         return
     gen, loaded = generate_api(artifact, lm, text, max_tokens=max_tokens, on_token=printer,
                                verify_digests=not no_verify_digests, require_exact=require_exact,
                                require_signed=require_signed, trust_list=trust_list)
+    ranks = _load_ranks(lm, loaded.load_seconds, loaded.bytes_read, loaded.header["file_bytes"])
     if as_json:
-        emit({
+        emit({**ranks,
             "text": lm.tokenizer.decode(gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,
             "prefilled_tokens": gen.prefilled_tokens, "load_seconds": loaded.load_seconds,
             "reuse_first_token_seconds": gen.first_token_seconds, "total_seconds": gen.total_seconds,
             "load_path": loaded.load_path, "artifact_bytes": loaded.header["file_bytes"],
-            "signature": loaded.signature.to_json() if loaded.signature else None,
+            "signature": loaded.signature.to_json() if loaded.signature else None, "bytes_read": loaded.bytes_read,
         })
     else:
         click.echo()
+        if ranks:
+            click.echo(_rank_words(ranks["parallel"], "bytes_read", "load_seconds", "read"))
 
 
 def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                         single_pass, no_verify_digests, as_json, require_signed=False) -> None:
+                         single_pass, no_verify_digests, as_json, require_signed=False, pipeline=False) -> None:
     """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
     if system is not None and chat_document is None:
         raise click.UsageError("--system needs --chat-document")
-    lm = load_model(model, dtype)
+    lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
     agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
                   require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None)
     tokens = chat_prompt_tokens(lm, chat_document.read(), text, system) if chat_document is not None else agent.encode(text)
@@ -190,6 +218,19 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
                f"prefilled {gen.prefilled_tokens}", err=True)
 
 
+def _load_ranks(lm, load_seconds: float, bytes_read: int | None, part_bytes: int) -> dict:
+    """{"parallel": layout and each rank's load figures} under a launcher (every rank calls it), else {}."""
+    ranks = per_rank(lm, load_seconds=float(load_seconds), bytes_read=bytes_read, part_bytes=part_bytes)
+    return {} if ranks is None else {"parallel": {"layout": describe(running_layout(lm)), "ranks": ranks}}
+
+
+def _rank_words(parallel: dict, bytes_key: str, seconds_key: str, verb: str) -> str:
+    each = "; ".join(f"rank {r['rank']} {verb} {r[bytes_key] / 1e6:.2f} MB in {r[seconds_key] * 1e3:.0f} ms"
+                     if r[bytes_key] is not None else f"rank {r['rank']}: {r[seconds_key] * 1e3:.0f} ms"
+                     for r in parallel["ranks"])
+    return f"{parallel['layout']}: {each}"
+
+
 def _finish_verification(lm, report, as_json: bool, *, lead: str = "", extra: dict | None = None) -> None:
     """Print a verification's result (`extra` fields join the JSON; `lead` precedes the words) and
     exit with EXIT_NOT_EXACT when reuse diverged."""
@@ -198,6 +239,8 @@ def _finish_verification(lm, report, as_json: bool, *, lead: str = "", extra: di
     else:
         click.echo()
         click.echo(lead + _verification_words(report))
+        if extra and "parallel" in extra:
+            click.echo(_rank_words(extra["parallel"], "bytes_read", "load_seconds", "read"))
     if not report.token_exact:
         sys.exit(EXIT_NOT_EXACT)
 

@@ -129,6 +129,20 @@ def gather(lm: LoadedModel, row: Sequence[int], *, what: str, timeout: float | N
     return box["out"]
 
 
+def per_rank(lm: LoadedModel, **values: float | int | None) -> list[dict] | None:
+    """Every rank's `values` in rank order (a collective: every rank calls it), None in one process.
+
+    Floats travel as microseconds, None as -1."""
+    if lm.group is None:
+        return None
+    keys = sorted(values)
+    floats = {k for k in keys if isinstance(values[k], float)}
+    row = [-1 if values[k] is None else round(values[k] * 1e6) if k in floats else int(values[k]) for k in keys]
+    table = gather(lm, row, what="gathering per-rank figures")
+    return [{"rank": r, **{k: None if v == -1 else v / 1e6 if k in floats else v for k, v in zip(keys, t)}}
+            for r, t in enumerate(table)]
+
+
 def install_launcher_handlers() -> None:
     """Turn the launcher's SIGTERM (`mlx.launch` ends every rank when one fails) into a one-line error."""
     def stop(signum, frame):

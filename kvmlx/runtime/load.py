@@ -51,7 +51,7 @@ from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import StreamedKVCache, check_supported, from_arrays
 from ..errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from ..models import LoadedModel
-from .distributed import ensure_fingerprint, full_geometry, open_part
+from .distributed import ensure_fingerprint, full_geometry, open_part, read_bytes
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
@@ -71,6 +71,7 @@ class LoadedKV:
     load_seconds: float  # until the caches were returned (with "overlap", layers may still be arriving)
     load_path: str  # "copy", "zero-copy" or "overlap"
     signature: SignatureStatus | None = None  # who signed it (kvmlx.artifact.trust.check_signature's result)
+    bytes_read: int | None = None  # bytes this process read from files during the load (Linux: /proc/self/io), else None
 
     def wait(self) -> None:
         """Block until every layer is in memory (only the overlap path returns earlier)."""
@@ -101,14 +102,16 @@ def load_artifact(
     t0 = time.perf_counter()
     check_supported(lm.model)
     ensure_fingerprint(lm)
+    model_fp, tokenizer_fp = model_fingerprint(lm.model, lm.config), tokenizer_fingerprint(lm.tokenizer)
+    read0 = read_bytes()  # from here on, what this process reads is the artifact (LoadedKV.bytes_read)
     art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
         art = open_part(art, lm)  # the same layout, or refused by name; under mlx.launch, this rank's part
         check_binding(
             art.header,
-            model_fp=model_fingerprint(lm.model, lm.config),
-            tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
+            model_fp=model_fp,
+            tokenizer_fp=tokenizer_fp,
             dtype=lm.dtype,
             geometry=full_geometry(lm),
         )
@@ -122,8 +125,9 @@ def load_artifact(
         raise
     if used != "overlap":  # the overlap path's workers close the map when they are done
         _release(art)
+    read1 = read_bytes()
     return LoadedKV(caches, list(art.header["document"]["tokens"]), logits, art.header, time.perf_counter() - t0, used,
-                    signature)
+                    signature, read1 - read0 if read0 is not None and read1 is not None else None)
 
 
 def check_tokens_and_logits(header: dict, lm: LoadedModel) -> None:
