@@ -35,6 +35,12 @@ class KvmlxGroup(click.Group):
             return super().invoke(ctx)
         except KvmlxError as e:
             raise click.ClickException(f"rank {_RANK[0]}: {e}" if _RANK else str(e)) from None
+        except RuntimeError as e:  # under a launcher, MLX's backend failing on a lost rank is one line too
+            from ..runtime.distributed import lost_peer
+
+            if not _RANK or (lost := lost_peer(e)) is None:
+                raise
+            raise click.ClickException(f"rank {_RANK[0]}: {lost}") from None
 
 
 @click.group(cls=KvmlxGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -123,9 +123,9 @@ def gather(lm: LoadedModel, row: Sequence[int], *, what: str, timeout: float | N
     worker.start()
     worker.join(BARRIER_TIMEOUT if timeout is None else timeout)
     if worker.is_alive():
-        raise DistributedError(f"rank {rank}: no answer from the other ranks within {timeout or BARRIER_TIMEOUT:.0f} s while {what}")
+        raise DistributedError(f"no answer from the other ranks within {timeout or BARRIER_TIMEOUT:.0f} s while {what}")
     if "error" in box:
-        raise DistributedError(f"rank {rank}: lost the other ranks while {what} ({box['error']})")
+        raise DistributedError(f"lost the other ranks while {what} ({box['error']})")
     return box["out"]
 
 
@@ -141,6 +141,14 @@ def per_rank(lm: LoadedModel, **values: float | int | None) -> list[dict] | None
     table = gather(lm, row, what="gathering per-rank figures")
     return [{"rank": r, **{k: None if v == -1 else v / 1e6 if k in floats else v for k, v in zip(keys, t)}}
             for r, t in enumerate(table)]
+
+
+def lost_peer(e: BaseException) -> DistributedError | None:
+    """The one-line error for an MLX backend failing because another rank is gone (ring, JACCL, MPI), else None."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, RuntimeError) and (text.startswith(("[ring]", "[jaccl]", "[mpi]", "[nccl]")) or "peer" in text):
+        return DistributedError(f"lost the other ranks ({text}); another rank failed or was killed")
+    return None
 
 
 def install_launcher_handlers() -> None:
@@ -199,7 +207,7 @@ def write_parallel(out: str | os.PathLike, header: dict, tensors: Sequence[Tenso
     failed = [r for r, t in enumerate(table) if not t[0]]
     if failed:
         _remove(out.parent / part_name)
-        raise DistributedError(f"rank {rank}: rank(s) {', '.join(map(str, failed))} could not write their parts; nothing was published")
+        raise DistributedError(f"rank(s) {', '.join(map(str, failed))} could not write their parts; nothing was published")
     parts = [{"rank": r, "file": f"{out.name}.{publish_id}.rank{r}of{size}", "file_bytes": t[1],
               "header_blake3": b"".join(int(w).to_bytes(4, "little") for w in t[2:]).hex()} for r, t in enumerate(table)]
     manifest = write_artifact(out, {**header, "parallel": {**parallel, "parts": parts}}, [], sign=sign)

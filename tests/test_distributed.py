@@ -1,0 +1,240 @@
+"""Tensor- and pipeline-parallel publish and load under MLX's launcher: 2 ranks on the ring backend over
+127.0.0.1, spawned here, each bounded by a timeout and killed on failure.
+
+What is proven through the saved files: `generate --verify` is token-exact (bit-identical logits) under
+the layout the artifact was published in; each rank reads about its share of the bytes (counted by the
+kernel, /proc/self/io); another layout, including one process, is refused by name; a part alone or a
+tampered part is refused; a rank killed mid-publish leaves nothing that loads and the other rank
+exits with a one-line error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmlx.artifact.format import Artifact
+from kvmlx.errors import KvmlxError, LayoutMismatchError
+from kvmlx.models import load_model
+from kvmlx.runtime.load import load_artifact
+from kvmlx.runtime.publish import publish
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "builtin:tiny-qwen2"
+LAUNCH_TIMEOUT = 90
+DOC = " ".join(f"Section {i}: the ring backend carries each rank's share of the KV over TCP." for i in range(40))
+CHUNK = 64
+
+pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None and not (Path(sys.executable).parent / "mlx.launch").exists(),
+                                reason="mlx.launch is not installed")
+
+
+def _launcher() -> str:
+    local = Path(sys.executable).parent / "mlx.launch"
+    return str(local) if local.exists() else shutil.which("mlx.launch")
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p+1 free (the ring backend listens on one port per rank)."""
+    for _ in range(50):
+        port = random.randint(20000, 60000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def _env(kvmlx_home: Path, **extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               KVMLX_HOME=str(kvmlx_home), KVMLX_DIST_TIMEOUT="30")
+    env.update(extra)
+    return env
+
+
+def launch(kvmlx_home: Path, *args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """`mlx.launch --backend ring -n 2 -- python -m kvmlx ARGS` (killed, with its ranks, past `timeout`)."""
+    cmd = [_launcher(), "--backend", "ring", "-n", "2", "--starting-port", str(_free_port_pair()), "--",
+           sys.executable, "-m", "kvmlx", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(kvmlx_home),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"mlx.launch {' '.join(args[:2])} did not finish within {timeout} s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def launch_json(kvmlx_home: Path, *args: str) -> dict:
+    r = launch(kvmlx_home, *args, "--json")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.strip(), r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def doc_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("doc") / "doc.txt"
+    p.write_text(DOC, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def single(kvmlx_home, tmp_path_factory):
+    """The same document published by one process: the reference for bytes."""
+    lm = load_model(MODEL)
+    out = tmp_path_factory.mktemp("single") / "doc.kvmlx"
+    publish(lm, DOC, out, chunk_size=CHUNK)
+    loaded = load_artifact(out, lm)
+    return lm, out, loaded
+
+
+@pytest.fixture(scope="module", params=["tensor", "pipeline"])
+def published(request, kvmlx_home, doc_file, tmp_path_factory):
+    mode = request.param
+    out = tmp_path_factory.mktemp(mode) / "doc.kvmlx"
+    flags = ["--pipeline"] if mode == "pipeline" else []
+    pub = launch_json(kvmlx_home, "publish", str(doc_file), "-m", MODEL, "-o", str(out), "--chunk-size", str(CHUNK), *flags)
+    return mode, out, flags, pub
+
+
+def test_verify_is_token_exact_under_the_same_layout(published, kvmlx_home, single):
+    mode, out, flags, pub = published
+    layout = pub["parallel"]["layout"]
+    assert layout.startswith("tensor-parallel 2" if mode == "tensor" else "2 pipeline stages")
+    report = launch_json(kvmlx_home, "generate", str(out), "-p", " Section 41:", "-n", "24", "--verify", *flags)
+    assert report["token_exact"] and report["logits_identical"] and report["max_abs_logit_diff"] == 0.0
+    assert report["tokens_compared"] == 24 and len(set(report["tokens"])) > 6  # greedy output varies
+    assert report["reused_tokens"] == pub["tokens"] == len(single[2].tokens)
+    assert report["parallel"]["layout"] == layout
+
+    # each rank read its own part (plus the one-page manifest), about half of the single-process file
+    single_bytes = single[2].bytes_read
+    assert single_bytes is not None and single_bytes >= single[2].header["file_bytes"]
+    manifest = Artifact(out)
+    parts = manifest.header["parallel"]["parts"]
+    manifest.close()
+    for rank in report["parallel"]["ranks"]:
+        part = parts[rank["rank"]]["file_bytes"]
+        assert rank["part_bytes"] == part
+        assert part <= rank["bytes_read"] <= part + 2 * 16384, rank
+        assert 0.4 * single_bytes <= rank["bytes_read"] <= 0.6 * single_bytes, (rank, single_bytes)
+
+
+def test_one_process_refuses_a_parallel_artifact_by_name(published, single):
+    mode, out, _, _ = published
+    lm = single[0]
+    with pytest.raises(LayoutMismatchError) as e:
+        load_artifact(out, lm)
+    msg = str(e.value)
+    assert "\n" not in msg and "one process" in msg
+    assert ("tensor-parallel 2" if mode == "tensor" else "2 pipeline stages") in msg
+    cli = subprocess.run([sys.executable, "-m", "kvmlx", "generate", str(out), "-n", "2"], capture_output=True,
+                         text=True, timeout=LAUNCH_TIMEOUT, env=_env(Path(os.environ["KVMLX_HOME"])))
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr and "one process" in cli.stderr
+
+
+def test_a_part_alone_is_refused(published, single):
+    _, out, _, _ = published
+    for part in sorted(out.parent.glob(out.name + ".*")):
+        with pytest.raises(LayoutMismatchError):
+            load_artifact(part, single[0])
+
+
+def test_the_other_layout_is_refused_under_the_launcher(published, kvmlx_home):
+    mode, out, flags, _ = published
+    other = [] if flags else ["--pipeline"]
+    r = launch(kvmlx_home, "generate", str(out), "-n", "2", *other)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert lines, r.stderr
+    assert "tensor-parallel 2" in lines[0] and "2 pipeline stages" in lines[0]
+
+
+def test_a_tampered_part_is_refused_by_its_rank(published, kvmlx_home, tmp_path):
+    _, out, flags, _ = published
+    copy = tmp_path / out.name
+    for f in out.parent.glob(out.name + "*"):
+        shutil.copy(f, tmp_path / f.name)
+    part = sorted(tmp_path.glob(out.name + ".*rank1of2"))[0]
+    data = bytearray(part.read_bytes())
+    with Artifact(part) as art:
+        data[art.tensors["layers.0.keys" if not flags else "layers.1.keys"].offset] ^= 1
+    part.write_bytes(bytes(data))
+    r = launch(kvmlx_home, "generate", str(copy), "-n", "2", *flags)
+    assert "Traceback" not in r.stderr
+    assert "rank 1: " in r.stderr and "does not match its digest" in r.stderr, r.stderr
+
+
+CRASH_RANK = textwrap.dedent('''
+    """Rank 1 of the crash test: SIGKILLs itself halfway through writing its part file."""
+    import os, signal, sys
+    from kvmlx.artifact import format as fmt
+
+    real, calls = fmt._write_all, [0]
+
+    def dying_write(f, data):
+        calls[0] += 1
+        if calls[0] == 3:  # the part's third tensor: the temp file holds some of the KV, no header yet
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(f, data)
+
+    fmt._write_all = dying_write
+    from kvmlx.cli import main
+    sys.argv[0] = "kvmlx"
+    main()
+''')
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_a_rank_killed_mid_publish_leaves_nothing_that_loads(mode, kvmlx_home, doc_file, single, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "doc.kvmlx"
+    script = tmp_path / "crash_rank.py"
+    script.write_text(CRASH_RANK)
+    port = _free_port_pair()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    args = ["publish", str(doc_file), "-m", MODEL, "-o", str(out), "--chunk-size", str(CHUNK), "--json"]
+    args += ["--pipeline"] if mode == "pipeline" else []
+    procs = []
+    for rank, cmd in enumerate([[sys.executable, "-m", "kvmlx"], [sys.executable, str(script)]]):
+        env = _env(kvmlx_home, MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank))
+        procs.append(subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    t0 = time.monotonic()
+    try:
+        survivor_out, survivor_err = procs[0].communicate(timeout=LAUNCH_TIMEOUT)
+        procs[1].communicate(timeout=10)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode == 1, survivor_err
+    assert time.monotonic() - t0 < LAUNCH_TIMEOUT
+    errors = [line for line in survivor_err.splitlines() if line.strip() and not line.startswith("[ring]")]
+    assert "Traceback" not in survivor_err and len(errors) == 1, survivor_err
+    assert errors[0].startswith("Error: rank 0: lost the other ranks") and errors[0].count("rank 0") == 1
+    assert not out.exists()  # no manifest: the publish did not happen
+    left = list(out_dir.iterdir())
+    assert not [p for p in left if p.name.endswith("rank0of2")]  # the survivor removed its own part
+    for path in left:  # whatever else remains (a dead rank's temp file) does not load
+        with pytest.raises(KvmlxError):
+            load_artifact(path, single[0])
