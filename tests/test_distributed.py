@@ -238,3 +238,61 @@ def test_a_rank_killed_mid_publish_leaves_nothing_that_loads(mode, kvmlx_home, d
     for path in left:  # whatever else remains (a dead rank's temp file) does not load
         with pytest.raises(KvmlxError):
             load_artifact(path, single[0])
+
+
+def test_store_keys_and_buckets_include_the_layout(published):
+    from kvmlx.artifact.layout import header_layout
+    from kvmlx.runtime.store import artifact_key, bucket_id, header_key
+
+    _, out, _, _ = published
+    with Artifact(out) as art:
+        h = art.header
+    layout = header_layout(h)
+    fp, tok, dtype, tokens = h["model"]["fingerprint"], h["tokenizer"]["fingerprint"], h["kv"]["dtype"], h["document"]["tokens"]
+    assert header_key(h) == artifact_key(fp, tok, dtype, tokens, layout=layout) != artifact_key(fp, tok, dtype, tokens)
+    assert bucket_id(fp, tok, dtype, layout=layout) != bucket_id(fp, tok, dtype)
+
+
+def test_store_add_brings_the_parts_and_rm_removes_them(published, single, tmp_path):
+    from kvmlx.artifact.layout import header_layout
+    from kvmlx.runtime.store import Store
+
+    _, out, _, _ = published
+    store = Store(tmp_path / "store")
+    key = store.add(out)
+    objects = sorted(p.name for p in store.objects.iterdir())
+    assert len(objects) == 3 and sum(".rank" in n for n in objects) == 2
+    assert store.sync().skipped == []  # parts are not mistaken for stray files
+    lm = single[0]  # one process: the same tokens in this store do not match (another layout's bucket)
+    assert store.lookup(lm_fp(lm), lm_tok(lm), lm.dtype, store.tokens(key)) is None
+    assert store.lookup(lm_fp(lm), lm_tok(lm), lm.dtype, store.tokens(key), layout=header_layout(Artifact(out).header))
+    store.rm(key)
+    assert list(store.objects.iterdir()) == []
+
+
+def lm_fp(lm):
+    from kvmlx.artifact.identity import model_fingerprint
+
+    return model_fingerprint(lm.model, lm.config)
+
+
+def lm_tok(lm):
+    from kvmlx.artifact.identity import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(lm.tokenizer)
+
+
+def test_store_publish_and_reuse_under_the_launcher(kvmlx_home, doc_file, tmp_path):
+    """`publish --store-dir` and `generate --store` (no artifact named) under the launcher: the second
+    publish finds the key on every rank; reuse is token-exact; one process does not reuse that KV."""
+    store = tmp_path / "store"
+    first = launch_json(kvmlx_home, "publish", str(doc_file), "-m", MODEL, "--store-dir", str(store), "--chunk-size", str(CHUNK))
+    again = launch_json(kvmlx_home, "publish", str(doc_file), "-m", MODEL, "--store-dir", str(store), "--chunk-size", str(CHUNK))
+    assert not first["existed"] and again["existed"] and again["key"] == first["key"]
+    prompt = DOC + " Section 41:"
+    report = launch_json(kvmlx_home, "generate", "-m", MODEL, "--store", str(store), "-p", prompt, "-n", "16", "--verify")
+    assert report["token_exact"] and report["max_abs_logit_diff"] == 0.0 and report["key"] == first["key"]
+    assert report["reused_tokens"] >= first["tokens"] - 1
+    one = subprocess.run([sys.executable, "-m", "kvmlx", "generate", "-m", MODEL, "--store", str(store), "-p", prompt,
+                          "-n", "2", "--json"], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(kvmlx_home))
+    assert one.returncode == 0 and json.loads(one.stdout)["reused_tokens"] == 0, one.stderr

@@ -42,6 +42,7 @@ from .generate import (
     decode_timed,
     from_scratch,
 )
+from .distributed import ensure_fingerprint, gather, running_layout
 from .load import LoadedKV, load_artifact
 from .publish import DEFAULT_CHUNK, prefill
 from .store import BLOCK, Entry, Store, StorePublish
@@ -173,13 +174,15 @@ class Agent:
         self.load_path = load_path
         self.allow_lossy = allow_lossy  # reuse quantised (lossily encoded) KV too: faster, no longer exact
         self.require_signed, self.trust_list = require_signed, trust_list  # accepted publishers (kvmlx.artifact.trust)
+        self.layout = running_layout(lm)  # under mlx.launch, only KV published under this sharding is reused
         self.last_reuse: Reuse | None = None
 
     # ---- identity and tokens --------------------------------------------------------------------
 
     @property
     def identity(self) -> tuple[str, str, str]:
-        """(model fingerprint, tokenizer fingerprint, dtype): what a stored artifact must match."""
+        """(model fingerprint, tokenizer fingerprint, dtype): what a stored artifact must match (and `layout`)."""
+        ensure_fingerprint(self.lm)
         return (model_fingerprint(self.lm.model, self.lm.config), tokenizer_fingerprint(self.lm.tokenizer), self.lm.dtype)
 
     def encode(self, prompt: str) -> list[int]:
@@ -195,7 +198,7 @@ class Agent:
     def lookup(self, prompt: str | Sequence[int]) -> tuple[Entry, int] | None:
         """The store entry sharing the longest prefix with the prompt, and the shared length."""
         return self.store.lookup(*self.identity, self._tokens(prompt), min_tokens=self.min_reuse_tokens,
-                                 exact_only=not self.allow_lossy)
+                                 exact_only=not self.allow_lossy, layout=self.layout)
 
     # ---- caches ---------------------------------------------------------------------------------
 
@@ -238,7 +241,7 @@ class Agent:
         the stored document (its stored logits give the next token), else at least one token is left to run.
         """
         hit = self.store.lookup(*self.identity, tokens, exclude=excluded, min_tokens=self.min_reuse_tokens,
-                                exact_only=not self.allow_lossy)
+                                exact_only=not self.allow_lossy, layout=self.layout)
         if hit is None:
             return None
         entry, matched = hit
@@ -261,10 +264,13 @@ class Agent:
             if loaded.tokens[:reuse] != list(tokens[:reuse]):
                 raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
         except TrustError:
-            return None
+            loaded = None
         except (KvmlxError, OSError) as e:
+            loaded = None
             self.store.discard(entry.key, f"load failed: {e}")
-            return None
+        if self.layout is not None:  # the ranks go on together: an entry any rank could not load serves none
+            if not all(row[0] for row in gather(self.lm, [loaded is not None], what="loading a store entry")):
+                return None
         return loaded
 
     def _start(self, prompt: str | Sequence[int]) -> tuple[Reuse, mx.array]:
