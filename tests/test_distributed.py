@@ -296,3 +296,38 @@ def test_store_publish_and_reuse_under_the_launcher(kvmlx_home, doc_file, tmp_pa
     one = subprocess.run([sys.executable, "-m", "kvmlx", "generate", "-m", MODEL, "--store", str(store), "-p", prompt,
                           "-n", "2", "--json"], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(kvmlx_home))
     assert one.returncode == 0 and json.loads(one.stdout)["reused_tokens"] == 0, one.stderr
+
+
+def test_serve_under_the_launcher_answers_from_the_sharded_store(kvmlx_home, doc_file, tmp_path):
+    """`kvmlx serve` under mlx.launch: rank 0 answers HTTP, both ranks run the shards; the completion
+    reuses the tensor-parallel store entry and its greedy tokens equal `generate --store` under the launcher."""
+    import urllib.request
+
+    store = tmp_path / "store"
+    launch_json(kvmlx_home, "publish", str(doc_file), "-m", MODEL, "--store-dir", str(store), "--chunk-size", str(CHUNK))
+    prompt = DOC + " Section 41:"
+    expected = launch_json(kvmlx_home, "generate", "-m", MODEL, "--store", str(store), "-p", prompt, "-n", "8")
+    port = _free_port_pair()
+    http = _free_port_pair()
+    cmd = [_launcher(), "--backend", "ring", "-n", "2", "--starting-port", str(port), "--", sys.executable, "-m", "kvmlx",
+           "serve", "-m", MODEL, "--store", str(store), "--port", str(http)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(kvmlx_home),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{http}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                answer = json.load(urllib.request.urlopen(req, timeout=60))
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        assert answer["kvmlx"]["tokens"] == expected["tokens"]
+        assert answer["kvmlx"]["cached_tokens"] == expected["reused_tokens"] > 0
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()

@@ -24,6 +24,7 @@ travel with it (the store keeps them beside its object).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import secrets
 import signal
@@ -127,6 +128,19 @@ def gather(lm: LoadedModel, row: Sequence[int], *, what: str, timeout: float | N
     if "error" in box:
         raise DistributedError(f"lost the other ranks while {what} ({box['error']})")
     return box["out"]
+
+
+def share(lm: LoadedModel, obj=None):
+    """Rank 0's JSON-able `obj`, on every rank (a collective on the calling thread, no timeout: the other
+    ranks of a server wait here while rank 0 is idle). JSON, not pickle: nothing executable crosses."""
+    if lm.group.rank() == 0:
+        data = json.dumps(obj).encode()
+        mx.eval(mx.distributed.all_sum(mx.array(len(data)), group=lm.group))
+        mx.eval(mx.distributed.all_sum(mx.array(list(data), dtype=mx.uint8), group=lm.group))
+        return obj
+    size = mx.distributed.all_sum(mx.array(0), group=lm.group).item()
+    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=lm.group)
+    return json.loads(bytes(memoryview(data)))
 
 
 def per_rank(lm: LoadedModel, **values: float | int | None) -> list[dict] | None:
