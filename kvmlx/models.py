@@ -55,17 +55,11 @@ GAIN = 3.0
 
 # Sizes only; the fields every built-in shares are added by _config. vocab_size is both the
 # embedding size and the exact size of the trained tokenizer.
+# ~0.9M params: builds and loads in about a second, for tests.
+_TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             intermediate_size=384, vocab_size=1024)
 PRESETS: dict[str, dict] = {
-    # ~0.9M params: builds and loads in about a second, for tests.
-    "tiny": dict(
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=384,
-        vocab_size=1024,
-    ),
+    "tiny": _TINY,
     # ~25M params, Qwen3's head_dim 128 and 4:1 GQA, for benchmarks: prefills ~50 tokens/s on a 2-core CPU.
     "small": dict(
         hidden_size=512,
@@ -78,16 +72,7 @@ PRESETS: dict[str, dict] = {
     ),
     # tiny's sizes as a Qwen2 (mlx-lm's qwen2 has both `shard()` and `pipeline()`, and plain KVCaches):
     # the preset for tensor- and pipeline-parallel runs under `mlx.launch` (runtime/distributed.py).
-    "tiny-qwen2": dict(
-        model_type="qwen2",
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=384,
-        vocab_size=1024,
-    ),
+    "tiny-qwen2": {**_TINY, "model_type": "qwen2"},
 }
 
 _ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
