@@ -58,21 +58,17 @@ GAIN = 3.0
 # ~0.9M params: builds and loads in about a second, for tests.
 _TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
              intermediate_size=384, vocab_size=1024)
+# ~25M params, Qwen3's head_dim 128 and 4:1 GQA, for benchmarks: prefills ~50 tokens/s on a 2-core CPU.
+_SMALL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+              intermediate_size=1024, vocab_size=4096)
 PRESETS: dict[str, dict] = {
     "tiny": _TINY,
-    # ~25M params, Qwen3's head_dim 128 and 4:1 GQA, for benchmarks: prefills ~50 tokens/s on a 2-core CPU.
-    "small": dict(
-        hidden_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=128,
-        intermediate_size=1024,
-        vocab_size=4096,
-    ),
+    "small": _SMALL,
     # tiny's sizes as a Qwen2 (mlx-lm's qwen2 has both `shard()` and `pipeline()`, and plain KVCaches):
     # the preset for tensor- and pipeline-parallel runs under `mlx.launch` (runtime/distributed.py).
     "tiny-qwen2": {**_TINY, "model_type": "qwen2"},
+    # small's sizes as a Qwen2 for the distributed bench (qwen2 derives head_dim = hidden / heads = 64)
+    "small-qwen2": {**_SMALL, "model_type": "qwen2", "head_dim": 64},
 }
 
 _ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

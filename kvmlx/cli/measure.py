@@ -31,6 +31,9 @@ def _lengths_option(ctx, param, value):
 @click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
               help="Time the load path alone on synthetic KV of this model's exact shape: no model, no prefill.")
 @click.option("--compression", is_flag=True, help="Instead: compare every KV encoding (size, speed, tokens, logits).")
+@click.option("--parallel", is_flag=True,
+              help="Instead: publish and load one document (the longest of --lengths) in one process and at 2 ranks under "
+                   "mlx.launch (tensor parallel, pipeline): each rank's bytes and load times.  [model: builtin:small-qwen2]")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, writable=True), default=None,
               help="Parent of the temporary directory for artifacts (pick one on the disk you care about).  [default: the system's]")
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size, as in publish.")
@@ -38,10 +41,13 @@ def _lengths_option(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine, config, roofline, results, targets).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
-def bench(model, dtype, lengths, runs, shape, compression, directory, chunk_size, no_cold, as_json, plot_path) -> None:
+def bench(model, dtype, lengths, runs, shape, compression, parallel, directory, chunk_size, no_cold, as_json, plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
-    if shape and (model or dtype or compression):
-        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression")
+    if shape and (model or dtype or compression or parallel):
+        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression/--parallel")
+    if parallel:
+        _parallel_bench(model, dtype, max(lengths), runs, directory, chunk_size, as_json, plot_path)
+        return
     if compression:
         lm = load_model(model or "builtin:small", dtype)
         with Progress("encodings", as_json, unit="enc") as bar:
@@ -62,6 +68,25 @@ def bench(model, dtype, lengths, runs, shape, compression, directory, chunk_size
         emit(result)
     else:
         click.echo(bench_api.format_table(result))
+        if plot_path is not None:
+            click.echo(f"\nplot: {plot_path}")
+
+
+def _parallel_bench(model, dtype, tokens, runs, directory, chunk_size, as_json, plot_path) -> None:
+    from ..measure.bench import parallel as parallel_bench
+
+    if dtype is not None:
+        raise click.UsageError("--parallel runs the model in its own dtype: drop --dtype")
+    with Progress("bench", as_json, unit="layout") as bar:
+        result = parallel_bench.run_parallel_bench(model or parallel_bench.DEFAULT_MODEL, tokens, runs,
+                                                   chunk_size=chunk_size, directory=directory,
+                                                   progress=lambda done, total, _phase: bar(done, total))
+    if plot_path is not None:
+        result["plot"] = str(parallel_bench.plot_parallel(result, plot_path))
+    if as_json:
+        emit(result)
+    else:
+        click.echo(parallel_bench.format_parallel_table(result))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")
 
