@@ -362,3 +362,59 @@ def test_serve_under_the_launcher_answers_from_the_sharded_store(tp_store, tp_st
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
+
+
+def test_hostile_parallel_objects_are_refused(published):
+    """The `parallel` object is validated like the rest of the header: ranges, split, names, digests."""
+    import copy
+
+    from kvmlx.artifact.layout import kv_plan
+    from kvmlx.errors import ArtifactError
+
+    _, out, _, _ = published
+    with Artifact(out) as art:
+        manifest = art.header
+    part_file = out.parent / manifest["parallel"]["parts"][0]["file"]
+    with Artifact(part_file) as art:
+        part = art.header
+    assert kv_plan(manifest, "m")[2] is False and kv_plan(part, "p")[2] is True
+
+    def broken(h, change):
+        h = copy.deepcopy(h)
+        change(h["parallel"])
+        return h
+
+    for h in [
+        broken(manifest, lambda p: p["parts"][0].update(file="../../etc/passwd")),
+        broken(manifest, lambda p: p["parts"][1].update(header_blake3="x" * 64)),
+        broken(manifest, lambda p: p["parts"].pop()),
+        broken(manifest, lambda p: p.update(part=0)),  # both part and parts
+        broken(manifest, lambda p: p.update(tensor_parallel=2, pipeline_stages=2)),
+        broken(manifest, lambda p: p["ranks"].reverse()),
+        broken(manifest, lambda p: p["ranks"][0].update(kv_heads=[0, 3], layers=[0, 9])),
+        broken(manifest, lambda p: p.update(extra=1)),
+        broken(part, lambda p: p.update(part=2)),
+        broken(part, lambda p: p.pop("part")),
+    ]:
+        with pytest.raises(ArtifactError, match="invalid header: parallel"):
+            kv_plan(h, "x")
+
+
+def test_pipeline_without_a_launcher_is_a_one_line_error(doc_file, tmp_path, kvmlx_home):
+    r = subprocess.run([sys.executable, "-m", "kvmlx", "publish", str(doc_file), "-m", MODEL, "-o", str(tmp_path / "x.kvmlx"),
+                        "--pipeline"], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env(kvmlx_home))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "mlx.launch" in r.stderr
+
+
+def test_verify_checks_the_parts_beside_a_manifest(published, single):
+    """`kvmlx verify --no-model` of a manifest verifies every part found beside it; with a model, one
+    process is refused by layout (spot checks recompute under the publisher's layout only)."""
+    from kvmlx.measure.spotcheck import spot_check
+
+    _, out, _, _ = published
+    report = spot_check(out, None)
+    with Artifact(out) as art:
+        files = [out.parent / p["file"] for p in art.header["parallel"]["parts"]]
+    assert report.digests_verified == sum(len(Artifact(f).tensors) for f in files) > 0
+    with pytest.raises(LayoutMismatchError):
+        spot_check(out, single[0])

@@ -54,10 +54,6 @@ class Layout:
         return {"tensor_parallel": self.tensor_parallel, "pipeline_stages": self.pipeline_stages,
                 "ranks": [r.to_json() for r in self.ranks]}
 
-    def key(self) -> dict:
-        """What a store key needs of the layout (everything: two layouts differ in any field)."""
-        return self.to_json()
-
     def describe(self) -> str:
         if self.tensor_parallel > 1:
             each = "; ".join(f"rank {r.rank}: KV heads {_span(r.kv_heads)}" for r in self.ranks)

@@ -14,7 +14,7 @@ import click
 
 from ..artifact import trust as trust_api
 from ..artifact.format import ENCODINGS, Artifact, read_header
-from ..artifact.layout import describe
+from ..artifact.layout import describe, header_layout
 from ..models import load_model
 from ..runtime.distributed import per_rank, running_layout
 from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
@@ -287,6 +287,10 @@ def inspect(artifact, as_json) -> None:
         ("tensors", f"{len(tensors)} ({h['digest']} digest each), 16 KiB-aligned"),
         ("tokens", preview),
     ]
+    if (layout := header_layout(h)) is not None:
+        p = h["parallel"]
+        what = f"rank {p['part']}'s part" if "part" in p else "manifest of " + ", ".join(e["file"] for e in p["parts"])
+        rows.insert(5, ("parallel", f"{layout.describe()}; {what}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")

@@ -48,7 +48,6 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from ..artifact.format import Artifact
 from ..artifact.identity import (
     check_binding,
-    config_geometry,
     model_fingerprint,
     tokenizer_fingerprint,
 )
@@ -56,6 +55,7 @@ from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import check_supported
 from ..errors import RecomputeMismatchError
 from ..models import LoadedModel
+from ..runtime.distributed import full_geometry, open_part, verify_parts
 from ..runtime.load import _release, check_tokens_and_logits, read_caches
 from ..runtime.publish import prefill
 
@@ -207,13 +207,15 @@ def spot_check(
             t1 = time.perf_counter()
             if verify_digests:
                 art.verify_all()
-                report.digests_verified = len(art.tensors)
+                report.digests_verified = len(art.tensors) + verify_parts(art)  # a manifest's parts found beside it
             report.seconds["digests"] = time.perf_counter() - t1
             return report
         check_supported(lm.model)
+        art = open_part(art, lm)  # the artifact's parallel layout, or refused by name; under mlx.launch, this rank's part
+        h = art.header
         check_binding(
             h, model_fp=model_fingerprint(lm.model, lm.config), tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
-            dtype=lm.dtype, geometry=config_geometry(lm.model, lm.config),
+            dtype=lm.dtype, geometry=full_geometry(lm),
         )
         check_tokens_and_logits(h, lm)  # before any prefill: an id past the embedding table reads out of bounds
         t1 = time.perf_counter()
