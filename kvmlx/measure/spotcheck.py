@@ -48,14 +48,12 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from ..artifact.format import Artifact
 from ..artifact.identity import (
     check_binding,
-    model_fingerprint,
-    tokenizer_fingerprint,
 )
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import check_supported
 from ..errors import RecomputeMismatchError
 from ..models import LoadedModel
-from ..runtime.distributed import full_geometry, open_part, verify_parts
+from ..runtime.distributed import open_part, verify_parts
 from ..runtime.load import _release, check_tokens_and_logits, read_caches
 from ..runtime.publish import prefill
 
@@ -213,10 +211,7 @@ def spot_check(
         check_supported(lm.model)
         art = open_part(art, lm)  # the artifact's parallel layout, or refused by name; under mlx.launch, this rank's part
         h = art.header
-        check_binding(
-            h, model_fp=model_fingerprint(lm.model, lm.config), tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
-            dtype=lm.dtype, geometry=full_geometry(lm),
-        )
+        check_binding(h, lm)
         check_tokens_and_logits(h, lm)  # before any prefill: an id past the embedding table reads out of bounds
         t1 = time.perf_counter()
         caches, logits, _ = read_caches(art, verify_digests=verify_digests, headroom=0, load_path="copy")

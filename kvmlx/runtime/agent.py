@@ -42,7 +42,7 @@ from .generate import (
     decode_timed,
     from_scratch,
 )
-from .distributed import ensure_fingerprint, gather, running_layout
+from .distributed import gather, running_layout
 from .load import LoadedKV, load_artifact
 from .publish import DEFAULT_CHUNK, prefill
 from .store import BLOCK, Entry, Store, StorePublish
@@ -182,8 +182,7 @@ class Agent:
     @property
     def identity(self) -> tuple[str, str, str]:
         """(model fingerprint, tokenizer fingerprint, dtype): what a stored artifact must match (and `layout`)."""
-        ensure_fingerprint(self.lm)
-        return (model_fingerprint(self.lm.model, self.lm.config), tokenizer_fingerprint(self.lm.tokenizer), self.lm.dtype)
+        return (model_fingerprint(self.lm), tokenizer_fingerprint(self.lm), self.lm.dtype)
 
     def encode(self, prompt: str) -> list[int]:
         """A full prompt's token ids, special tokens added as the tokenizer adds them (as publish does)."""

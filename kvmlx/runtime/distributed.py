@@ -34,9 +34,8 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from ..artifact import identity
 from ..artifact.format import Artifact, Signer, TensorData, write_artifact
-from ..artifact.identity import KVGeometry, config_geometry
+from ..artifact.identity import config_geometry
 from ..artifact.layout import Layout, check_layout, header_layout, pipeline_layout, tensor_layout
 from ..errors import ArtifactError, IntegrityError, KvmlxError, UnsupportedModelError
 from ..models import LoadedModel
@@ -57,7 +56,7 @@ def running_layout(lm: LoadedModel) -> Layout | None:
     """The layout `lm` is sharded in (None: one process holding the whole model)."""
     if lm.group is None:
         return None
-    size, geometry = lm.group.size(), full_geometry(lm)
+    size, geometry = lm.group.size(), config_geometry(lm.model, lm.config)
     if lm.parallel == "tensor":
         if geometry.num_kv_heads % size:
             raise UnsupportedModelError(f"{geometry.num_kv_heads} KV heads do not split over {size} tensor-parallel ranks")
@@ -69,34 +68,6 @@ def running_layout(lm: LoadedModel) -> Layout | None:
         raise UnsupportedModelError(f"rank {lm.group.rank()} runs layers {inner.start_idx}-{inner.end_idx - 1}, "
                                     f"not the {mine.layers[0]}-{mine.layers[1] - 1} kvmlx expects of mlx-lm's pipeline")
     return layout
-
-
-def full_geometry(lm: LoadedModel) -> KVGeometry | None:
-    """The whole model's KV geometry (a pipeline stage's `model.layers` holds only its own layers)."""
-    geometry = config_geometry(lm.model, lm.config)
-    if geometry is not None and lm.parallel == "pipeline":
-        geometry = dataclasses.replace(geometry, num_layers=int(lm.config["num_hidden_layers"]))
-    return geometry
-
-
-def ensure_fingerprint(lm: LoadedModel) -> None:
-    """Give a sharded model the fingerprint of its whole weights, the same on every rank and in one process.
-
-    Interim, until fingerprints are computed from the weight files (then sharding-invariant by
-    construction and this becomes a no-op): fingerprint the unsharded model, loaded lazily from the
-    same directory, and remember it for the sharded one.
-    """
-    if lm.group is None or id(lm.model) in identity._memo:
-        return
-    from mlx_lm.utils import load_model as mlx_lm_load_model
-
-    whole, _ = mlx_lm_load_model(lm.path, lazy=True, strict=False)
-    whole.set_dtype(getattr(mx, lm.dtype))
-    fp = identity.model_fingerprint(whole, lm.config)
-    identity._memo[id(lm.model)] = fp
-    import weakref
-
-    weakref.finalize(lm.model, identity._memo.pop, id(lm.model), None)
 
 
 # ---- collectives --------------------------------------------------------------------------------------
@@ -194,7 +165,7 @@ def write_parallel(out: str | os.PathLike, header: dict, tensors: Sequence[Tenso
     plus `logits`. Returns the manifest's header with `part_bytes` (this rank's part) added.
     """
     out = Path(out)
-    layout, geometry = running_layout(lm), full_geometry(lm)
+    layout, geometry = running_layout(lm), config_geometry(lm.model, lm.config)
     # the header describes the whole model; `parallel` says which share of it each part holds
     header = {**header, "model": {**header["model"], "num_layers": geometry.num_layers, "num_kv_heads": geometry.num_kv_heads}}
     rank, size = lm.group.rank(), lm.group.size()

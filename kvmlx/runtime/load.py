@@ -42,16 +42,12 @@ from mlx_lm.models.cache import KVCache
 
 from ..artifact.encodings import decode
 from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, header_kv_names
-from ..artifact.identity import (
-    check_binding,
-    model_fingerprint,
-    tokenizer_fingerprint,
-)
+from ..artifact.identity import check_binding, model_fingerprint, tokenizer_fingerprint
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import StreamedKVCache, check_supported, from_arrays
 from ..errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from ..models import LoadedModel
-from .distributed import ensure_fingerprint, full_geometry, open_part, read_bytes
+from .distributed import open_part, read_bytes
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
@@ -101,20 +97,13 @@ def load_artifact(
     """
     t0 = time.perf_counter()
     check_supported(lm.model)
-    ensure_fingerprint(lm)
-    model_fp, tokenizer_fp = model_fingerprint(lm.model, lm.config), tokenizer_fingerprint(lm.tokenizer)
+    model_fingerprint(lm), tokenizer_fingerprint(lm)  # computed (or remembered) before counting the artifact's bytes
     read0 = read_bytes()  # from here on, what this process reads is the artifact (LoadedKV.bytes_read)
     art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
         art = open_part(art, lm)  # the same layout, or refused by name; under mlx.launch, this rank's part
-        check_binding(
-            art.header,
-            model_fp=model_fp,
-            tokenizer_fp=tokenizer_fp,
-            dtype=lm.dtype,
-            geometry=full_geometry(lm),
-        )
+        check_binding(art.header, lm)
         check_tokens_and_logits(art.header, lm)
         encoding = art.header["kv"].get("encoding", "raw")
         if require_exact and not ENCODINGS[encoding]:

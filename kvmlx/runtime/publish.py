@@ -17,7 +17,7 @@ from ..artifact.format import ENCODINGS, Signer, TensorData, digest, write_artif
 from ..artifact.identity import model_fingerprint, rope_settings, tokenizer_fingerprint
 from ..caches import check_supported, kv_arrays
 from ..models import LoadedModel
-from .distributed import ensure_fingerprint, write_parallel
+from .distributed import write_parallel
 
 DEFAULT_CHUNK = 512
 ProgressFn = Callable[[int, int], None]
@@ -76,7 +76,6 @@ def publish(
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
     check_supported(lm.model)
-    ensure_fingerprint(lm)
     text_digest = digest(document.encode()) if isinstance(document, str) else None
     tokens = list(lm.tokenizer.encode(document)) if isinstance(document, str) else [int(t) for t in document]
     if not tokens:
@@ -95,14 +94,14 @@ def publish(
         "created_by": f"kvmlx {__version__} (mlx {mx.__version__})",
         "model": {
             "id": lm.model_id,
-            "fingerprint": model_fingerprint(lm.model, lm.config),
+            "fingerprint": model_fingerprint(lm),
             "model_type": str(lm.config.get("model_type", "unknown")),
             "num_layers": len(cache),
             "num_kv_heads": heads,
             "head_dim": head_dim,
             "rope": rope_settings(lm.config),
         },
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(lm.tokenizer)},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(lm)},
         "kv": {"dtype": tensors[0].dtype, "layout": "BHLD", "num_tokens": n, "chunk_size": chunk_size,
                "encoding": encoding, "lossless": ENCODINGS[encoding]},
         "document": {"tokens": tokens, "text_blake3": text_digest},

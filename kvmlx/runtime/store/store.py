@@ -177,7 +177,7 @@ class Store:
         arguments (`encoding=`, `sign=`) go to `kvmlx.runtime.publish.publish`.
         """
         from ...artifact.identity import model_fingerprint, tokenizer_fingerprint
-        from ..distributed import ensure_fingerprint, gather, running_layout
+        from ..distributed import gather, running_layout
         from ..publish import DEFAULT_CHUNK, publish as publish_api
 
         tokens = list(lm.tokenizer.encode(document)) if isinstance(document, str) else [int(t) for t in document]
@@ -185,9 +185,8 @@ class Store:
             raise ValueError("the document is empty: nothing to prefill")
         encoding = publish_kwargs.get("encoding", "raw")
         lossless = bool(ENCODINGS.get(encoding, False))
-        ensure_fingerprint(lm)
         layout = running_layout(lm)
-        key = artifact_key(model_fingerprint(lm.model, lm.config), tokenizer_fingerprint(lm.tokenizer), lm.dtype, tokens,
+        key = artifact_key(model_fingerprint(lm), tokenizer_fingerprint(lm), lm.dtype, tokens,
                            None if lossless else encoding, layout)
         entry = None if force else self.get(key)
         if layout is not None:  # every rank prefills together: skip only if every rank's store has it
