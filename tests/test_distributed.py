@@ -274,6 +274,7 @@ def test_store_keys_and_buckets_include_the_layout(published):
 
 
 def test_store_add_brings_the_parts_and_rm_removes_them(published, single, tmp_path):
+    from kvmlx.artifact.identity import model_fingerprint, tokenizer_fingerprint
     from kvmlx.artifact.layout import header_layout
     from kvmlx.runtime.store import Store
 
@@ -284,22 +285,12 @@ def test_store_add_brings_the_parts_and_rm_removes_them(published, single, tmp_p
     assert len(objects) == 3 and sum(".rank" in n for n in objects) == 2
     assert store.sync().skipped == []  # parts are not mistaken for stray files
     lm = single[0]  # one process: the same tokens in this store do not match (another layout's bucket)
-    assert store.lookup(lm_fp(lm), lm_tok(lm), lm.dtype, store.tokens(key)) is None
-    assert store.lookup(lm_fp(lm), lm_tok(lm), lm.dtype, store.tokens(key), layout=header_layout(Artifact(out).header))
+    identity = (model_fingerprint(lm), tokenizer_fingerprint(lm), lm.dtype)
+    assert store.lookup(*identity, store.tokens(key)) is None
+    with Artifact(out) as art:
+        assert store.lookup(*identity, store.tokens(key), layout=header_layout(art.header))
     store.rm(key)
     assert list(store.objects.iterdir()) == []
-
-
-def lm_fp(lm):
-    from kvmlx.artifact.identity import model_fingerprint
-
-    return model_fingerprint(lm.model, lm.config)
-
-
-def lm_tok(lm):
-    from kvmlx.artifact.identity import tokenizer_fingerprint
-
-    return tokenizer_fingerprint(lm.tokenizer)
 
 
 @pytest.fixture(scope="module")

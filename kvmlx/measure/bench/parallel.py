@@ -101,21 +101,25 @@ def _free_ports(n: int) -> int:
 
 
 def format_parallel_table(result: dict) -> str:
-    """One row per process: what it wrote and read, and how long its loads took."""
+    """One row per process: what it wrote and read, and how long its loads took; then the layouts."""
     cfg = result["config"]
-    lines = [f"{cfg['tokens']} tokens of {cfg['model']} KV; {cfg['ranks']} ranks on the {cfg['backend']} backend; "
+    lines = [f"{cfg['tokens']} tokens of {cfg['model']} KV; {cfg['ranks']} ranks, ring backend over 127.0.0.1; "
              f"re-loads: median of {cfg['runs']}",
-             f"{'layout':<44} {'rank':>4} {'part MB':>8} {'read MB':>8} {'1st load ms':>11} {'re-load ms':>10} {'prefill s':>9}"]
+             f"{'process':<16} {'part MB':>8} {'read MB':>8} {'share':>6} {'1st load ms':>11} {'re-load ms':>10} "
+             f"{'prefill s':>9} {'write s':>8}"]
+    single = result["single"]
 
-    def row(name: str, rank: str, r: dict) -> str:
-        read = f"{r['first_load_bytes'] / 1e6:8.2f}" if r.get("first_load_bytes") is not None else f"{'-':>8}"
-        return (f"{name:<44} {rank:>4} {r['part_bytes'] / 1e6:8.2f} {read} {r['first_load_seconds'] * 1e3:11.1f} "
-                f"{r['load_seconds'] * 1e3:10.1f} {r['prefill_seconds']:9.2f}")
+    def row(name: str, r: dict) -> str:
+        read = r.get("first_load_bytes")
+        share = f"{read / single['first_load_bytes']:6.1%}" if read and single.get("first_load_bytes") else f"{'-':>6}"
+        return (f"{name:<16} {r['part_bytes'] / 1e6:8.3f} {(read or 0) / 1e6:8.3f} {share} {r['first_load_seconds'] * 1e3:11.1f} "
+                f"{r['load_seconds'] * 1e3:10.1f} {r['prefill_seconds']:9.2f} {r['write_seconds']:8.3f}")
 
-    lines.append(row("one process", "-", result["single"]))
-    for layout in result["layouts"].values():
+    lines.append(row("one process", single))
+    for mode, layout in result["layouts"].items():
         for r in layout["ranks"]:
-            lines.append(row(layout["layout"][:44], str(r["rank"]), r))
+            lines.append(row(f"{'TP' if mode == 'tensor' else 'PP'} 2, rank {r['rank']}", r))
+    lines += [""] + [f"{'TP' if m == 'tensor' else 'PP'} 2: {layout['layout']}" for m, layout in result["layouts"].items()]
     return "\n".join(lines)
 
 
