@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     DtypeMismatchError,
     IntegrityError,
     KvmlxError,
+    LayoutMismatchError,
     MismatchError,
     ModelLoadError,
     ModelMismatchError,
@@ -43,7 +44,8 @@ from .runtime.store import Store, StoreError  # noqa: E402
 
 __all__ = [
     "Agent", "Store", "StoreError", "chat_prefix_tokens", "chat_prompt_tokens",
-    "Artifact", "ArtifactError", "DtypeMismatchError", "Generation", "IntegrityError", "KvmlxError", "LoadedKV",
+    "Artifact", "ArtifactError", "DtypeMismatchError", "Generation", "IntegrityError", "KvmlxError",
+    "LayoutMismatchError", "LoadedKV",
     "LoadedModel", "MismatchError", "ModelLoadError", "ModelMismatchError", "PrefixMismatchError", "PublishResult",
     "TokenizerMismatchError", "UnsupportedModelError", "UnsupportedVersionError", "Verification", "continue_from",
     "from_scratch", "generate", "load_artifact", "load_model", "publish", "read_header", "split_prompt", "verify",
