@@ -405,3 +405,22 @@ def test_verify_checks_the_parts_beside_a_manifest(published, single):
     assert report.digests_verified == sum(len(Artifact(f).tensors) for f in files) > 0
     with pytest.raises(LayoutMismatchError):
         spot_check(out, single[0])
+
+
+def test_gc_removes_parts_no_manifest_lists(published, tmp_path):
+    """A store publish whose ranks did not all finish can leave a part in objects/: gc removes it once
+    it is older than the grace period, and never a part its manifest lists."""
+    from kvmlx.runtime.store import Store
+
+    _, out, _, _ = published
+    store = Store(tmp_path / "store")
+    key = store.add(out)
+    listed = sorted(p.name for p in store.objects.iterdir() if ".rank" in p.name)
+    orphan = store.objects / "artifact.kvmlx.0123456789abcdef.rank1of2"
+    orphan.write_bytes(b"x")
+    assert store.gc().parts_removed == 0 and orphan.exists()  # young: its publish may still be running
+    old = time.time() - 7200
+    for p in store.objects.iterdir():
+        os.utime(p, (old, old))
+    assert store.gc().parts_removed == 1 and not orphan.exists()
+    assert sorted(p.name for p in store.objects.iterdir() if ".rank" in p.name) == listed and key in store

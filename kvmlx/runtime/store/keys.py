@@ -86,6 +86,7 @@ class GcResult:
     kept_bytes: int = 0
     temp_removed: int = 0
     quarantine_removed: int = 0
+    parts_removed: int = 0  # parts of parallel artifacts that no stored manifest lists
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

@@ -18,6 +18,7 @@ from .index import Index
 from .keys import _KEY_RE, OBJECT_SUFFIX, GcResult, ReindexResult, header_key
 from .lock import dead_staging
 
+PART_GRACE_SECONDS = 3600.0  # gc leaves unlisted parts younger than this (their publish may still be running)
 _PART_RE = re.compile(r"\.rank\d+of\d+$")  # a parallel artifact's part file (runtime/distributed.py names them)
 
 
@@ -90,9 +91,28 @@ def quarantine(root: Path, index: Index, key: str, reason: str = "") -> None:
                 (root / "quarantine" / f"{key}.reason.txt").write_text(reason + "\n", encoding="utf-8")
 
 
+def _orphan_parts(root: Path, grace: float = PART_GRACE_SECONDS) -> int:
+    """Remove part files in objects/ that no stored manifest lists (a publish whose ranks did not all
+    finish), once older than `grace` seconds: a running publish moves its parts in before its manifest."""
+    listed: set[str] = set()
+    parts = []
+    with os.scandir(root / "objects") as it:
+        for e in it:
+            if _PART_RE.search(e.name):
+                parts.append(e)
+            elif e.name.endswith(OBJECT_SUFFIX) and _KEY_RE.match(e.name[: -len(OBJECT_SUFFIX)]):
+                listed.update(p.name for p in part_files(root, e.name[: -len(OBJECT_SUFFIX)]))
+    removed = 0
+    for e in parts:
+        if e.name not in listed and time.time() - e.stat(follow_symlinks=False).st_mtime > grace:
+            Path(e.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def gc(root: Path, index: Index, max_bytes: int | None = None) -> GcResult:
-    """Remove dead writers' staging directories and quarantined files, sync, then evict least recently
-    used entries until the artifacts total at most `max_bytes` (none evicted without it)."""
+    """Remove dead writers' staging directories, quarantined files and parts no manifest lists, sync,
+    then evict least recently used entries until the artifacts total at most `max_bytes` (none evicted without it)."""
     out = GcResult()
     with index.lock:
         tmp, quarantined = root / "tmp", root / "quarantine"
@@ -105,6 +125,7 @@ def gc(root: Path, index: Index, max_bytes: int | None = None) -> GcResult:
                 f.unlink(missing_ok=True)
                 out.quarantine_removed += 1
         reconcile(root, index)
+        out.parts_removed = _orphan_parts(root)
         rows = index.lru()
         total = sum(b for _, b in rows)
         victims = []
