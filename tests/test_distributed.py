@@ -424,3 +424,25 @@ def test_gc_removes_parts_no_manifest_lists(published, tmp_path):
         os.utime(p, (old, old))
     assert store.gc().parts_removed == 1 and not orphan.exists()
     assert sorted(p.name for p in store.objects.iterdir() if ".rank" in p.name) == listed and key in store
+
+
+def test_bench_parallel_reports_every_rank(kvmlx_home, tmp_path):
+    """`kvmlx bench --parallel`: one process, then 2 ranks at TP 2 and PP 2, each rank's bytes and times."""
+    plot = tmp_path / "parallel.png"
+    r = subprocess.run([sys.executable, "-m", "kvmlx", "bench", "--parallel", "-m", MODEL, "--lengths", "300", "--runs", "1",
+                        "--json", "--plot", str(plot)], capture_output=True, text=True, timeout=3 * LAUNCH_TIMEOUT,
+                       env=_env(kvmlx_home))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    single = result["single"]
+    assert single["first_load_bytes"] >= single["part_bytes"] > 0
+    for mode in ("tensor", "pipeline"):
+        ranks = result["layouts"][mode]["ranks"]
+        assert [x["rank"] for x in ranks] == [0, 1]
+        for x in ranks:
+            assert x["part_bytes"] <= x["first_load_bytes"] < single["first_load_bytes"]
+            assert x["first_load_seconds"] > 0 and x["load_seconds"] > 0
+    assert plot.stat().st_size > 10_000
+    from kvmlx.measure.bench.parallel import format_parallel_table
+
+    assert "TP 2, rank 1" in format_parallel_table(result) and "PP 2, rank 0" in format_parallel_table(result)

@@ -62,12 +62,17 @@ def bench(model, dtype, lengths, runs, shape, compression, parallel, directory, 
             result = bench_api.run_shape_bench(shape, lengths, runs, **options)
         else:
             result = bench_api.run_model_bench(load_model(model or "builtin:small", dtype), lengths, runs, **options)
+    _report(result, as_json, plot_path, bench_api.plot, bench_api.format_table)
+
+
+def _report(result: dict, as_json: bool, plot_path, plot, table) -> None:
+    """Draw `result` to `plot_path` if asked, then print it as JSON or as a table."""
     if plot_path is not None:
-        result["plot"] = str(bench_api.plot(result, plot_path))
+        result["plot"] = str(plot(result, plot_path))
     if as_json:
         emit(result)
     else:
-        click.echo(bench_api.format_table(result))
+        click.echo(table(result))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")
 
@@ -81,14 +86,7 @@ def _parallel_bench(model, dtype, tokens, runs, directory, chunk_size, as_json, 
         result = parallel_bench.run_parallel_bench(model or parallel_bench.DEFAULT_MODEL, tokens, runs,
                                                    chunk_size=chunk_size, directory=directory,
                                                    progress=lambda done, total, _phase: bar(done, total))
-    if plot_path is not None:
-        result["plot"] = str(parallel_bench.plot_parallel(result, plot_path))
-    if as_json:
-        emit(result)
-    else:
-        click.echo(parallel_bench.format_parallel_table(result))
-        if plot_path is not None:
-            click.echo(f"\nplot: {plot_path}")
+    _report(result, as_json, plot_path, parallel_bench.plot_parallel, parallel_bench.format_parallel_table)
 
 
 @main.command("cost")

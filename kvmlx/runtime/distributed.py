@@ -26,9 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import secrets
 import signal
 import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +39,13 @@ import mlx.core as mx
 
 from ..artifact.format import Artifact, Signer, TensorData, write_artifact
 from ..artifact.identity import config_geometry
-from ..artifact.layout import Layout, check_layout, header_layout, pipeline_layout, tensor_layout
+from ..artifact.layout import (
+    Layout,
+    check_layout,
+    header_layout,
+    pipeline_layout,
+    tensor_layout,
+)
 from ..errors import ArtifactError, IntegrityError, KvmlxError, UnsupportedModelError
 from ..models import LoadedModel
 
@@ -80,24 +89,46 @@ def gather(lm: LoadedModel, row: Sequence[int], *, what: str, timeout: float | N
     size, rank = lm.group.size(), lm.group.rank()
     rows = [[0] * len(row) for _ in range(size)]
     rows[rank] = [int(v) for v in row]
-    box: dict = {}
 
-    def run() -> None:  # on its own thread, so that the caller can give up on it (MLX streams are per thread)
+    def run(stream) -> list[list[int]]:
+        table = mx.array(rows, dtype=mx.int64)
+        return mx.distributed.all_sum(table, group=lm.group, stream=stream).tolist()
+
+    limit = BARRIER_TIMEOUT if timeout is None else timeout
+    try:
+        return _collective(run).result(timeout=limit)
+    except FutureTimeout:
+        raise DistributedError(f"no answer from the other ranks within {limit:.0f} s while {what}") from None
+    except RuntimeError as e:  # the ring backend fails pending operations when a peer is gone
+        raise DistributedError(f"lost the other ranks while {what} ({e})") from None
+
+
+# One daemon thread runs these collectives, so that a caller can give up on one (the timeout above)
+# and a stuck one never holds up the process's exit. MLX streams belong to the thread that made them
+# and each CPU stream keeps an OS thread of its own: one stream, one thread, for every collective.
+_QUEUE: queue.Queue = queue.Queue()
+_WORKER: list[threading.Thread] = []
+_WORKER_LOCK = threading.Lock()
+
+
+def _collective(fn) -> Future:
+    with _WORKER_LOCK:
+        if not _WORKER:
+            _WORKER.append(threading.Thread(target=_serve_collectives, name="kvmlx-collective", daemon=True))
+            _WORKER[0].start()
+    done: Future = Future()
+    _QUEUE.put((fn, done))
+    return done
+
+
+def _serve_collectives() -> None:
+    stream = mx.new_stream(mx.cpu)
+    while True:
+        fn, done = _QUEUE.get()
         try:
-            stream = mx.new_stream(mx.cpu)
-            table = mx.array(rows, dtype=mx.int64)
-            box["out"] = mx.distributed.all_sum(table, group=lm.group, stream=stream).tolist()
-        except BaseException as e:  # noqa: BLE001 - reported to the caller below
-            box["error"] = e
-
-    worker = threading.Thread(target=run, name="kvmlx-collective", daemon=True)
-    worker.start()
-    worker.join(BARRIER_TIMEOUT if timeout is None else timeout)
-    if worker.is_alive():
-        raise DistributedError(f"no answer from the other ranks within {timeout or BARRIER_TIMEOUT:.0f} s while {what}")
-    if "error" in box:
-        raise DistributedError(f"lost the other ranks while {what} ({box['error']})")
-    return box["out"]
+            done.set_result(fn(stream))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            done.set_exception(e)
 
 
 def share(lm: LoadedModel, obj=None):

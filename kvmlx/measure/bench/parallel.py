@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from ...artifact.layout import describe
 from ...models import load_model
 from ...runtime.distributed import per_rank, running_layout
 from ...runtime.load import load_artifact
 from ...runtime.publish import DEFAULT_CHUNK, publish
-from ...artifact.layout import describe
 from .harness import ProgressFn, document_tokens
 from .machine import machine_info, summarize
 
