@@ -67,7 +67,9 @@ class LoadedKV:
     load_seconds: float  # until the caches were returned (with "overlap", layers may still be arriving)
     load_path: str  # "copy", "zero-copy" or "overlap"
     signature: SignatureStatus | None = None  # who signed it (kvmlx.artifact.trust.check_signature's result)
-    bytes_read: int | None = None  # bytes this process read from files during the load (Linux: /proc/self/io), else None
+    # bytes this process read with read/pread calls during the load (Linux: /proc/self/io), else None;
+    # decoding encoded tensors reads the memory map instead (page faults), which this does not count
+    bytes_read: int | None = None
 
     def wait(self) -> None:
         """Block until every layer is in memory (only the overlap path returns earlier)."""
