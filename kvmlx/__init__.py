@@ -22,12 +22,14 @@ from .errors import (  # noqa: E402
     IntegrityError,
     KVQuantizationMismatchError,
     KvmlxError,
+    LayoutMismatchError,
     MismatchError,
     ModelLoadError,
     ModelMismatchError,
     PrefixMismatchError,
     TokenizerMismatchError,
     UnsupportedModelError,
+    UnsupportedParallelError,
     UnsupportedVersionError,
 )
 from .models import LoadedModel, load_model  # noqa: E402
@@ -47,9 +49,11 @@ from .runtime.store import Store, StoreError  # noqa: E402
 
 __all__ = [
     "Agent", "Store", "StoreError", "chat_prefix_tokens", "chat_prompt_tokens",
-    "Artifact", "ArtifactError", "DtypeMismatchError", "Generation", "IntegrityError", "KvmlxError", "LoadedKV",
+    "Artifact", "ArtifactError", "DtypeMismatchError", "Generation", "IntegrityError", "KvmlxError",
+    "LayoutMismatchError", "LoadedKV",
     "LoadedModel", "MismatchError", "ModelLoadError", "ModelMismatchError", "PrefixMismatchError", "PublishResult",
     "TokenizerMismatchError", "UnsupportedModelError", "UnsupportedVersionError", "Verification", "continue_from",
     "from_scratch", "generate", "load_artifact", "load_model", "publish", "read_header", "split_prompt", "verify",
     "CacheMismatchError", "KVQuantization", "KVQuantizationMismatchError", "caches_at",
+    "UnsupportedParallelError",
 ]

@@ -65,12 +65,21 @@ class PrefixMismatchError(MismatchError):
     """The agent's prompt does not start with the artifact's document tokens."""
 
 
+class LayoutMismatchError(MismatchError):
+    """The artifact was published under another parallel layout (tensor parallel, pipeline stages, one process)."""
+
+
 class LossyArtifactError(MismatchError):
     """The artifact's KV is lossily encoded (quantised) but an exact load was required."""
 
 
 class UnsupportedModelError(KvmlxError):
     """The model's caches are not plain mlx-lm KV caches (sliding window, quantized, recurrent...)."""
+
+
+class UnsupportedParallelError(UnsupportedModelError):
+    """A distributed run (tensor parallel, pipeline stages under mlx.launch) was asked for what only one
+    process supports: caches other than plain KV (sliding windows, recurrent state) or --kv-bits KV."""
 
 
 class ModelLoadError(KvmlxError):

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,27 +55,20 @@ GAIN = 3.0
 
 # Sizes only; the fields every built-in shares are added by _config. vocab_size is both the
 # embedding size and the exact size of the trained tokenizer.
+# ~0.9M params: builds and loads in about a second, for tests.
+_TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+             intermediate_size=384, vocab_size=1024)
+# ~25M params, Qwen3's head_dim 128 and 4:1 GQA, for benchmarks: prefills ~50 tokens/s on a 2-core CPU.
+_SMALL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+              intermediate_size=1024, vocab_size=4096)
 PRESETS: dict[str, dict] = {
-    # ~0.9M params: builds and loads in about a second, for tests.
-    "tiny": dict(
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=384,
-        vocab_size=1024,
-    ),
-    # ~25M params, Qwen3's head_dim 128 and 4:1 GQA, for benchmarks: prefills ~50 tokens/s on a 2-core CPU.
-    "small": dict(
-        hidden_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=128,
-        intermediate_size=1024,
-        vocab_size=4096,
-    ),
+    "tiny": _TINY,
+    "small": _SMALL,
+    # tiny's sizes as a Qwen2 (mlx-lm's qwen2 has both `shard()` and `pipeline()`, and plain KVCaches):
+    # the preset for tensor- and pipeline-parallel runs under `mlx.launch` (runtime/distributed.py).
+    "tiny-qwen2": {**_TINY, "model_type": "qwen2"},
+    # small's sizes as a Qwen2 for the distributed bench (qwen2 derives head_dim = hidden / heads = 64)
+    "small-qwen2": {**_SMALL, "model_type": "qwen2", "head_dim": 64},
     # One per mlx-lm cache family (caches/), tiny like `tiny`: a hybrid Qwen3-Next (Gated DeltaNet layers
     # with ArraysCache recurrent state, every 4th layer full attention with KVCache), a Gemma-3-style
     # model alternating a 32-token sliding window (RotatingKVCache, shorter than the sample document)
@@ -101,12 +94,14 @@ PRESETS: dict[str, dict] = {
     ),
 }
 FLOAT32_OFF_METAL = {"gpt-oss"}  # presets whose kernels only run in float32 on MLX's CPU backend
-SHARDED = {"hybrid", "sliding", "gpt-oss"}  # presets written as two shards + model.safetensors.index.json
+SHARDED = {"hybrid", "sliding", "gpt-oss"}  # presets written as two shards (every preset has model.safetensors.index.json)
 
-_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3_next": "Qwen3NextForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 # Bump when the build recipe changes, so builtin_path stops reusing models built by the old recipe.
-_RECIPE_VERSION = 1
+# 2: model.safetensors.index.json (mlx-lm's pipeline sharding reads it to pick each stage's files).
+_RECIPE_VERSION = 2
+PARALLEL_MODES = ("tensor", "pipeline")
 
 
 @dataclass
@@ -117,6 +112,8 @@ class LoadedModel:
     path: Path  # local directory holding config.json, weights and tokenizer files
     config: dict  # contents of config.json
     dtype: str  # "float16" | "bfloat16" | "float32": the floating dtype the model runs in now
+    group: Any = None  # the mx.distributed group the model is sharded over (None: one process, whole model)
+    parallel: str | None = None  # "tensor" or "pipeline" when sharded (runtime/distributed.py)
 
 
 def kvmlx_home() -> Path:
@@ -157,11 +154,7 @@ def build_builtin(
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(cfg))
         _write_json(tmp / "config.json", cfg)
-        weights = _random_weights(cfg, seed)
-        if preset in SHARDED:
-            _save_sharded(tmp, weights)
-        else:
-            _save_safetensors(tmp / "model.safetensors", weights)
+        _save_weights(tmp, _random_weights(cfg, seed), shards=2 if preset in SHARDED else 1)
         try:
             os.rename(tmp, out_dir)
         except OSError as e:  # a non-empty destination appeared meanwhile
@@ -192,16 +185,20 @@ def builtin_path(preset: str = "tiny") -> Path:
     return path
 
 
-def load_model(spec: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(spec: str | None = None, dtype: str | None = None, *, parallel: str | None = None) -> LoadedModel:
     """Load ``spec`` ("builtin:<preset>", default "builtin:tiny"; a local directory; or a hub repo id).
 
-    ``dtype`` casts the floating parameters; None keeps the stored dtype.
+    ``dtype`` casts the floating parameters; None keeps the stored dtype. Under a distributed launcher
+    (`mlx.launch`: ``mx.distributed.init().size() > 1``) the model is sharded over the group with
+    mlx-lm's ``sharded_load``: ``parallel="tensor"`` (the default there) or ``"pipeline"``.
     """
     import mlx_lm  # imports transformers: keep it off kvmlx's import path
 
     spec = spec or "builtin:tiny"
     if dtype is not None and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if parallel is not None and parallel not in PARALLEL_MODES:
+        raise ModelLoadError(f"unknown parallel mode {parallel!r}; expected one of {', '.join(PARALLEL_MODES)}")
     if spec.startswith("builtin:"):
         preset = spec.removeprefix("builtin:")
         if preset not in PRESETS:
@@ -212,13 +209,22 @@ def load_model(spec: str | None = None, dtype: str | None = None) -> LoadedModel
         source = Path(spec).expanduser()
         if not source.exists() and (source.is_absolute() or spec.startswith((".", "~"))):
             raise ModelLoadError(f"no model directory at {spec}")
+    group = distributed_group()
+    if group is None and parallel is not None:
+        raise ModelLoadError(f"{parallel} parallel needs several processes: run under `mlx.launch -n N`")
     try:
-        if source.exists():
+        if group is not None:
+            parallel = parallel or "tensor"
+            model, tokenizer, config = _sharded_load(str(source) if source.exists() else spec, group, parallel)
+            path = source.resolve() if source.exists() else mlx_lm.utils.hf_repo_to_path(spec)
+        elif source.exists():
             model, tokenizer, config = mlx_lm.load(str(source), return_config=True)
             path = source.resolve()
         else:  # a hub repo id: mlx_lm downloads it, then we find the snapshot it used
             model, tokenizer, config = mlx_lm.load(spec, return_config=True)
             path = mlx_lm.utils.hf_repo_to_path(spec)
+    except ModelLoadError:
+        raise
     except Exception as e:
         reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         raise ModelLoadError(f"cannot load model {spec!r}: {reason}") from e
@@ -227,7 +233,28 @@ def load_model(spec: str | None = None, dtype: str | None = None) -> LoadedModel
     if dtype is not None:
         model.set_dtype(DTYPES[dtype])
         mx.eval(model.parameters())  # pay the cast now, not inside the first timed forward
-    return LoadedModel(model, tokenizer, spec, path, config, model_dtype(model))
+    return LoadedModel(model, tokenizer, spec, path, config, model_dtype(model), group, parallel if group else None)
+
+
+def distributed_group():
+    """The launcher's process group when this process is one of several (`mlx.launch`), else None."""
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def _sharded_load(source: str, group, parallel: str):
+    """mlx-lm's `sharded_load`, tensor- or pipeline-parallel over `group`, refusing what the model lacks."""
+    from mlx_lm.utils import sharded_load
+
+    try:
+        if parallel == "tensor":
+            return sharded_load(source, tensor_group=group, return_config=True)
+        return sharded_load(source, pipeline_group=group, return_config=True)
+    except ValueError as e:
+        if "does not support" in str(e):
+            raise ModelLoadError(f"cannot load {source} {parallel}-parallel: mlx-lm's model has no "
+                                 f"{'shard()' if parallel == 'tensor' else 'pipeline()'}") from None
+        raise
 
 
 def model_dtype(model: nn.Module) -> str:
@@ -244,13 +271,15 @@ def model_dtype(model: nn.Module) -> str:
 def _config(preset: str, model_type: str | None = None) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    model_type = model_type or PRESETS[preset].get("model_type", "qwen3")
+    sizes = dict(PRESETS[preset])
+    model_type = model_type or sizes.get("model_type", "qwen3")
+    sizes.pop("model_type", None)
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"unsupported model_type {model_type!r}; expected one of {', '.join(_ARCHITECTURES)}")
     cfg = {
         "architectures": [_ARCHITECTURES[model_type]],
         "model_type": model_type,
-        **PRESETS[preset],
+        **sizes,
         "max_position_embeddings": 32768,
         "dtype": "bfloat16",
         "hidden_act": "silu",
@@ -354,14 +383,15 @@ def _save_safetensors(path: Path, weights: dict[str, np.ndarray]) -> None:
             f.write(weights[name].tobytes())  # little-endian, like every platform MLX runs on
 
 
-def _save_sharded(directory: Path, weights: dict[str, np.ndarray], shards: int = 2) -> None:
-    """Two (or `shards`) safetensors files split by name order, and `model.safetensors.index.json`
-    (what pipeline-parallel loading and Hugging Face tools read to find each tensor)."""
+def _save_weights(directory: Path, weights: dict[str, np.ndarray], shards: int = 1) -> None:
+    """The weights as `model.safetensors` (one shard) or `model-0000k-of-0000n.safetensors` split by name
+    order, and `model.safetensors.index.json` mapping every tensor to its file: mlx-lm's pipeline
+    sharding reads its `weight_map` to pick each stage's files (Hugging Face's sharded-checkpoint index)."""
     names = sorted(weights)
     per = -(-len(names) // shards)
     weight_map, total = {}, 0
     for k in range(shards):
-        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        file = "model.safetensors" if shards == 1 else f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: weights[n] for n in names[k * per : (k + 1) * per]}
         _save_safetensors(directory / file, part)
         weight_map.update({n: file for n in part})

@@ -1,5 +1,6 @@
 """The built-in models: deterministic, loadable offline by mlx_lm, and non-degenerate under greedy decoding."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from kvmlx import models
 from kvmlx.errors import ModelLoadError
 
 SAMPLE = (Path(models.__file__).parent / "data" / "sample_document.txt").read_text(encoding="utf-8")
-FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,23 @@ def test_build_is_byte_identical(tiny_dir, tmp_path):
     again = models.build_builtin(tmp_path / "again", "tiny")
     assert sorted(p.name for p in again.iterdir()) == FILES  # no leftovers, nothing missing
     assert read(again) == read(tiny_dir)
+
+
+def test_weight_index_maps_every_tensor(tiny_dir):
+    """mlx-lm's pipeline sharding picks each stage's files from model.safetensors.index.json."""
+    index = json.loads((tiny_dir / "model.safetensors.index.json").read_text())
+    names = set(mx.load(str(tiny_dir / "model.safetensors")))
+    assert set(index["weight_map"]) == names and set(index["weight_map"].values()) == {"model.safetensors"}
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in mx.load(str(tiny_dir / "model.safetensors")).values())
+
+
+def test_pipeline_preset_is_a_qwen2_with_shard_and_pipeline(tmp_path):
+    """builtin:tiny-qwen2 is the preset mlx-lm can shard both ways (qwen2 has shard() and pipeline())."""
+    d = models.build_builtin(tmp_path / "q2", "tiny-qwen2")
+    model, _ = mlx_lm.load(str(d))
+    assert json.loads((d / "config.json").read_text())["model_type"] == "qwen2"
+    assert hasattr(model, "shard") and hasattr(model.model, "pipeline")
+    assert len(set(greedy(model, list(range(3, 40)), 24))) > 8  # greedy output varies: exactness tests mean something
 
 
 def test_seed_changes_weights_only(tiny_dir, tmp_path):

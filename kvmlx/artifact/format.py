@@ -38,6 +38,7 @@ import blake3
 
 from ..errors import ArtifactError, IntegrityError, UnsupportedVersionError
 from . import layers
+from .layout import kv_plan
 
 MAGIC = b"\x89KVMLX\r\n"
 VERSION = 2  # the newest version this reader understands (and the writer's, for headers with `caches`)
@@ -69,9 +70,16 @@ ProgressFn = Callable[[int, int], None]
 Signer = Callable[[bytes], tuple[bytes, bytes]]
 
 
-def kv_tensor_names(num_layers: int) -> list[str]:
-    """The KV tensors a version-1 artifact holds, in file order: layers.{i}.keys, layers.{i}.values."""
-    return [f"layers.{i}.{kind}" for i in range(num_layers) for kind in ("keys", "values")]
+def kv_tensor_names(num_layers: int, first: int = 0) -> list[str]:
+    """The KV tensors a version-1 artifact holds, in file order: layers.{i}.keys, layers.{i}.values
+    (for i in [first, num_layers): a pipeline stage's part holds only its layers)."""
+    return [f"layers.{i}.{kind}" for i in range(first, num_layers) for kind in ("keys", "values")]
+
+
+def header_kv_names(header: dict) -> list[str]:
+    """The KV tensors a validated header lists: every layer's, or a parallel part's own (artifact/layout.py)."""
+    (first, end), _, _ = kv_plan(header, "artifact")
+    return kv_tensor_names(end, first)
 
 
 def align(n: int) -> int:
@@ -497,7 +505,11 @@ def _validate(h: Any, size: int, data_offset: int, name: str, version: int = 1) 
     _require(all(_is_int(t, 0, (1 << 31) - 1) for t in tokens), name, "token ids must be non-negative integers")
 
     entries = _get(h, "tensors", list, name)
-    _require(version > 1 or len(entries) == 2 * model["num_layers"] + 1, name,
+    (first, end_layer), heads, has_logits = kv_plan(h, name)  # a parallel part or manifest holds less (layout.py)
+    _require(version == 1 or "parallel" not in h, name,
+             "parallel artifacts hold plain KV (version 1): cache families and --kv-bits are single-process only")
+    expected = kv_tensor_names(end_layer, first)
+    _require(version > 1 or len(entries) == len(expected) + has_logits, name,
              f"{len(entries)} tensors for {model['num_layers']} layers (tensors missing or extra)")
     seen: set[str] = set()
     end, gap = data_offset, None
@@ -527,22 +539,22 @@ def _validate(h: Any, size: int, data_offset: int, name: str, version: int = 1) 
 
     _require(gap is None, name, f"tensor {gap!r} is not right after the previous one (the layout has no gaps)")
     _require(file_bytes == align(end), name, "bytes after the last tensor")
-    n_layers, heads, head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
+    head_dim = model["head_dim"]
     by_name = {e["name"]: e for e in entries}
-    _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
-    _require(by_name["logits"]["encoding"] == "raw" and by_name["logits"]["dtype"] in DTYPE_SIZES, name,
-             "tensor 'logits' must be raw floats")
+    if has_logits:  # a parallel manifest holds no tensors at all
+        _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
+        _require(by_name["logits"]["encoding"] == "raw" and by_name["logits"]["dtype"] in DTYPE_SIZES, name,
+                 "tensor 'logits' must be raw floats")
     kv_encoding = kv.get("encoding", "raw")
     _require(isinstance(kv_encoding, str) and kv_encoding in ENCODINGS, name, f"unknown KV encoding {kv_encoding!r}")
     _require(kv.get("lossless", ENCODINGS[kv_encoding]) is ENCODINGS[kv_encoding], name, "kv.lossless contradicts kv.encoding")
     if version > 1:
         layers.validate(h, by_name, name)
         return
-    expected = kv_tensor_names(n_layers)
     for tname in expected:
         _require(tname in by_name, name, f"tensor {tname!r} is missing")
         e = by_name[tname]
         _require(e["shape"] == [1, heads, n_tokens, head_dim], name, f"tensor {tname!r} has shape {e['shape']}, expected {[1, heads, n_tokens, head_dim]}")
         _require(e["dtype"] == kv_dtype, name, f"tensor {tname!r} is {e['dtype']}, the header says KV is {kv_dtype}")
     _require(all(by_name[t]["encoding"] == kv_encoding for t in expected), name, "KV tensors' encodings differ from kv.encoding")
-    _require(len(entries) == len(expected) + 1, name, "unexpected extra tensors")
+    _require(len(entries) == len(expected) + has_logits, name, "unexpected extra tensors")

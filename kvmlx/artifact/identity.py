@@ -134,7 +134,10 @@ def config_geometry(model: Any, config: dict) -> KVGeometry | None:
         heads = config.get("num_attention_heads")
         kv_heads = config.get("num_key_value_heads") or heads
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        return KVGeometry(len(model.layers), int(kv_heads), int(head_dim))
+        # a pipeline stage (mlx-lm's PipelineMixin) lists only its own layers: the whole model's count is the config's
+        staged = getattr(getattr(model, "model", None), "pipeline_size", 1) > 1
+        layers = int(config["num_hidden_layers"]) if staged else len(model.layers)
+        return KVGeometry(layers, int(kv_heads), int(head_dim))
     except (KeyError, TypeError, ZeroDivisionError, AttributeError):
         return None
 

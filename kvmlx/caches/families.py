@@ -19,6 +19,7 @@ from mlx_lm.models.cache import CacheList, make_prompt_cache
 
 from ..artifact.layers import checkpointed as needs_checkpoint  # noqa: F401  (re-exported)
 from ..artifact.layers import tensor_names  # noqa: F401  (re-exported)
+from ..artifact.layout import kv_plan
 from ..errors import CacheMismatchError, UnsupportedModelError
 from . import arrays, kv, quantized, rotating
 from .kv import StreamedKVCache
@@ -115,7 +116,8 @@ def check_model(header: Mapping, model_specs_: Sequence[Mapping], quant: KVQuant
 
     With quantization settings a model's `kv` layer may be stored as `quantized` with those bits.
     """
-    stored = specs_of(header.get("caches") or [{"family": kv.FAMILY}] * header["model"]["num_layers"])
+    (first, end), _, _ = kv_plan(header, "artifact")  # a pipeline stage's part holds only its layers
+    stored = specs_of(header.get("caches") or [{"family": kv.FAMILY}] * (end - first))
     if len(stored) != len(model_specs_):
         raise CacheMismatchError(f"artifact has caches for {len(stored)} layers, this model has {len(model_specs_)}")
     for i, (a, m) in enumerate(zip(stored, model_specs_)):

@@ -1,6 +1,9 @@
 """The `kvmlx` root command group and what every command shares: one-line errors, JSON output,
 progress bars, streaming text, the passphrase prompt.
 
+Under a distributed launcher (`mlx.launch -n N kvmlx ...`) every rank runs the same command on its
+shard of the model; rank 0 alone prints (text or --json), and errors name the rank that raised them.
+
 Exit codes: 0 success; 1 a kvmlx error (bad, mismatched or unreadable artifact or model: one line on
 stderr); 2 a usage error (Click's); 3 `--verify`/`demo` ran but reuse was not token-exact.
 The commands live beside this module, one module per command group, and register on `main`.
@@ -31,13 +34,38 @@ class KvmlxGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KvmlxError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(f"rank {_RANK[0]}: {e}" if _RANK else str(e)) from None
+        except RuntimeError as e:  # under a launcher, MLX's backend failing on a lost rank is one line too
+            from ..runtime.distributed import lost_peer
+
+            if not _RANK or (lost := lost_peer(e)) is None:
+                raise
+            raise click.ClickException(f"rank {_RANK[0]}: {lost}") from None
 
 
 @click.group(cls=KvmlxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kvmlx")
 def main() -> None:
     """Publish a document's KV cache once; load it and continue token-exactly instead of prefilling."""
+    _join_launcher()
+
+
+_RANK: list[int] = []  # [this rank] when running under a distributed launcher
+
+
+def _join_launcher() -> None:
+    """Under `mlx.launch`: join the group, quiet every rank's stdout but rank 0's, and turn the
+    launcher's SIGTERM (sent to all ranks when one fails) into a one-line error."""
+    from ..models import distributed_group
+    from ..runtime.distributed import install_launcher_handlers
+
+    group = distributed_group()
+    if group is None:
+        return
+    _RANK[:] = [group.rank()]
+    install_launcher_handlers()
+    if group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 class Progress:

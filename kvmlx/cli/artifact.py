@@ -14,8 +14,10 @@ import click
 
 from ..artifact import trust as trust_api
 from ..artifact.format import ENCODINGS, Artifact, read_header
+from ..artifact.layout import describe, header_layout
 from ..caches import layer_groups
 from ..models import load_model
+from ..runtime.distributed import per_rank, running_layout
 from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
 from ..runtime.generate import DEFAULT_MAX_TOKENS
 from ..runtime.generate import generate as generate_api
@@ -34,6 +36,16 @@ from .app import (
     main,
     stream_printer,
 )
+
+PIPELINE_OPTION = click.option(
+    "--pipeline", is_flag=True,
+    help="Under mlx.launch: shard the model in pipeline stages (layers per rank) instead of tensor parallel (KV heads per rank).")
+
+
+def parallel_mode(pipeline: bool) -> str | None:
+    """load_model's `parallel`: pipeline when asked, else tensor parallel under a launcher (None lets it choose)."""
+    return "pipeline" if pipeline else None
+
 
 DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache instead of running prefill?\nAnswer:"
 
@@ -56,9 +68,10 @@ DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache inste
               help="Models with recurrent state or sliding windows: store a state checkpoint every N tokens (a multiple "
                    "of --chunk-size) so prompts sharing part of the document reuse it (default: auto, by state size).")
 @kv_quant_options
+@PIPELINE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, sign_key, checkpoint_every,
-            kv_bits, kv_group_size, quantized_kv_start, as_json) -> None:
+            kv_bits, kv_group_size, quantized_kv_start, pipeline, as_json) -> None:
     """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact (--out) or store it (--store)."""
     to_store = to_store or store_dir is not None
     kv_quant = kv_quant_from(kv_bits, kv_group_size, quantized_kv_start)
@@ -74,7 +87,7 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
     key = trust_api.load_private_key(sign_key, ask_passphrase) if sign_key else None  # fail before the prefill
     signing = {"sign": trust_api.signer(key)} if key else {}
     signing.update(kv_quant=kv_quant, checkpoint_every=checkpoint_every)
-    lm = load_model(model, dtype)
+    lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
     text = document.read()
     payload = chat_prefix_tokens(lm, text, system) if chat else text
     stored = None
@@ -104,6 +117,12 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
         summary.update(key=stored.key, existed=stored.existed)
     summary["chat"] = chat
     summary["signed_by"] = trust_api.public_key_id(key) if key and result is not None else None
+    ranks = per_rank(lm, part_bytes=result.artifact_bytes if result else None,
+                     prefill_seconds=result.prefill_seconds if result else 0.0,
+                     write_seconds=result.write_seconds if result else 0.0)
+    if ranks is not None:
+        summary["parallel"] = {"layout": describe(running_layout(lm)), "ranks": ranks}
+        summary.pop("artifact_bytes", None)  # each rank's part is in ranks[]; the manifest is at `artifact`
     if as_json:
         emit(summary)
     elif result is None:
@@ -115,6 +134,8 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
         if result.num_checkpoints:
             click.echo(f"{result.num_checkpoints} state checkpoints every {result.checkpoint_every} tokens "
                        f"({result.checkpoint_bytes / 1e6:.2f} MB)")
+        if ranks is not None:
+            click.echo(_rank_words(summary["parallel"], "part_bytes", "write_seconds", "wrote"))
 
 
 @main.command()
@@ -141,10 +162,11 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
               help="Only use artifacts signed by a key in your trust list (`kvmlx trust`); without ARTIFACT, "
                    "stored entries from other publishers are skipped.")
 @kv_quant_options
+@PIPELINE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens,
              verify, single_pass, no_verify_digests, require_exact, require_signed, kv_bits, kv_group_size,
-             quantized_kv_start, as_json) -> None:
+             quantized_kv_start, pipeline, as_json) -> None:
     """Continue a prompt greedily without re-running the prefill of a published document.
 
     With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
@@ -160,7 +182,7 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
         if require_exact:
             raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
         _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                             single_pass, no_verify_digests, as_json, require_signed, kv_quant)
+                             single_pass, no_verify_digests, as_json, require_signed, kv_quant, pipeline)
         return
     kv = {"kv_quant": kv_quant if kv_bits is not None else "artifact"}
     if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
@@ -169,34 +191,40 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     with Artifact(artifact) as art:  # the publisher is checked before the header names a model to load
         trust_api.check_signature(art, require_signed, trust_list)
         header = art.header
-    lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"])
+    lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"],
+                    parallel=parallel_mode(pipeline))
     printer = stream_printer(lm, not as_json)
     if verify:
         report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer,
                             require_signed=require_signed, trust_list=trust_list, **kv)
-        _finish_verification(lm, report, as_json)
+        _finish_verification(lm, report, as_json, extra=_load_ranks(lm, report.load_seconds, report.bytes_read,
+                                                                     report.artifact_bytes))
         return
     gen, loaded = generate_api(artifact, lm, text, max_tokens=max_tokens, on_token=printer,
                                verify_digests=not no_verify_digests, require_exact=require_exact,
                                require_signed=require_signed, trust_list=trust_list, **kv)
+    ranks = _load_ranks(lm, loaded.load_seconds, loaded.bytes_read, loaded.header["file_bytes"])
     if as_json:
-        emit({
+        emit({**ranks,
             "text": lm.tokenizer.decode(gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,
             "prefilled_tokens": gen.prefilled_tokens, "load_seconds": loaded.load_seconds,
             "reuse_first_token_seconds": gen.first_token_seconds, "total_seconds": gen.total_seconds,
             "load_path": loaded.load_path, "artifact_bytes": loaded.header["file_bytes"],
-            "signature": loaded.signature.to_json() if loaded.signature else None,
+            "signature": loaded.signature.to_json() if loaded.signature else None, "bytes_read": loaded.bytes_read,
         })
     else:
         click.echo()
+        if ranks:
+            click.echo(_rank_words(ranks["parallel"], "bytes_read", "load_seconds", "read"))
 
 
 def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                         single_pass, no_verify_digests, as_json, require_signed=False, kv_quant=None) -> None:
+                         single_pass, no_verify_digests, as_json, require_signed=False, kv_quant=None,
+                         pipeline=False) -> None:
     """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
     if system is not None and chat_document is None:
         raise click.UsageError("--system needs --chat-document")
-    lm = load_model(model, dtype)
+    lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
     agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
                   require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None,
                   kv_quant=kv_quant)
@@ -218,6 +246,19 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
                f"prefilled {gen.prefilled_tokens}", err=True)
 
 
+def _load_ranks(lm, load_seconds: float, bytes_read: int | None, part_bytes: int) -> dict:
+    """{"parallel": layout and each rank's load figures} under a launcher (every rank calls it), else {}."""
+    ranks = per_rank(lm, load_seconds=float(load_seconds), bytes_read=bytes_read, part_bytes=part_bytes)
+    return {} if ranks is None else {"parallel": {"layout": describe(running_layout(lm)), "ranks": ranks}}
+
+
+def _rank_words(parallel: dict, bytes_key: str, seconds_key: str, verb: str) -> str:
+    each = "; ".join(f"rank {r['rank']} {verb} {r[bytes_key] / 1e6:.2f} MB in {r[seconds_key] * 1e3:.0f} ms"
+                     if r[bytes_key] is not None else f"rank {r['rank']}: {r[seconds_key] * 1e3:.0f} ms"
+                     for r in parallel["ranks"])
+    return f"{parallel['layout']}: {each}"
+
+
 def _finish_verification(lm, report, as_json: bool, *, lead: str = "", extra: dict | None = None) -> None:
     """Print a verification's result (`extra` fields join the JSON; `lead` precedes the words) and
     exit with EXIT_NOT_EXACT when reuse diverged."""
@@ -226,6 +267,8 @@ def _finish_verification(lm, report, as_json: bool, *, lead: str = "", extra: di
     else:
         click.echo()
         click.echo(lead + _verification_words(report))
+        if extra and "parallel" in extra:
+            click.echo(_rank_words(extra["parallel"], "bytes_read", "load_seconds", "read"))
     if not report.token_exact:
         sys.exit(EXIT_NOT_EXACT)
 
@@ -275,6 +318,10 @@ def inspect(artifact, as_json) -> None:
         ("tokens", preview),
         ("weights", _weights_words(m.get("weights_quantization"))),
     ]
+    if (layout := header_layout(h)) is not None:
+        p = h["parallel"]
+        what = f"rank {p['part']}'s part" if "part" in p else "manifest of " + ", ".join(e["file"] for e in p["parts"])
+        rows.insert(5, ("parallel", f"{layout.describe()}; {what}"))
     if kv.get("quantization"):
         q = kv["quantization"]
         rows.append(("kv quantization", f"{q['bits']} bits, group {q['group_size']}, from token {q['start']} (mlx-lm --kv-bits)"))

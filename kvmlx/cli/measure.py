@@ -35,6 +35,9 @@ def _lengths_option(ctx, param, value):
 @click.option("--families", is_flag=True,
               help="Instead: every cache family's bytes per token, checkpoints, load vs mlx-lm and exactness, one row per "
                    "built-in family preset (also what --model runs for a model with sliding-window or recurrent caches).")
+@click.option("--parallel", is_flag=True,
+              help="Instead: publish and load one document (the longest of --lengths) in one process and at 2 ranks under "
+                   "mlx.launch (tensor parallel, pipeline): each rank's bytes and load times.  [model: builtin:small-qwen2]")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, writable=True), default=None,
               help="Parent of the temporary directory for artifacts (pick one on the disk you care about).  [default: the system's]")
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size, as in publish.")
@@ -42,11 +45,16 @@ def _lengths_option(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine, config, roofline, results, targets).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
-def bench(model, dtype, lengths, runs, shape, compression, families, directory, chunk_size, no_cold, as_json,
+def bench(model, dtype, lengths, runs, shape, compression, families, parallel, directory, chunk_size, no_cold, as_json,
           plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
-    if shape and (model or dtype or compression or families):
-        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression/--families")
+    if shape and (model or dtype or compression or families or parallel):
+        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression/--families/--parallel")
+    if parallel:
+        if compression or families:
+            raise click.UsageError("--parallel is a mode of its own: drop --compression/--families")
+        _parallel_bench(model, dtype, max(lengths), runs, directory, chunk_size, as_json, plot_path)
+        return
     lm = load_model(model, dtype) if model and not compression else None
     if families or (lm is not None and not all_plain(lm.model)):
         _bench_families(lm, dtype, lengths, runs, directory, as_json, plot_path)
@@ -78,6 +86,18 @@ def _show(result: dict, as_json: bool, plot_path, plot, table) -> None:
         click.echo(table(result))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")
+
+
+def _parallel_bench(model, dtype, tokens, runs, directory, chunk_size, as_json, plot_path) -> None:
+    from ..measure.bench import parallel as parallel_bench
+
+    if dtype is not None:
+        raise click.UsageError("--parallel runs the model in its own dtype: drop --dtype")
+    with Progress("bench", as_json, unit="layout") as bar:
+        result = parallel_bench.run_parallel_bench(model or parallel_bench.DEFAULT_MODEL, tokens, runs,
+                                                   chunk_size=chunk_size, directory=directory,
+                                                   progress=lambda done, total, _phase: bar(done, total))
+    _show(result, as_json, plot_path, parallel_bench.plot_parallel, parallel_bench.format_parallel_table)
 
 
 @main.command("cost")

@@ -23,19 +23,24 @@ from .app import DTYPE_CHOICE, kv_quant_from, kv_quant_options, main
 @click.option("--allow-lossy", is_flag=True, help="Also reuse quantised (lossily encoded) KV; not token-exact.")
 @click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
 @kv_quant_options
+@click.option("--pipeline", is_flag=True, help="Under mlx.launch: pipeline stages instead of tensor parallel.")
 def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests,
-          kv_bits, kv_group_size, quantized_kv_start) -> None:
-    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV."""
+          kv_bits, kv_group_size, quantized_kv_start, pipeline) -> None:
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV.
+
+    Under mlx.launch, rank 0 serves HTTP and every rank runs the model's shard (as mlx_lm.server does)."""
     kv_quant = kv_quant_from(kv_bits, kv_group_size, quantized_kv_start)
     from ..serving.openai import (
         serve as serve_api,  # imported here: starlette and uvicorn only load for `serve`
     )
+    from ..serving.sharded import serve_sharded
 
     try:
         budget = parse_size(max_resident_bytes) if max_resident_bytes else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-resident-bytes")
-    lm = load_model(model, dtype)
+    lm = load_model(model, dtype, parallel="pipeline" if pipeline else None)
+    serve_api = serve_sharded if lm.group is not None else serve_api
     serve_api(lm, Store(store_dir), host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
               verify_digests=not no_verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant,
               on_ready=lambda url: click.echo(f"kvmlx serve: {lm.model_id} at {url}", err=True))

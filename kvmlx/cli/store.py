@@ -81,7 +81,8 @@ def store_gc(store_dir, max_bytes, as_json) -> None:
     else:
         click.echo(f"evicted {len(result.evicted)} entries ({result.freed_bytes / 1e6:.1f} MB); kept {result.kept} "
                    f"({result.kept_bytes / 1e6:.1f} MB); removed {result.temp_removed} temp and "
-                   f"{result.quarantine_removed} quarantined files")
+                   f"{result.quarantine_removed} quarantined files"
+                   + (f", and {result.parts_removed} orphaned parallel parts" if result.parts_removed else ""))
 
 
 @store_group.command("reindex")

@@ -53,6 +53,7 @@ from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import all_plain
 from ..errors import RecomputeMismatchError, UnsupportedModelError
 from ..models import LoadedModel
+from ..runtime.distributed import open_part, verify_parts
 from ..runtime.load import _release, check_tokens_and_logits, read_caches
 from ..runtime.publish import prefill
 
@@ -204,12 +205,14 @@ def spot_check(
             t1 = time.perf_counter()
             if verify_digests:
                 art.verify_all()
-                report.digests_verified = len(art.tensors)
+                report.digests_verified = len(art.tensors) + verify_parts(art)  # a manifest's parts found beside it
             report.seconds["digests"] = time.perf_counter() - t1
             return report
         if not all_plain(lm.model) or h.get("caches") is not None:
             raise UnsupportedModelError("recomputing positions supports plain-KV artifacts; for sliding-window, recurrent "
                                         "or quantized KV use `kvmlx generate --verify`")
+        art = open_part(art, lm)  # the artifact's parallel layout, or refused by name; under mlx.launch, this rank's part
+        h = art.header
         check_binding(h, lm)
         check_tokens_and_logits(h, lm)  # before any prefill: an id past the embedding table reads out of bounds
         t1 = time.perf_counter()

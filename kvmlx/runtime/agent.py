@@ -44,6 +44,7 @@ from .generate import (
     decode_timed,
     from_scratch,
 )
+from .distributed import check_parallel_support, gather, running_layout
 from .load import LoadedKV, load_artifact
 from .publish import DEFAULT_CHUNK, prefill
 from .restore import caches_at
@@ -173,6 +174,7 @@ class Agent:
         trust_list=None,
         kv_quant: KVQuantization | None = None,
     ):
+        check_parallel_support(lm, kv_quant=kv_quant)  # under mlx.launch: plain KV only
         self.lm = lm
         self.kv_quant = kv_quant  # mlx-lm's --kv-bits settings this agent runs with (only KV computed with them matches)
         self.store = store if isinstance(store, Store) else Store(store)
@@ -182,6 +184,7 @@ class Agent:
         self.load_path = load_path
         self.allow_lossy = allow_lossy  # reuse quantised (lossily encoded) KV too: faster, no longer exact
         self.require_signed, self.trust_list = require_signed, trust_list  # accepted publishers (kvmlx.artifact.trust)
+        self.layout = running_layout(lm)  # under mlx.launch, only KV published under this sharding is reused
         self.last_reuse: Reuse | None = None
 
     # ---- identity and tokens --------------------------------------------------------------------
@@ -189,7 +192,7 @@ class Agent:
     @property
     def identity(self) -> tuple[str, str, str]:
         """(model fingerprint, tokenizer fingerprint, KV variant): what a stored artifact must match (the
-        variant is the dtype, plus the `--kv-bits` settings when the agent quantizes its KV)."""
+        variant is the dtype, plus the `--kv-bits` settings when the agent quantizes its KV), and `layout`."""
         return (model_fingerprint(self.lm), tokenizer_fingerprint(self.lm),
                 kv_variant(self.lm.dtype, self.kv_quant.to_json() if self.kv_quant else None))
 
@@ -206,7 +209,7 @@ class Agent:
     def lookup(self, prompt: str | Sequence[int]) -> tuple[Entry, int] | None:
         """The store entry sharing the longest prefix with the prompt, and the shared length."""
         return self.store.lookup(*self.identity, self._tokens(prompt), min_tokens=self.min_reuse_tokens,
-                                 exact_only=not self.allow_lossy)
+                                 exact_only=not self.allow_lossy, layout=self.layout)
 
     # ---- caches ---------------------------------------------------------------------------------
 
@@ -249,7 +252,7 @@ class Agent:
         run; for a document with state checkpoints, the deepest restorable position at or below that.
         """
         hit = self.store.lookup(*self.identity, tokens, exclude=excluded, min_tokens=self.min_reuse_tokens,
-                                exact_only=not self.allow_lossy)
+                                exact_only=not self.allow_lossy, layout=self.layout)
         if hit is None:
             return None
         entry, matched = hit
@@ -276,10 +279,13 @@ class Agent:
             if loaded.tokens[:reuse] != list(tokens[:reuse]):
                 raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
         except TrustError:
-            return None
+            loaded = None
         except (KvmlxError, OSError) as e:
+            loaded = None
             self.store.discard(entry.key, f"load failed: {e}")
-            return None
+        if self.layout is not None:  # the ranks go on together: an entry any rank could not load serves none
+            if not all(row[0] for row in gather(self.lm, [loaded is not None], what="loading a store entry")):
+                return None
         return loaded
 
     def _start(self, prompt: str | Sequence[int]) -> tuple[Reuse, mx.array]:

@@ -52,6 +52,7 @@ class Verification:
     load_seconds: float
     artifact_bytes: int
     single_pass: dict | None = None  # the same comparison against one unchunked forward, if asked
+    bytes_read: int | None = None  # bytes read from files by the load (LoadedKV.bytes_read)
 
     def to_json(self) -> dict:
         out = {
@@ -63,6 +64,7 @@ class Verification:
             "reused_tokens": self.reuse.reused_tokens,
             "prefilled_tokens": self.reuse.prefilled_tokens,
             "artifact_bytes": self.artifact_bytes,
+            "bytes_read": self.bytes_read,
             "load_seconds": self.load_seconds,
             "prefill_seconds": self.scratch.first_token_seconds,
             "reuse_first_token_seconds": self.reuse.first_token_seconds,
@@ -249,7 +251,7 @@ def verify(
         extra.pop("first_mismatch")
     return Verification(
         reuse=reuse, scratch=scratch, load_seconds=loaded.load_seconds,
-        artifact_bytes=loaded.header["file_bytes"], single_pass=extra, **report,
+        artifact_bytes=loaded.header["file_bytes"], single_pass=extra, bytes_read=loaded.bytes_read, **report,
     )
 
 

@@ -41,14 +41,13 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..artifact.encodings import decode
-from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, kv_tensor_names
-from ..artifact.identity import (
-    check_binding,
-)
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, header_kv_names
+from ..artifact.identity import check_binding, model_fingerprint, tokenizer_fingerprint
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import KVQuantization, StreamedKVCache, check_model, from_arrays, model_specs, quantization_of
 from ..errors import KVQuantizationMismatchError, LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from ..models import LoadedModel
+from .distributed import check_parallel_support, open_part, read_bytes
 from .restore import read_states
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -71,6 +70,9 @@ class LoadedKV:
     signature: SignatureStatus | None = None  # who signed it (kvmlx.artifact.trust.check_signature's result)
     checkpoints: dict = field(default_factory=dict)  # {tokens: {layer: cache}}: version-2 state checkpoints read
     kv_quant: KVQuantization | None = None  # the KV quantization the document was computed with (continue with it)
+    # bytes this process read with read/pread calls during the load (Linux: /proc/self/io), else None;
+    # decoding encoded tensors reads the memory map instead (page faults), which this does not count
+    bytes_read: int | None = None
 
     def wait(self) -> None:
         """Block until every layer is in memory (only the overlap path returns earlier)."""
@@ -107,9 +109,13 @@ def load_artifact(
     """
     t0 = time.perf_counter()
     specs = model_specs(lm.model)
+    check_parallel_support(lm, kv_quant=None if kv_quant == "artifact" else kv_quant, specs=specs)
+    model_fingerprint(lm), tokenizer_fingerprint(lm)  # computed (or remembered) before counting the artifact's bytes
+    read0 = read_bytes()  # from here on, what this process reads is the artifact (LoadedKV.bytes_read)
     art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
+        art = open_part(art, lm)  # the same layout, or refused by name; under mlx.launch, this rank's part
         check_binding(art.header, lm)
         check_tokens_and_logits(art.header, lm)
         stored_quant = quantization_of(art.header)
@@ -129,8 +135,10 @@ def load_artifact(
         raise
     if used != "overlap":  # the overlap path's workers close the map when they are done
         _release(art)
+    read1 = read_bytes()
     return LoadedKV(caches, list(art.header["document"]["tokens"]), logits, art.header, time.perf_counter() - t0, used,
-                    signature, checkpoints, stored_quant)
+                    signature, checkpoints, stored_quant,
+                    read1 - read0 if read0 is not None and read1 is not None else None)
 
 
 def check_kv_quantization(stored: KVQuantization | None, wanted: KVQuantization | None) -> None:
@@ -195,7 +203,7 @@ def read_caches(
     """
     if load_path not in LOAD_PATHS:
         raise ValueError(f"load_path must be one of {LOAD_PATHS}")
-    names = kv_tensor_names(art.header["model"]["num_layers"])
+    names = header_kv_names(art.header)
     n = art.header["kv"]["num_tokens"]
     raw = art.header["kv"].get("encoding", "raw") == "raw"
     used = "zero-copy" if load_path == "zero-copy" or (load_path == "auto" and raw and zero_copy_available()) else load_path

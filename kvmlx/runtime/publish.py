@@ -20,6 +20,7 @@ from ..artifact.identity import config_geometry, model_fingerprint, rope_setting
 from ..caches import KVQuantization, kv_arrays, model_specs, needs_checkpoint, save_layer, tensor_names
 from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
+from .distributed import check_parallel_support, write_parallel
 
 DEFAULT_CHUNK = 512
 ProgressFn = Callable[[int, int], None]
@@ -96,6 +97,7 @@ def publish(
         raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
     specs = model_specs(lm.model)
     plain = kv_quant is None and all(s["family"] == "kv" for s in specs)
+    check_parallel_support(lm, kv_quant=kv_quant, specs=specs)  # under mlx.launch: plain KV only
     if not plain and encoding != "raw":
         raise ValueError(f"--encoding {encoding} applies to plain-KV artifacts; this one holds "
                          + ("quantized KV" if kv_quant else "sliding-window or recurrent caches"))
@@ -159,9 +161,12 @@ def publish(
     kv_bytes = sum(math.prod(t.shape) * TENSOR_DTYPES[t.dtype] for t in tensors) - checkpoint_bytes  # as decoded
     tensors.append(_tensor("logits", logits, "raw"))
     t1 = time.perf_counter()
-    written = write_artifact(out, header, tensors, sign=sign)
+    if lm.group is not None:  # under mlx.launch: this rank's part, then the manifest (runtime/distributed.py)
+        written = write_parallel(out, header, tensors, lm, sign=sign)
+    else:
+        written = write_artifact(out, header, tensors, sign=sign)
     write_seconds = time.perf_counter() - t1
-    return PublishResult(Path(out), n, written["file_bytes"], kv_bytes, prefill_seconds, write_seconds, written,
+    return PublishResult(Path(out), n, written.get("part_bytes", written["file_bytes"]), kv_bytes, prefill_seconds, write_seconds, written,
                          checkpoint_bytes, len(snapshots), every if checkpointed else None)
 
 

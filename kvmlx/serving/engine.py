@@ -176,35 +176,42 @@ class Engine:
 
     def _loop(self) -> None:
         _ = self.agent.identity  # fingerprint the model on the engine thread, before any request
-        while True:
-            # take new jobs (block only when idle)
+        while self._take_jobs():
+            self._step_all()
+
+    def _take_jobs(self) -> bool:
+        """Move queued jobs into `active`, blocking only when idle; False once told to stop."""
+        try:
+            while True:
+                job = self.jobs.get(block=not self.active)
+                if job is None:
+                    return False
+                self.active.append((job, self._run(job)))
+        except queue.Empty:
+            pass
+        return True
+
+    def _step_all(self) -> None:
+        """One step of every active job, round robin."""
+        for item in list(self.active):
+            job, gen = item
+            if job.cancelled.is_set():
+                gen.close()
+                self.active.remove(item)
+                with self._lock:
+                    self.totals["cancelled"] += 1
+                continue
             try:
-                while True:
-                    job = self.jobs.get(block=not self.active)
-                    if job is None:
-                        return
-                    self.active.append((job, self._run(job)))
-            except queue.Empty:
-                pass
-            for item in list(self.active):  # one step of every active job, round robin
-                job, gen = item
-                if job.cancelled.is_set():
-                    gen.close()
-                    self.active.remove(item)
-                    with self._lock:
-                        self.totals["cancelled"] += 1
-                    continue
-                try:
-                    next(gen)
-                except StopIteration:
-                    self.active.remove(item)
-                    with self._lock:
-                        self.totals["completed"] += 1
-                except Exception as e:  # a failed request must not stop the engine
-                    self.active.remove(item)
-                    with self._lock:
-                        self.totals["errors"] += 1
-                    job.emit("error", f"{type(e).__name__}: {e}")
+                next(gen)
+            except StopIteration:
+                self.active.remove(item)
+                with self._lock:
+                    self.totals["completed"] += 1
+            except Exception as e:  # a failed request must not stop the engine
+                self.active.remove(item)
+                with self._lock:
+                    self.totals["errors"] += 1
+                job.emit("error", f"{type(e).__name__}: {e}")
 
     # -- one request --
 

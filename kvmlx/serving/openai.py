@@ -312,13 +312,15 @@ class _Output:
 def serve(lm: LoadedModel, store: Store | str | None = None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           max_resident_bytes: int | None = None, min_reuse_tokens: int = BLOCK, verify_digests: bool = True,
           allow_lossy: bool = False, model_name: str | None = None, log_level: str = "warning",
-          on_ready: Callable[[str], None] | None = None, kv_quant=None) -> None:
+          on_ready: Callable[[str], None] | None = None, kv_quant=None, engine_class: type[Engine] = Engine) -> None:
     """Run the server until interrupted (uvicorn; one engine thread does all model work). `kv_quant`:
-    mlx-lm's --kv-bits settings (`kvmlx.caches.KVQuantization`) the engine runs with."""
+    mlx-lm's --kv-bits settings (`kvmlx.caches.KVQuantization`) the engine runs with.
+
+    Under mlx.launch use `kvmlx.serving.sharded.serve_sharded`: rank 0 runs this with a `ShardedEngine`."""
     import uvicorn
 
-    engine = Engine(lm, store, max_resident_bytes=max_resident_bytes, min_reuse_tokens=min_reuse_tokens,
-                    verify_digests=verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant).start()
+    engine = engine_class(lm, store, max_resident_bytes=max_resident_bytes, min_reuse_tokens=min_reuse_tokens,
+                          verify_digests=verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant).start()
     server = Server(engine, model_name)
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="off")
     userver = uvicorn.Server(config)

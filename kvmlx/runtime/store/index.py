@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ...artifact.layout import Layout, header_layout
 from ...caches import restore_info
 from .keys import (
     BLOCK, _HASH_BYTES, Entry, StoreError, _common_tokens, _pack, block_hashes, bucket_id, encoding_of, header_variant,
@@ -205,7 +206,7 @@ class Index:
         m, kv, tokens = header["model"], header["kv"], header["document"]["tokens"]
         encoding, lossless = encoding_of(header)
         variant = header_variant(header)
-        bucket = bucket_id(m["fingerprint"], header["tokenizer"]["fingerprint"], variant, lossless)
+        bucket = bucket_id(m["fingerprint"], header["tokenizer"]["fingerprint"], variant, lossless, header_layout(header))
         info = restore_info(header)
         restore = None if info.any_from == 0 else json.dumps(info.to_json(), sort_keys=True)
         packed = _pack(tokens)
@@ -311,11 +312,12 @@ class Index:
         exclude: Sequence[str] = (),
         min_tokens: int = 1,
         exact_only: bool = True,
+        layout: Layout | None = None,
     ) -> tuple[Entry, int] | None:
         """The stored artifact sharing the longest token prefix with `tokens`, and that prefix's length.
 
         Only artifacts of the same model fingerprint, tokenizer fingerprint and KV dtype are
-        considered, and with `exact_only` (the default) only losslessly encoded ones. Ties prefer
+        considered (published under the same parallel `layout`), and with `exact_only` (the default) only losslessly encoded ones. Ties prefer
         lossless KV, then an artifact that ends at the match (nothing to trim), then the shortest,
         then the most recently used. None when no artifact shares `min_tokens` tokens. A hash
         collision (or a row replaced meanwhile) excludes that entry and looks again.
@@ -324,9 +326,9 @@ class Index:
             return None
         packed = _pack(tokens)
         excluded = set(exclude)
-        buckets = [bucket_id(model_fp, tokenizer_fp, dtype, True)]
+        buckets = [bucket_id(model_fp, tokenizer_fp, dtype, True, layout)]
         if not exact_only:
-            buckets.append(bucket_id(model_fp, tokenizer_fp, dtype, False))
+            buckets.append(bucket_id(model_fp, tokenizer_fp, dtype, False, layout))
         for _ in range(8):
             found = [self.run(lambda c: self._find(c, b, tokens, packed, excluded)) for b in buckets]
             found = [f for f in found if f is not None]

@@ -2,7 +2,9 @@
 
 Key: BLAKE3 hex of canonical JSON of (model fingerprint, tokenizer fingerprint, KV dtype, token ids),
 plus the encoding's name for lossily encoded (quantised) KV, which is different KV. KV computed with
-mlx-lm's `--kv-bits` pipeline is other KV too: its dtype is named with those settings (`kv_variant`). The same tokens
+mlx-lm's `--kv-bits` pipeline is other KV too: its dtype is named with those settings (`kv_variant`). The
+parallel layout of KV published by several ranks is part of the key too (artifact/layout.py: another
+sharding computes other KV). The same tokens
 for the same model, tokenizer and dtype are one entry, whoever published them; lossless encodings
 (raw, zstd) of the same KV are the same entry. A bucket (model, tokenizer, dtype, exact or lossy) is
 what must be equal for KV to be reusable at all; `block_hashes` chains BLAKE3 over its BLOCK-token
@@ -20,6 +22,7 @@ import blake3
 import numpy as np
 
 from ...artifact.format import ENCODINGS, canonical_json
+from ...artifact.layout import Layout, header_layout
 from ...caches import RestoreInfo
 from ...errors import KvmlxError
 from ...models import kvmlx_home
@@ -91,6 +94,7 @@ class GcResult:
     kept_bytes: int = 0
     temp_removed: int = 0
     quarantine_removed: int = 0
+    parts_removed: int = 0  # parts of parallel artifacts that no stored manifest lists
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -111,16 +115,19 @@ def default_root() -> Path:
     return kvmlx_home() / "store"
 
 
-def artifact_key(model_fp: str, tokenizer_fp: str, dtype: str, tokens: Sequence[int], lossy: str | None = None) -> str:
+def artifact_key(model_fp: str, tokenizer_fp: str, dtype: str, tokens: Sequence[int], lossy: str | None = None,
+                 layout: Layout | None = None) -> str:
     """The store key: BLAKE3 hex of canonical JSON of what the KV is a function of.
 
     `lossy` names a lossy encoding (the KV then differs from the computed one); lossless encodings
-    store the same KV and share the raw key.
+    store the same KV and share the raw key. `layout`: the ranks' sharding, for KV of several ranks.
     """
     material = {"kvmlx_store_key": KEY_VERSION, "model": model_fp, "tokenizer": tokenizer_fp, "dtype": dtype,
                 "tokens": [int(t) for t in tokens]}
     if lossy is not None:
         material["lossy_encoding"] = lossy
+    if layout is not None:
+        material["layout"] = layout.to_json()
     return blake3.blake3(canonical_json(material)).hexdigest()
 
 
@@ -144,14 +151,17 @@ def header_variant(header: dict) -> str:
 def header_key(header: dict) -> str:
     encoding, lossless = encoding_of(header)
     return artifact_key(header["model"]["fingerprint"], header["tokenizer"]["fingerprint"], header_variant(header),
-                        header["document"]["tokens"], None if lossless else encoding)
+                        header["document"]["tokens"], None if lossless else encoding, header_layout(header))
 
 
-def bucket_id(model_fp: str, tokenizer_fp: str, dtype: str, exact: bool = True) -> str:
+def bucket_id(model_fp: str, tokenizer_fp: str, dtype: str, exact: bool = True, layout: Layout | None = None) -> str:
     """What must be equal for KV to be reusable at all: one bucket of the index per (model, tokenizer,
-    dtype), with lossily encoded KV in a bucket of its own."""
-    return blake3.blake3(canonical_json({"kvmlx_bucket": KEY_VERSION, "model": model_fp, "tokenizer": tokenizer_fp,
-                                         "dtype": dtype, "kv": "exact" if exact else "lossy"})).hexdigest()[:32]
+    dtype, parallel layout), with lossily encoded KV in a bucket of its own."""
+    material = {"kvmlx_bucket": KEY_VERSION, "model": model_fp, "tokenizer": tokenizer_fp, "dtype": dtype,
+                "kv": "exact" if exact else "lossy"}
+    if layout is not None:
+        material["layout"] = layout.to_json()
+    return blake3.blake3(canonical_json(material)).hexdigest()[:32]
 
 
 def block_hashes(bucket: str, tokens: Sequence[int] | np.ndarray, block: int = BLOCK) -> list[bytes]:

@@ -7,6 +7,7 @@ and its index; each changes files and index rows together, so each runs under th
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,10 +18,31 @@ from .index import Index
 from .keys import _KEY_RE, OBJECT_SUFFIX, GcResult, ReindexResult, header_key
 from .lock import dead_staging
 
+PART_GRACE_SECONDS = 3600.0  # gc leaves unlisted parts younger than this (their publish may still be running)
+_PART_RE = re.compile(r"\.rank\d+of\d+$")  # a parallel artifact's part file (runtime/distributed.py names them)
+
 
 def object_path(root: Path, key: str) -> Path:
     """Where `key`'s artifact lives in the store at `root`."""
     return root / "objects" / f"{key}{OBJECT_SUFFIX}"
+
+
+def part_files(root: Path, key: str) -> list[Path]:
+    """The part files a stored parallel artifact's manifest lists (artifact/layout.py), where present."""
+    try:
+        with Artifact(object_path(root, key)) as art:
+            parts = art.header.get("parallel", {}).get("parts", [])
+    except (KvmlxError, OSError):
+        return []
+    return [p for p in (root / "objects" / e["file"] for e in parts) if p.exists()]
+
+
+def remove_object(root: Path, key: str) -> None:
+    """Unlink `key`'s object and the parts it lists (the caller holds the store lock)."""
+    parts = part_files(root, key)
+    object_path(root, key).unlink(missing_ok=True)
+    for p in parts:
+        p.unlink(missing_ok=True)
 
 
 def reconcile(root: Path, index: Index) -> ReindexResult:
@@ -32,7 +54,7 @@ def reconcile(root: Path, index: Index) -> ReindexResult:
             stem = e.name[: -len(OBJECT_SUFFIX)] if e.name.endswith(OBJECT_SUFFIX) else ""
             if _KEY_RE.match(stem) and e.is_file(follow_symlinks=False):
                 names[stem] = e
-            elif not e.name.startswith("."):
+            elif not e.name.startswith(".") and not _PART_RE.search(e.name):  # parts belong to their manifests
                 res.skipped.append(e.name)
     indexed = index.keys()
     gone = sorted(indexed - names.keys())
@@ -60,6 +82,8 @@ def quarantine(root: Path, index: Index, key: str, reason: str = "") -> None:
     with index.lock:
         index.drop([key])
         src = object_path(root, key)
+        for part in part_files(root, key):  # a bad part takes its manifest out of service; the parts go too
+            part.unlink(missing_ok=True)
         if src.exists():
             (root / "quarantine").mkdir(exist_ok=True)
             os.replace(src, root / "quarantine" / f"{key}.{int(time.time())}{OBJECT_SUFFIX}")
@@ -67,9 +91,28 @@ def quarantine(root: Path, index: Index, key: str, reason: str = "") -> None:
                 (root / "quarantine" / f"{key}.reason.txt").write_text(reason + "\n", encoding="utf-8")
 
 
+def _orphan_parts(root: Path, grace: float = PART_GRACE_SECONDS) -> int:
+    """Remove part files in objects/ that no stored manifest lists (a publish whose ranks did not all
+    finish), once older than `grace` seconds: a running publish moves its parts in before its manifest."""
+    listed: set[str] = set()
+    parts = []
+    with os.scandir(root / "objects") as it:
+        for e in it:
+            if _PART_RE.search(e.name):
+                parts.append(e)
+            elif e.name.endswith(OBJECT_SUFFIX) and _KEY_RE.match(e.name[: -len(OBJECT_SUFFIX)]):
+                listed.update(p.name for p in part_files(root, e.name[: -len(OBJECT_SUFFIX)]))
+    removed = 0
+    for e in parts:
+        if e.name not in listed and time.time() - e.stat(follow_symlinks=False).st_mtime > grace:
+            Path(e.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def gc(root: Path, index: Index, max_bytes: int | None = None) -> GcResult:
-    """Remove dead writers' staging directories and quarantined files, sync, then evict least recently
-    used entries until the artifacts total at most `max_bytes` (none evicted without it)."""
+    """Remove dead writers' staging directories, quarantined files and parts no manifest lists, sync,
+    then evict least recently used entries until the artifacts total at most `max_bytes` (none evicted without it)."""
     out = GcResult()
     with index.lock:
         tmp, quarantined = root / "tmp", root / "quarantine"
@@ -82,6 +125,7 @@ def gc(root: Path, index: Index, max_bytes: int | None = None) -> GcResult:
                 f.unlink(missing_ok=True)
                 out.quarantine_removed += 1
         reconcile(root, index)
+        out.parts_removed = _orphan_parts(root)
         rows = index.lru()
         total = sum(b for _, b in rows)
         victims = []
@@ -94,7 +138,7 @@ def gc(root: Path, index: Index, max_bytes: int | None = None) -> GcResult:
                 out.freed_bytes += nbytes
         index.drop(victims)
         for key in victims:
-            object_path(root, key).unlink(missing_ok=True)
+            remove_object(root, key)
         if victims:
             fsync_dir(root / "objects")
         out.evicted = victims

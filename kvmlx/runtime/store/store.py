@@ -40,6 +40,16 @@ if TYPE_CHECKING:
     from ...models import LoadedModel
 
 
+def _copy(src: Path, dst: Path) -> None:
+    try:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 22)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except OSError as e:
+        raise ArtifactError(f"{src}: cannot copy into the store ({e.strerror or e})") from e
+
+
 class Store:
     """A directory of artifacts addressed by content, plus a SQLite prefix index over their tokens.
 
@@ -116,16 +126,15 @@ class Store:
         Adding an artifact that is already stored keeps the stored bytes and returns the same key.
         """
         src = Path(artifact)
-        Artifact(src).close()  # fail fast on a malformed file, before copying anything
+        with Artifact(src) as art:  # fail fast on a malformed file, before copying anything
+            parts = [p["file"] for p in art.header.get("parallel", {}).get("parts", [])]
         with self.staging() as stage:
             tmp = stage / f"artifact{OBJECT_SUFFIX}"
-            try:
-                with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 22)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-            except OSError as e:
-                raise ArtifactError(f"{src}: cannot copy into the store ({e.strerror or e})") from e
+            # a parallel artifact's manifest brings the parts found beside it (on a multi-host run, this host's)
+            for name, dst in [(p, stage / p) for p in parts if (src.parent / p).exists()] + [(src.name, tmp)]:
+                _copy(src.parent / name, dst)
+            if parts:
+                self._ingest_parts(tmp)
             return self._ingest(tmp, verify=verify)
 
     def _ingest(self, tmp: Path, *, verify: bool = True) -> str:
@@ -169,6 +178,7 @@ class Store:
         arguments (`encoding=`, `sign=`, `kv_quant=`, `checkpoint_every=`) go to `kvmlx.runtime.publish.publish`.
         """
         from ...artifact.identity import model_fingerprint, tokenizer_fingerprint
+        from ..distributed import check_parallel_support, gather, running_layout
         from ..publish import DEFAULT_CHUNK, publish as publish_api
 
         tokens = list(lm.tokenizer.encode(document)) if isinstance(document, str) else [int(t) for t in document]
@@ -177,20 +187,47 @@ class Store:
         encoding = publish_kwargs.get("encoding", "raw")
         lossless = bool(ENCODINGS.get(encoding, False))
         quant = publish_kwargs.get("kv_quant")
+        check_parallel_support(lm, kv_quant=quant)  # before any rank waits on another
         variant = kv_variant(lm.dtype, quant.to_json() if quant else None)
+        layout = running_layout(lm)
         key = artifact_key(model_fingerprint(lm), tokenizer_fingerprint(lm), variant, tokens,
-                           None if lossless else encoding)
-        if not force and (entry := self.get(key)) is not None:
+                           None if lossless else encoding, layout)
+        entry = None if force else self.get(key)
+        if layout is not None:  # every rank prefills together: skip only if every rank's store has it
+            if not all(row[0] for row in gather(lm, [entry is not None], what="looking up the key")):
+                entry = None
+        if entry is not None:
             return StorePublish(key, entry, None, True)
         with self.staging() as stage:
             out = stage / f"artifact{OBJECT_SUFFIX}"
             result = publish_api(lm, document, out, chunk_size=chunk_size or DEFAULT_CHUNK, progress=progress, **publish_kwargs)
+            if layout is not None:  # this rank's part goes in first; no manifest is stored before every part is
+                self._ingest_parts(out)
+                gather(lm, [1], what="storing every rank's part")
             got = self._ingest(out, verify=True)
         if got != key:  # cannot happen unless tokenization is not deterministic
             raise StoreError(f"published artifact has key {got[:12]}, expected {key[:12]}")
         entry = self.get(got)
         result.path = entry.path
         return StorePublish(got, entry, result, False)
+
+    def _ingest_parts(self, manifest: Path) -> None:
+        """Move the part files a manifest lists and that sit beside it (this rank's; on one host, maybe all)
+        into objects/, each checked against the manifest's digest for it and verified, before the manifest."""
+        with Artifact(manifest) as art:
+            parts = art.header.get("parallel", {}).get("parts", [])
+        for part in parts:
+            src = manifest.parent / part["file"]
+            if not src.exists():
+                continue
+            with Artifact(src) as p:
+                if p.header_digest.hex() != part["header_blake3"]:
+                    raise ArtifactError(f"{src.name}: part does not match the digest its manifest records")
+                p.verify_all()
+            with self._lock:
+                if not (self.objects / part["file"]).exists():
+                    os.rename(src, self.objects / part["file"])
+                    fsync_dir(self.objects)
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -232,12 +269,12 @@ class Store:
     # ---- removing -------------------------------------------------------------------------------
 
     def rm(self, key: str) -> Entry:
-        """Remove one entry (a full key or unique prefix): its index row first, then its file."""
+        """Remove one entry (a full key or unique prefix): its index row first, then its file (and parts)."""
         with self._lock:
             key = self.resolve(key)
             entry = self.index.entry(key)
             self.index.drop([key])
-            self._object(key).unlink(missing_ok=True)
+            maintenance.remove_object(self.root, key)
             fsync_dir(self.objects)
         return entry
 
