@@ -160,7 +160,10 @@ def write_artifact(
     header = {**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}
     body, data_offset = _layout(header, tensors, ["0" * 64] * len(tensors))
     total = sum(t.data.nbytes for t in tensors)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e} (in {path.parent})") from None
     try:
         with os.fdopen(fd, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="kvmlx-hash") as hasher, \
                 ThreadPoolExecutor(1, thread_name_prefix="kvmlx-flush") as flusher:
@@ -231,9 +234,10 @@ class Artifact:
     (Linux MAP_POPULATE, else MADV_WILLNEED) when it is first needed.
     """
 
-    def __init__(self, path: str | os.PathLike, *, populate: bool = False):
+    def __init__(self, path: str | os.PathLike, *, populate: bool = False, verified: "VerifiedIdentity | None" = None):
         self.path = Path(path)
         self._populate = populate
+        self._recorded = verified  # what a store recorded when it last hashed this file (see verified_before)
         self._mmap: mmap.mmap | None = None
         self._lock = threading.Lock()
         try:
@@ -250,15 +254,26 @@ class Artifact:
         self._identity = _identity(self._fd)
 
     @property
+    def identity(self) -> "VerifiedIdentity":
+        """This file's identity as opened: device, inode, size, mtime_ns, ctime_ns and header digest."""
+        return VerifiedIdentity(*self._identity, self.header_digest.hex())
+
+    @property
     def verified_before(self) -> bool:
-        """True if every tensor digest of this very file matched earlier in this process.
+        """True if every tensor digest of this very file matched earlier in this process, or when a
+        store recorded this very file as verified (`verified=` at opening: a persisted record).
 
         "This very file" is the same device, inode, size, modification and change times as when it
         was verified, and the same header digest: any write to the file changes its change time,
         which no user can set, so a re-load of an unchanged file can skip hashing its 100s of MB.
         Callers that skip still call `check_unchanged` after reading.
         """
-        return (self._identity, self.header_digest) in _VERIFIED
+        return (self._identity, self.header_digest) in _VERIFIED or self.recorded
+
+    @property
+    def recorded(self) -> bool:
+        """True when the identity recorded by a store (`verified=`) is exactly this file's."""
+        return self._recorded is not None and self._recorded == self.identity
 
     def mark_verified(self) -> None:
         """Record that every tensor's digest and padding matched (call only after checking them all).
@@ -354,6 +369,19 @@ class Artifact:
             self.close()
         except BufferError:
             pass  # a caller still holds a view; the map is released when the last view goes
+
+
+@dataclass(frozen=True)
+class VerifiedIdentity:
+    """What a store records about a file whose every digest it checked: a load that finds the same
+    device, inode, size, mtime_ns, ctime_ns and header digest hashes nothing (docs/SECURITY.md)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    header_digest: str  # hex
 
 
 def forget_verified() -> None:

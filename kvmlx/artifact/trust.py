@@ -122,6 +122,13 @@ def parse_public_key(text: str) -> bytes:
     return raw
 
 
+def default_name(key_id: str) -> str:
+    """A trusted key's name when none is given: the id's first 8 base64url characters, prefixed with
+    ``key-`` when they start with ``_`` or ``-`` (1 key in 32), which a name may not start with."""
+    short = key_id[len(KEY_PREFIX): len(KEY_PREFIX) + 8]
+    return short if _NAME.match(short) else f"key-{short}"
+
+
 def _short(s: str, n: int = 60) -> str:
     """A value safe to put in a one-line message (printable, bounded)."""
     s = "".join(c if c.isprintable() else "?" for c in str(s))
@@ -389,7 +396,7 @@ class TrustList:
         """Trust a public key (idempotent for the same key and name); returns its entry."""
         raw = parse_public_key(key) if isinstance(key, str) else _raw_public(key)
         key_id = public_key_id(raw)
-        name = key_id[len(KEY_PREFIX): len(KEY_PREFIX) + 8] if name is None else name
+        name = default_name(key_id) if name is None else name
         if not _NAME.match(name) or name.startswith(KEY_PREFIX):
             raise TrustListError(f"invalid name {_short(name)!r}: 1-64 letters, digits, space or _.@+- (not starting with a symbol)")
         with self._locked():

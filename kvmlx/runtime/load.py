@@ -41,7 +41,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..artifact.encodings import decode
-from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, kv_tensor_names
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, VerifiedIdentity, kv_tensor_names
 from ..artifact.identity import (
     check_binding,
     config_geometry,
@@ -71,6 +71,8 @@ class LoadedKV:
     load_seconds: float  # until the caches were returned (with "overlap", layers may still be arriving)
     load_path: str  # "copy", "zero-copy" or "overlap"
     signature: SignatureStatus | None = None  # who signed it (kvmlx.artifact.trust.check_signature's result)
+    digests: str = "hashed"  # "hashed" now, "remembered" (this process hashed it), "recorded" (a store did), "skipped"
+    identity: VerifiedIdentity | None = None  # the file as loaded (a store records it once every digest matched)
 
     def wait(self) -> None:
         """Block until every layer is in memory (only the overlap path returns earlier)."""
@@ -89,6 +91,7 @@ def load_artifact(
     require_exact: bool = False,
     require_signed: bool = False,
     trust_list: TrustList | None = None,
+    verified: VerifiedIdentity | None = None,
 ) -> LoadedKV:
     """Load an artifact's KV for `lm`, refusing any model, tokenizer or dtype it was not made for.
 
@@ -96,11 +99,13 @@ def load_artifact(
     turn it off only for files you wrote yourself. With `require_exact`, lossily encoded (quantised)
     artifacts are refused. A signature, if present, is always verified (BadSignatureError); with
     `require_signed`, an unsigned artifact or one signed by a key outside `trust_list` (default: the
-    local trust list) is refused before anything else in its header is used.
+    local trust list) is refused before anything else in its header is used. `verified` is the
+    identity a store recorded when it hashed this file: if the file still has exactly that identity,
+    no digest is hashed (its identity is checked again after the reads, as for a re-load).
     """
     t0 = time.perf_counter()
     check_supported(lm.model)
-    art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
+    art = Artifact(path, populate=True, verified=verified)  # the map is only made for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
         check_binding(
@@ -114,6 +119,8 @@ def load_artifact(
         encoding = art.header["kv"].get("encoding", "raw")
         if require_exact and not ENCODINGS[encoding]:
             raise LossyArtifactError(f"artifact KV is {encoding}-quantised (lossy) but an exact load was required")
+        digests = ("skipped" if not verify_digests else "hashed" if not art.verified_before
+                   else "recorded" if art.recorded else "remembered")
         caches, logits, used = read_caches(art, verify_digests=verify_digests, headroom=headroom, load_path=load_path)
     except BaseException:
         _release(art)
@@ -121,7 +128,7 @@ def load_artifact(
     if used != "overlap":  # the overlap path's workers close the map when they are done
         _release(art)
     return LoadedKV(caches, list(art.header["document"]["tokens"]), logits, art.header, time.perf_counter() - t0, used,
-                    signature)
+                    signature, digests, art.identity)
 
 
 def check_tokens_and_logits(header: dict, lm: LoadedModel) -> None:
