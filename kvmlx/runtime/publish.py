@@ -84,7 +84,30 @@ def publish(
     t0 = time.perf_counter()
     logits = prefill(lm.model, tokens, cache, chunk_size, progress)
     prefill_seconds = time.perf_counter() - t0
+    result = write_kv(lm, tokens, cache, logits, out, chunk_size=chunk_size, text_digest=text_digest, encoding=encoding,
+                      sign=sign)
+    result.prefill_seconds = prefill_seconds
+    return result
 
+
+def write_kv(
+    lm: LoadedModel,
+    tokens: Sequence[int],
+    cache: list,
+    logits: mx.array,
+    out: str | os.PathLike,
+    *,
+    chunk_size: int,
+    text: str | None = None,
+    text_digest: str | None = None,
+    encoding: str = "raw",
+    sign: Signer | None = None,
+) -> PublishResult:
+    """Write the KV of `tokens` already in `cache` (prefilled in `chunk_size` chunks by `lm`) and the
+    logits row after the last token as an artifact at `out` (publish's second half; imports use it)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
+    tokens = [int(t) for t in tokens]
     n = len(tokens)
     tensors = [_tensor(name, x, encoding) for name, x in kv_arrays(cache, n)]
     tensors.append(_tensor("logits", logits, "raw"))
@@ -103,13 +126,13 @@ def publish(
         "tokenizer": {"fingerprint": tokenizer_fingerprint(lm.tokenizer)},
         "kv": {"dtype": tensors[0].dtype, "layout": "BHLD", "num_tokens": n, "chunk_size": chunk_size,
                "encoding": encoding, "lossless": ENCODINGS[encoding]},
-        "document": {"tokens": tokens, "text_blake3": text_digest},
+        "document": {"tokens": tokens, "text_blake3": text_digest if text is None else digest(text.encode())},
     }
     t1 = time.perf_counter()
     written = write_artifact(out, header, tensors, sign=sign)
     write_seconds = time.perf_counter() - t1
     kv_bytes = 2 * len(cache) * heads * n * head_dim * cache[0].keys.itemsize
-    return PublishResult(Path(out), n, written["file_bytes"], kv_bytes, prefill_seconds, write_seconds, written)
+    return PublishResult(Path(out), n, written["file_bytes"], kv_bytes, 0.0, write_seconds, written)
 
 
 def _tensor(name: str, x: mx.array, encoding: str) -> TensorData:
