@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -56,6 +57,7 @@ MAX_EXPANSION = 64  # an encoded tensor may decode to at most this many times it
 _VERIFIED: dict[tuple, None] = {}
 _VERIFIED_MAX = 4096
 _VERIFIED_LOCK = threading.Lock()
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 SETTLED_SECONDS = 2.0  # a file changed this recently may change again within one timestamp tick
 
 ProgressFn = Callable[[int, int], None]
@@ -515,7 +517,8 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
     _require(_is_int(_get(kv, "chunk_size", int, name), 1, MAX_TOKENS), name, "kv.chunk_size out of range")
     tokens = _get(_get(h, "document", dict, name), "tokens", list, name)
     _require(len(tokens) == n_tokens, name, f"{len(tokens)} token ids for kv.num_tokens={n_tokens}")
-    _require(all(_is_int(t, 0, (1 << 31) - 1) for t in tokens), name, "token ids must be non-negative integers")
+    _require(set(map(type, tokens)) <= {int} and (not tokens or 0 <= min(tokens) and max(tokens) < 1 << 31), name,
+             "token ids must be non-negative integers")
 
     entries = _get(h, "tensors", list, name)
     _require(len(entries) == 2 * model["num_layers"] + 1, name, f"{len(entries)} tensors for {model['num_layers']} layers (tensors missing or extra)")
@@ -542,7 +545,7 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
         _require(offset + nbytes <= size, name, f"tensor {tname!r} extends past the end of the file")
         gap = gap or (tname if offset != align(end) else None)
         d = _get(e, "digest", str, name)
-        _require(len(d) == 64 and all(c in "0123456789abcdef" for c in d), name, f"tensor {tname!r} has a malformed digest")
+        _require(_HEX64.fullmatch(d) is not None, name, f"tensor {tname!r} has a malformed digest")
         end = offset + nbytes
 
     _require(gap is None, name, f"tensor {gap!r} is not right after the previous one (the layout has no gaps)")

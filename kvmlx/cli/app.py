@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -131,6 +132,33 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Timings:
+    """Where a command spends its time, for `--json`'s `timings` (seconds): `import` (kvmlx and what it
+    imports, from its first line to the command starting; the interpreter's own start-up is not in
+    it), then each phase the command marks (`with timings("model_load"): ...`) or sets."""
+
+    def __init__(self):
+        from .. import IMPORT_STARTED
+
+        self.started = time.perf_counter()
+        self.values: dict[str, float] = {"import": self.started - IMPORT_STARTED}
+
+    def __call__(self, phase: str):
+        timings = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings.values[phase] = timings.values.get(phase, 0.0) + time.perf_counter() - self.t
+
+        return _Phase()
+
+    def to_json(self) -> dict:
+        return {**self.values, "command": time.perf_counter() - self.started}
 
 
 def emit(obj: Any) -> None:

@@ -27,6 +27,7 @@ from .app import (
     DTYPE_CHOICE,
     EXIT_NOT_EXACT,
     Progress,
+    Timings,
     ask_passphrase,
     check_output_path,
     emit,
@@ -132,6 +133,7 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
     kvmlx reuses the stored artifact (see `kvmlx store`) sharing its longest token prefix, if any.
     """
+    timings = Timings()
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
     text = read_text(prompt_file, "prompt file", allow_empty=True) if prompt_file is not None else (prompt or "")
@@ -139,7 +141,7 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
         if require_exact:
             raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
         _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                             single_pass, no_verify_digests, as_json, require_signed)
+                             single_pass, no_verify_digests, as_json, require_signed, timings)
         return
     if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
         raise click.UsageError("--store, --chat-document, --system and --allow-lossy are for prompts without ARTIFACT")
@@ -147,7 +149,10 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     with Artifact(artifact) as art:  # the publisher is checked before the header names a model to load
         trust_api.check_signature(art, require_signed, trust_list)
         header = art.header
-    lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"])
+    with timings("model_load"):
+        lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"])
+    with timings("fingerprints"):
+        fingerprints(lm)  # memoised: the load's binding check below reuses them
     printer = stream_printer(lm, not as_json)
     if verify:
         report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer,
@@ -163,19 +168,40 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
             "prefilled_tokens": gen.prefilled_tokens, "load_seconds": loaded.load_seconds,
             "reuse_first_token_seconds": gen.first_token_seconds, "total_seconds": gen.total_seconds,
             "load_path": loaded.load_path, "artifact_bytes": loaded.header["file_bytes"],
-            "signature": loaded.signature.to_json() if loaded.signature else None,
+            "signature": loaded.signature.to_json() if loaded.signature else None, "digests": loaded.digests,
+            "timings": _phases(timings, loaded.load_seconds, gen.first_token_seconds, gen.total_seconds),
         })
     else:
         click.echo()
 
 
+def fingerprints(lm) -> None:
+    """Compute (and memoise) the model's and tokenizer's fingerprints, for timing them apart."""
+    from ..artifact.identity import model_fingerprint, tokenizer_fingerprint
+
+    model_fingerprint(lm.model, lm.config)
+    tokenizer_fingerprint(lm.tokenizer)
+
+
+def _phases(timings, load_s: float, first_token_s: float, total_s: float) -> dict:
+    """`timings` for --json: import, model_load, fingerprints, kv_load, suffix_prefill (the rest of the
+    time to the first token: prefill of the suffix, with the lookup for a store), decode, command."""
+    timings.values.update(kv_load=load_s, suffix_prefill=max(first_token_s - load_s, 0.0),
+                          decode=max(total_s - first_token_s, 0.0))
+    return timings.to_json()
+
+
 def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                         single_pass, no_verify_digests, as_json, require_signed=False) -> None:
+                         single_pass, no_verify_digests, as_json, require_signed=False, timings=None) -> None:
     """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
+    timings = timings or Timings()
     if system is not None and chat_document is None:
         raise click.UsageError("--system needs --chat-document")
     document = read_text(chat_document, "document") if chat_document is not None else None
-    lm = load_model(model, dtype)
+    with timings("model_load"):
+        lm = load_model(model, dtype)
+    with timings("fingerprints"):
+        fingerprints(lm)
     agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
                   require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None)
     tokens = chat_prompt_tokens(lm, document, text, system) if chat_document is not None else agent.encode(text)
@@ -190,7 +216,7 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
     gen = agent.generate(tokens, max_tokens=max_tokens, on_token=printer)
     _warn_quarantined(gen.quarantined)
     if as_json:
-        emit(gen.to_json())
+        emit({**gen.to_json(), "timings": _phases(timings, gen.load_seconds, gen.first_token_seconds, gen.total_seconds)})
         return
     click.echo()
     source = f"store entry {gen.key[:12]}" if gen.key else "the store (no match)"

@@ -28,6 +28,7 @@ Either way the caches are plain `mlx_lm.models.cache.KVCache` objects, usable as
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -57,7 +58,8 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
 LOAD_PATHS = ("auto", "copy", "zero-copy", "overlap")
 ALLOC_LAYERS = 8  # layers allocated per `mx.load` call: few calls, yet the first reads start early
-SMALL_BUFFER = 2 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
+SMALL_BUFFER = 4 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
+SERIAL_BYTES = 32 << 20  # KV bytes: a re-load (nothing to hash) this small is read on the calling thread
 
 
 @dataclass
@@ -187,7 +189,16 @@ def read_caches(
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
     # hash (a cold first load of 557 MB here: 656 -> 573 ms; warm loads unchanged)
     workers = threads or min(8, (os.cpu_count() or 1) * (2 if hashed else 1))
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="kvmlx-load")
+    kv_bytes = sum(art.tensors[name].nbytes for name in names)
+    if used == "copy" and not hashed and threads is None and kv_bytes <= SERIAL_BYTES:
+        # a small re-load: handing layers to threads costs more than copying them here (~1 ms a MB)
+        arrays = _uninitialized([_with_capacity(art.tensors[name].shape, capacity) for name in names],
+                                art.tensors[names[0]].dtype)
+        for i in range(0, len(names), 2):
+            _copy_layer(art, names[i : i + 2], arrays[i : i + 2], False, False)
+        _finish(art, False, recheck)
+        return from_arrays(arrays, n), logits, used
+    pool = _pool(workers)
     arrays: list[mx.array] = []
     futures: list[Future] = []
     for first in range(0, len(names), 2 * ALLOC_LAYERS):
@@ -197,7 +208,6 @@ def read_caches(
                                  art.tensors[group[0]].dtype)
         for i in range(first, first + len(group), 2):
             futures.append(pool.submit(_copy_layer, art, names[i : i + 2], arrays[i : i + 2], hashed, recheck))
-    pool.shutdown(wait=used == "copy")
     if used == "copy":
         for f in futures:
             f.result()
@@ -262,7 +272,7 @@ def _uninitialized(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[mx.arr
     costs `mx.load` a hand-off to its I/O thread (~0.2 ms here), more than filling a small one, so
     buffers under `SMALL_BUFFER` on average are filled instead; so are all if `mx.load` ever fails.
     """
-    if sum(int(np.prod(shape)) for shape in shapes) * DTYPE_SIZES[dtype] >= len(shapes) * SMALL_BUFFER:
+    if sum(math.prod(shape) for shape in shapes) * DTYPE_SIZES[dtype] >= len(shapes) * SMALL_BUFFER:
         try:
             arrays = mx.load(_BlankTensors(shapes, dtype), format="safetensors", stream=mx.cpu)
             return [arrays[str(i)] for i in range(len(shapes))]
@@ -343,9 +353,24 @@ def _parallel(fn, items: list, threads: int | None) -> None:
         for item in items:
             fn(item)
         return
-    with ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(fn, items):
-            pass
+    for _ in _pool(workers).map(fn, items):
+        pass
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """This process's pool of `workers` reader threads, started once and kept: starting and joining
+    threads cost ~2.5 ms a load (most of a small artifact's load). Keyed by pid, so a forked child
+    starts its own (a parent's threads do not exist in it)."""
+    key = (os.getpid(), workers)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix=f"kvmlx-load{workers}")
+        return pool
 
 
 def _release(art: Artifact) -> None:
