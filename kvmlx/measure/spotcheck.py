@@ -48,9 +48,6 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from ..artifact.format import Artifact
 from ..artifact.identity import (
     check_binding,
-    config_geometry,
-    model_fingerprint,
-    tokenizer_fingerprint,
 )
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import check_supported
@@ -211,10 +208,7 @@ def spot_check(
             report.seconds["digests"] = time.perf_counter() - t1
             return report
         check_supported(lm.model)
-        check_binding(
-            h, model_fp=model_fingerprint(lm.model, lm.config), tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
-            dtype=lm.dtype, geometry=config_geometry(lm.model, lm.config),
-        )
+        check_binding(h, lm)
         check_tokens_and_logits(h, lm)  # before any prefill: an id past the embedding table reads out of bounds
         t1 = time.perf_counter()
         caches, logits, _ = read_caches(art, verify_digests=verify_digests, headroom=0, load_path="copy")

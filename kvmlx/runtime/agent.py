@@ -182,7 +182,7 @@ class Agent:
     @property
     def identity(self) -> tuple[str, str, str]:
         """(model fingerprint, tokenizer fingerprint, dtype): what a stored artifact must match."""
-        return (model_fingerprint(self.lm.model, self.lm.config), tokenizer_fingerprint(self.lm.tokenizer), self.lm.dtype)
+        return (model_fingerprint(self.lm), tokenizer_fingerprint(self.lm), self.lm.dtype)
 
     def encode(self, prompt: str) -> list[int]:
         """A full prompt's token ids, special tokens added as the tokenizer adds them (as publish does)."""

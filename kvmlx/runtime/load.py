@@ -45,9 +45,6 @@ from ..artifact.encodings import decode
 from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, VerifiedIdentity, kv_tensor_names
 from ..artifact.identity import (
     check_binding,
-    config_geometry,
-    model_fingerprint,
-    tokenizer_fingerprint,
 )
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import StreamedKVCache, check_supported, from_arrays
@@ -110,13 +107,7 @@ def load_artifact(
     art = Artifact(path, populate=True, verified=verified)  # the map is only made for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
-        check_binding(
-            art.header,
-            model_fp=model_fingerprint(lm.model, lm.config),
-            tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
-            dtype=lm.dtype,
-            geometry=config_geometry(lm.model, lm.config),
-        )
+        check_binding(art.header, lm)
         check_tokens_and_logits(art.header, lm)
         encoding = art.header["kv"].get("encoding", "raw")
         if require_exact and not ENCODINGS[encoding]:

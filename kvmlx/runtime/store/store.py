@@ -207,7 +207,7 @@ class Store:
             raise ValueError("the document is empty: nothing to prefill")
         encoding = publish_kwargs.get("encoding", "raw")
         lossless = bool(ENCODINGS.get(encoding, False))
-        key = artifact_key(model_fingerprint(lm.model, lm.config), tokenizer_fingerprint(lm.tokenizer), lm.dtype, tokens,
+        key = artifact_key(model_fingerprint(lm), tokenizer_fingerprint(lm), lm.dtype, tokens,
                            None if lossless else encoding)
         if not force and (entry := self.get(key)) is not None:
             return StorePublish(key, entry, None, True)
