@@ -179,8 +179,8 @@ def fingerprints(lm) -> None:
     """Compute (and memoise) the model's and tokenizer's fingerprints, for timing them apart."""
     from ..artifact.identity import model_fingerprint, tokenizer_fingerprint
 
-    model_fingerprint(lm.model, lm.config)
-    tokenizer_fingerprint(lm.tokenizer)
+    model_fingerprint(lm)
+    tokenizer_fingerprint(lm)
 
 
 def _phases(timings, load_s: float, first_token_s: float, total_s: float) -> dict:
