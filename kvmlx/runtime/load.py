@@ -12,7 +12,8 @@ Two ways in, and `LoadedKV.load_path` says which ran:
   first appends write in place (mlx-lm's `KVCache` re-allocates and concatenates the whole prefix when
   an append exceeds its capacity; the spare slots are zeroed). Buffers come uninitialised from
   MLX's cache (`_uninitialized`); the main thread allocates the next layers while worker threads
-  read and verify the ones before (preadv and BLAKE3 release the GIL). No memory map is made here.
+  (started once per process) read and verify the ones before (preadv and BLAKE3 release the GIL); a
+  small re-load (nothing to hash) is read on the calling thread. No memory map is made here.
 
 Digests are hashed once per file per process: a re-load of the same unchanged file only re-checks
 its identity (`Artifact.verified_before`, docs/FORMAT.md).
