@@ -22,6 +22,19 @@ import time
 from pathlib import Path
 
 
+_SETUP = """
+import sys
+from kvmlx.measure.bench import document_tokens
+from kvmlx.models import load_model
+from kvmlx.runtime.interop import export_mlx_lm
+from kvmlx.runtime.publish import publish
+model, n, art, cache = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+lm = load_model(model)
+publish(lm, document_tokens(lm.tokenizer, n), art)
+print(export_mlx_lm(art, cache).model)
+"""
+
+
 def run_measured(cmd: list[str]) -> tuple[float, int, str]:
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -44,17 +57,16 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from kvmlx.measure.bench import document_tokens
-    from kvmlx.models import load_model
-    from kvmlx.runtime.interop import export_mlx_lm
-    from kvmlx.runtime.publish import publish
-
-    lm = load_model(args.model)
+    # The setup (model, publish, export) runs in a child: this process stays small, because a child's
+    # peak RSS (wait4's ru_maxrss) starts from its parent's resident size at fork (vfork + exec).
     tmp = Path(tempfile.mkdtemp(prefix="kvmlx-bench-cli-"))
     art, cache = tmp / "doc.kvmlx", tmp / "doc.safetensors"
-    publish(lm, document_tokens(lm.tokenizer, args.tokens), art)
-    mlx_model = export_mlx_lm(art, cache).model
     py = sys.executable
+    setup = subprocess.run([py, "-c", _SETUP, args.model, str(args.tokens), str(art), str(cache)],
+                           capture_output=True, text=True, check=False)
+    if setup.returncode != 0:
+        raise SystemExit(f"setup failed: {(setup.stderr.strip().splitlines() or ['?'])[-1]}")
+    mlx_model = setup.stdout.strip().splitlines()[-1]
     kv = [py, "-m", "kvmlx", "generate", str(art), "--model", args.model, "--prompt", args.prompt,
           "-n", str(args.max_tokens), "--json"]
     ml = [py, "-m", "mlx_lm", "generate", "--model", mlx_model, "--prompt-cache-file", str(cache), "--prompt",
