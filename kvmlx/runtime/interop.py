@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,7 +29,7 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models.cache import KVCache, save_prompt_cache
 
 from ..artifact.encodings import decode
-from ..artifact.format import Artifact, fsync_dir, kv_tensor_names
+from ..artifact.format import Artifact, kv_tensor_names, replacing
 from ..artifact.identity import config_geometry
 from ..artifact.trust import check_signature
 from ..caches import check_supported
@@ -73,18 +72,9 @@ def export_mlx_lm(artifact: str | os.PathLike, out: str | os.PathLike, *, model:
             caches.append(cache)
         mx.eval([(c.keys, c.values) for c in caches])
     model = model or _mlx_lm_model_id(h["model"]["id"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".safetensors", dir=out.parent)
-    os.close(fd)
-    try:
-        save_prompt_cache(tmp, caches, {"model": model, "tokenizer_config": json.dumps({}), "kvmlx_tokens": json.dumps(
-            h["document"]["tokens"])})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
+    with replacing(out, ".safetensors") as tmp:
+        save_prompt_cache(str(tmp), caches, {"model": model, "tokenizer_config": json.dumps({}),
+                                             "kvmlx_tokens": json.dumps(h["document"]["tokens"])})
     return ExportResult(out, n, model, out.stat().st_size)
 
 
@@ -193,17 +183,9 @@ def import_mlx_lm(
         raise DtypeMismatchError(f"{name}: the cache's KV is {dtype}, the model runs in {lm.dtype} (pass --dtype {dtype})")
     logits = _last_logits(lm, caches, tokens, tolerance, name)
     out = Path(out)
-    fd, staged = tempfile.mkstemp(prefix=f".{out.name}.import-", suffix=".kvmlx", dir=out.parent)
-    os.close(fd)
-    staged = Path(staged)
-    try:
+    with replacing(out, ".import.kvmlx") as staged:  # `out` appears only if every check below passes
         result = write_kv(lm, tokens, caches, logits, staged, chunk_size=chunk_size, text=document, **publish_kwargs)
         check(staged)
-        os.replace(staged, out)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    fsync_dir(out.parent)
     result.path = out
     return result
 
