@@ -59,7 +59,20 @@ def main() -> None:
 
     # The setup (model, publish, export) runs in a child: this process stays small, because a child's
     # peak RSS (wait4's ru_maxrss) starts from its parent's resident size at fork (vfork + exec).
-    tmp = Path(tempfile.mkdtemp(prefix="kvmlx-bench-cli-"))
+    with tempfile.TemporaryDirectory(prefix="kvmlx-bench-cli-") as tmp:
+        result = _measure(args, Path(tmp))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for k in ("kvmlx", "mlx_lm"):
+        f, m = result["first_run"][k], result["runs_2_on"][k]
+        print(f"{k:7} first run {f['wall_s']:.2f} s {f['peak_rss_bytes'] / 1e6:.0f} MB; runs 2+: median "
+              f"{m['wall_s']:.2f} s [{min(m['wall_all_s']):.2f}-{max(m['wall_all_s']):.2f}] {m['peak_rss_bytes'] / 1e6:.0f} MB")
+    print(f"wall {result['wall_ratio']:.2f}x, peak RSS {result['rss_ratio']:.2f}x mlx-lm's; same text: {result['same_text']}")
+    print("kvmlx timings (last run, s):", {k: round(v, 3) for k, v in (result["kvmlx_timings_last_run"] or {}).items()})
+
+
+def _measure(args, tmp: Path) -> dict:
     art, cache = tmp / "doc.kvmlx", tmp / "doc.safetensors"
     py = sys.executable
     setup = subprocess.run([py, "-c", _SETUP, args.model, str(args.tokens), str(art), str(cache)],
@@ -98,15 +111,7 @@ def main() -> None:
         "targets": {"wall_ratio <= 1.0": med["kvmlx"][0] / med["mlx_lm"][0] <= 1.0,
                     "rss_ratio <= 1.05": med["kvmlx"][1] / med["mlx_lm"][1] <= 1.05},
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    for k in ("kvmlx", "mlx_lm"):
-        f, m = result["first_run"][k], result["runs_2_on"][k]
-        print(f"{k:7} first run {f['wall_s']:.2f} s {f['peak_rss_bytes'] / 1e6:.0f} MB; runs 2+: median "
-              f"{m['wall_s']:.2f} s [{min(m['wall_all_s']):.2f}-{max(m['wall_all_s']):.2f}] {m['peak_rss_bytes'] / 1e6:.0f} MB")
-    print(f"wall {result['wall_ratio']:.2f}x, peak RSS {result['rss_ratio']:.2f}x mlx-lm's; same text: {result['same_text']}")
-    print("kvmlx timings (last run, s):", {k: round(v, 3) for k, v in (timings[-1] or {}).items()})
+    return result
 
 
 if __name__ == "__main__":

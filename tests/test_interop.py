@@ -171,3 +171,16 @@ def test_cli_import_errors_are_one_line(tiny, cached, tmp_path):
                                   "--out", str(tmp_path / "x.kvmlx")])
     assert r.exit_code == 1 and "tokenizes to" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.kvmlx").exists()
+
+
+def test_bench_cli_script_compares_the_two_commands():
+    """scripts/bench_cli.py: kvmlx generate and mlx_lm.generate --prompt-cache-file, same text, measured."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_cli.py"
+    r = subprocess.run([sys.executable, str(script), "--model", "builtin:tiny", "--tokens", "60", "--runs", "1", "--json"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["same_text"] is True
+    for side in ("kvmlx", "mlx_lm"):
+        assert out["first_run"][side]["wall_s"] > 0 and out["first_run"][side]["peak_rss_bytes"] > 10_000_000
+    assert {"import", "model_load", "fingerprints", "kv_load", "suffix_prefill", "decode"} <= set(out["kvmlx_timings_last_run"])
