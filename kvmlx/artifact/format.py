@@ -25,14 +25,16 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import blake3
 
@@ -62,6 +64,7 @@ MAX_EXPANSION = 64  # an encoded tensor may decode to at most this many times it
 _VERIFIED: dict[tuple, None] = {}
 _VERIFIED_MAX = 4096
 _VERIFIED_LOCK = threading.Lock()
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 SETTLED_SECONDS = 2.0  # a file changed this recently may change again within one timestamp tick
 
 ProgressFn = Callable[[int, int], None]
@@ -167,7 +170,10 @@ def write_artifact(
     header = {**header, "format": "kvmlx", "version": version, "digest": DIGEST}
     body, data_offset = _layout(header, tensors, ["0" * 64] * len(tensors))
     total = sum(t.data.nbytes for t in tensors)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e} (in {path.parent})") from None
     try:
         with os.fdopen(fd, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="kvmlx-hash") as hasher, \
                 ThreadPoolExecutor(1, thread_name_prefix="kvmlx-flush") as flusher:
@@ -199,6 +205,24 @@ def write_artifact(
         raise
     fsync_dir(path.parent)
     return json.loads(body)
+
+
+@contextmanager
+def replacing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside `path` for the caller to write; on success it is fsynced and renamed
+    over `path` (then the directory is fsynced), on any error removed: `path` is never partial."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def _write_all(f: BinaryIO, data: Any) -> None:
@@ -238,9 +262,10 @@ class Artifact:
     (Linux MAP_POPULATE, else MADV_WILLNEED) when it is first needed.
     """
 
-    def __init__(self, path: str | os.PathLike, *, populate: bool = False):
+    def __init__(self, path: str | os.PathLike, *, populate: bool = False, verified: "VerifiedIdentity | None" = None):
         self.path = Path(path)
         self._populate = populate
+        self._recorded = verified  # what a store recorded when it last hashed this file (see verified_before)
         self._mmap: mmap.mmap | None = None
         self._lock = threading.Lock()
         try:
@@ -257,15 +282,26 @@ class Artifact:
         self._identity = _identity(self._fd)
 
     @property
+    def identity(self) -> "VerifiedIdentity":
+        """This file's identity as opened: device, inode, size, mtime_ns, ctime_ns and header digest."""
+        return VerifiedIdentity(*self._identity, self.header_digest.hex())
+
+    @property
     def verified_before(self) -> bool:
-        """True if every tensor digest of this very file matched earlier in this process.
+        """True if every tensor digest of this very file matched earlier in this process, or when a
+        store recorded this very file as verified (`verified=` at opening: a persisted record).
 
         "This very file" is the same device, inode, size, modification and change times as when it
         was verified, and the same header digest: any write to the file changes its change time,
         which no user can set, so a re-load of an unchanged file can skip hashing its 100s of MB.
         Callers that skip still call `check_unchanged` after reading.
         """
-        return (self._identity, self.header_digest) in _VERIFIED
+        return (self._identity, self.header_digest) in _VERIFIED or self.recorded
+
+    @property
+    def recorded(self) -> bool:
+        """True when the identity recorded by a store (`verified=`) is exactly this file's."""
+        return self._recorded is not None and self._recorded == self.identity
 
     def mark_verified(self) -> None:
         """Record that every tensor's digest and padding matched (call only after checking them all).
@@ -361,6 +397,19 @@ class Artifact:
             self.close()
         except BufferError:
             pass  # a caller still holds a view; the map is released when the last view goes
+
+
+@dataclass(frozen=True)
+class VerifiedIdentity:
+    """What a store records about a file whose every digest it checked: a load that finds the same
+    device, inode, size, mtime_ns, ctime_ns and header digest hashes nothing (docs/SECURITY.md)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    header_digest: str  # hex
 
 
 def forget_verified() -> None:
@@ -494,7 +543,8 @@ def _validate(h: Any, size: int, data_offset: int, name: str, version: int = 1) 
     _require(_is_int(_get(kv, "chunk_size", int, name), 1, MAX_TOKENS), name, "kv.chunk_size out of range")
     tokens = _get(_get(h, "document", dict, name), "tokens", list, name)
     _require(len(tokens) == n_tokens, name, f"{len(tokens)} token ids for kv.num_tokens={n_tokens}")
-    _require(all(_is_int(t, 0, (1 << 31) - 1) for t in tokens), name, "token ids must be non-negative integers")
+    _require(set(map(type, tokens)) <= {int} and (not tokens or 0 <= min(tokens) and max(tokens) < 1 << 31), name,
+             "token ids must be non-negative integers")
 
     entries = _get(h, "tensors", list, name)
     _require(version > 1 or len(entries) == 2 * model["num_layers"] + 1, name,
@@ -522,7 +572,7 @@ def _validate(h: Any, size: int, data_offset: int, name: str, version: int = 1) 
         _require(offset + nbytes <= size, name, f"tensor {tname!r} extends past the end of the file")
         gap = gap or (tname if offset != align(end) else None)
         d = _get(e, "digest", str, name)
-        _require(len(d) == 64 and all(c in "0123456789abcdef" for c in d), name, f"tensor {tname!r} has a malformed digest")
+        _require(_HEX64.fullmatch(d) is not None, name, f"tensor {tname!r} has a malformed digest")
         end = offset + nbytes
 
     _require(gap is None, name, f"tensor {gap!r} is not right after the previous one (the layout has no gaps)")
