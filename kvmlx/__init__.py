@@ -11,6 +11,9 @@
     out = agent.generate(text + "\\nQuestion: ...")   # reuses the longest stored prefix; out.reused_tokens
 """
 
+import time as _time
+
+IMPORT_STARTED = _time.perf_counter()  # when kvmlx began importing (the CLI reports its import time from it)
 __version__ = "0.1.0"
 
 from .artifact.format import Artifact, read_header  # noqa: E402

@@ -140,3 +140,18 @@ def test_cost_defaults_reproduce_the_paper(runner, published, tmp_path):
     png = tmp_path / "cost.png"
     assert runner.invoke(main, ["cost", "--plot", str(png)]).exit_code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_json_reports_where_the_time_goes(runner, published, tmp_path):
+    """--json `timings`: import, model load, fingerprints, KV load, suffix prefill, decode (seconds)."""
+    keys = {"import", "model_load", "fingerprints", "kv_load", "suffix_prefill", "decode", "command"}
+    out = json.loads(runner.invoke(main, ["generate", str(published[0]), "--prompt", " Next:", "-n", "4", "--json"]).output)
+    assert set(out["timings"]) == keys and all(v >= 0 for v in out["timings"].values())
+    assert out["timings"]["kv_load"] == out["load_seconds"] and out["digests"] in ("hashed", "remembered")
+    doc = tmp_path / "d.txt"
+    doc.write_text("A short document for the store. " * 4, encoding="utf-8")
+    store = tmp_path / "store"
+    assert runner.invoke(main, ["publish", str(doc), "--store-dir", str(store)]).exit_code == 0
+    res = runner.invoke(main, ["generate", "--store", str(store), "--prompt", doc.read_text() + " More", "-n", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(res.stdout)["timings"]) == keys

@@ -313,6 +313,8 @@ def fake_hub(monkeypatch):
     async def handle(request):
         p, body = request.url.path, await request.body()
         calls.append((request.method, p))
+        if p == "/api/validate-yaml":  # the client checks a README's metadata before committing it
+            return JSONResponse({})
         if p == "/api/repos/create":
             d = json.loads(body)
             return JSONResponse({"url": f"{base}/{d['organization']}/{d['name']}"})
@@ -393,3 +395,46 @@ def test_fetched_artifact_generates(tiny, document, tmp_path):
     mine, _ = generate(served / "doc.kvmlx", tiny, " The", max_tokens=8)
     theirs, _ = generate(store.path(res["key"]), tiny, " The", max_tokens=8)
     assert theirs.tokens == mine.tokens
+
+
+def test_push_writes_a_model_card(fake_hub, tmp_path, tiny, document):
+    """README.md with Hub metadata: base_model (hub ids only), tags, tokens, dtype, fingerprints, signature."""
+    import yaml
+
+    from kvmlx.artifact import trust as trust_api
+    from kvmlx.artifact.format import read_header
+    from kvmlx.runtime.publish import publish
+
+    key = trust_api.generate_key()
+    art = tmp_path / "doc.kvmlx"
+    publish(tiny, document[:300], art, sign=trust_api.signer(key))
+    push(art, "alice/card")
+    card = fake_hub["files"][("alice/card", "README.md")].decode()
+    meta = yaml.safe_load(card.split("---")[1])
+    h = read_header(art)
+    assert "kvmlx" in meta["tags"] and "base_model" not in meta  # builtin:tiny is not a Hub model
+    k = meta["kvmlx"]
+    assert k["tokens"] == h["kv"]["num_tokens"] and k["dtype"] == "bfloat16" and k["header_digest"] == _digest(art)
+    assert k["model_fingerprint"] == h["model"]["fingerprint"] and k["tokenizer_fingerprint"] == h["tokenizer"]["fingerprint"]
+    assert k["signed_by"] == trust_api.public_key_id(key) and "signed by" in card
+    from kvmlx.serving.hub import model_card
+    hub = model_card({**h, "model": {**h["model"], "id": "Qwen/Qwen3-4B"}}, "d" * 64,
+                     trust_api.SignatureStatus(False), "x.kvmlx", "a/b")
+    assert yaml.safe_load(hub.split("---")[1])["base_model"] == "Qwen/Qwen3-4B" and "unsigned" in hub
+    assert k["cache_families"] == ["kv"] and k["format_version"] == 1
+
+
+def test_model_card_of_a_version_2_artifact_names_its_families(fake_hub, tmp_path, preset):
+    import yaml
+
+    from kvmlx.runtime.publish import publish
+
+    lm = preset("sliding")
+    art = tmp_path / "sliding.kvmlx"
+    publish(lm, lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)[:40], art, chunk_size=8,
+            checkpoint_every=16)
+    push(art, "alice/sliding")
+    card = fake_hub["files"][("alice/sliding", "README.md")].decode()
+    k = yaml.safe_load(card.split("---")[1])["kvmlx"]
+    assert k["format_version"] == 2 and k["cache_families"] == ["rotating", "kv"]
+    assert "| caches | rotating, kv, state checkpoints every 16 tokens |" in card

@@ -137,7 +137,7 @@ def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
     calls = []
     real_load = load.mx.load
     monkeypatch.setattr(load.mx, "load", lambda *a, **k: calls.append(1) or real_load(*a, **k))
-    large, small = [(1, 8, 1024, 128), (1, 4, 2048, 128)], [(1, 2, 256, 8), (1, 3, 512, 4)]
+    large, small = [(1, 8, 2048, 128), (1, 4, 4096, 128)], [(1, 2, 256, 8), (1, 3, 512, 4)]  # >= SMALL_BUFFER (4 MiB)
     for shapes, via_load in ((large, True), (small, False)):
         calls.clear()
         _check_buffers(load._uninitialized(shapes, dtype), shapes, load.DTYPES[dtype])

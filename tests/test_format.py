@@ -253,8 +253,9 @@ def _load_kv(path, verify=True):
 def settled(monkeypatch):
     """Treat every file as settled, so files written by the test itself can be recorded as verified."""
     import kvmlx.artifact.format as fmt
+    import kvmlx.artifact.verified as verified
 
-    monkeypatch.setattr(fmt, "SETTLED_SECONDS", -1.0)
+    monkeypatch.setattr(verified, "SETTLED_SECONDS", -1.0)
     fmt.forget_verified()
     yield fmt
     fmt.forget_verified()

@@ -35,7 +35,8 @@ from typing import Callable
 import blake3
 
 from ..errors import ModelLoadError
-from .format import SETTLED_SECONDS, canonical_json
+from .format import canonical_json
+from .verified import SETTLED_SECONDS
 
 SCHEME = "fp2"
 # config.json keys that describe the file, not the computation (a dtype difference is checked on its own).

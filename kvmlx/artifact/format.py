@@ -25,20 +25,22 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import blake3
 
 from ..errors import ArtifactError, IntegrityError, UnsupportedVersionError
 from . import layers
 from .layout import kv_plan
+from .verified import VerifiedIdentity, file_identity, forget_verified, remember, remembered  # noqa: F401 (re-exported)
 
 MAGIC = b"\x89KVMLX\r\n"
 VERSION = 2  # the newest version this reader understands (and the writer's, for headers with `caches`)
@@ -58,12 +60,7 @@ TENSOR_DTYPES = {**DTYPE_SIZES, "uint32": 4}
 # encoding name -> lossless? The arithmetic lives in kvmlx/artifact/encodings.py; raw tensors can be mapped as-is.
 ENCODINGS = {"raw": True, "bytesplit-zstd": True, "expsplit-zstd": True, "int8-tensor": False, "q8": False, "q4": False}
 MAX_EXPANSION = 64  # an encoded tensor may decode to at most this many times its stored bytes (+1 MiB)
-# Files whose every tensor digest matched in this process, by (device, inode, size, mtime, ctime) and
-# header digest: a re-load of the same unchanged file skips re-hashing (see Artifact.verified_before).
-_VERIFIED: dict[tuple, None] = {}
-_VERIFIED_MAX = 4096
-_VERIFIED_LOCK = threading.Lock()
-SETTLED_SECONDS = 2.0  # a file changed this recently may change again within one timestamp tick
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 ProgressFn = Callable[[int, int], None]
 # Given the header digest, returns (raw 32-byte public key, 64-byte signature). See kvmlx/artifact/trust.py.
@@ -175,7 +172,10 @@ def write_artifact(
     header = {**header, "format": "kvmlx", "version": version, "digest": DIGEST}
     body, data_offset = _layout(header, tensors, ["0" * 64] * len(tensors))
     total = sum(t.data.nbytes for t in tensors)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e} (in {path.parent})") from None
     try:
         with os.fdopen(fd, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="kvmlx-hash") as hasher, \
                 ThreadPoolExecutor(1, thread_name_prefix="kvmlx-flush") as flusher:
@@ -207,6 +207,24 @@ def write_artifact(
         raise
     fsync_dir(path.parent)
     return json.loads(body)
+
+
+@contextmanager
+def replacing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside `path` for the caller to write; on success it is fsynced and renamed
+    over `path` (then the directory is fsynced), on any error removed: `path` is never partial."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def _write_all(f: BinaryIO, data: Any) -> None:
@@ -246,9 +264,10 @@ class Artifact:
     (Linux MAP_POPULATE, else MADV_WILLNEED) when it is first needed.
     """
 
-    def __init__(self, path: str | os.PathLike, *, populate: bool = False):
+    def __init__(self, path: str | os.PathLike, *, populate: bool = False, verified: "VerifiedIdentity | None" = None):
         self.path = Path(path)
         self._populate = populate
+        self._recorded = verified  # what a store recorded when it last hashed this file (see verified_before)
         self._mmap: mmap.mmap | None = None
         self._lock = threading.Lock()
         try:
@@ -262,35 +281,38 @@ class Artifact:
             os.close(self._fd)
             raise
         self.tensors = {t.name: t for t in (_entry(e) for e in self.header["tensors"])}
-        self._identity = _identity(self._fd)
+        self._identity = file_identity(self._fd)
+
+    @property
+    def identity(self) -> "VerifiedIdentity":
+        """This file's identity as opened: device, inode, size, mtime_ns, ctime_ns and header digest."""
+        return VerifiedIdentity(*self._identity, self.header_digest.hex())
 
     @property
     def verified_before(self) -> bool:
-        """True if every tensor digest of this very file matched earlier in this process.
+        """True if every tensor digest of this very file matched earlier in this process, or when a
+        store recorded this very file as verified (`verified=` at opening: a persisted record).
 
         "This very file" is the same device, inode, size, modification and change times as when it
         was verified, and the same header digest: any write to the file changes its change time,
         which no user can set, so a re-load of an unchanged file can skip hashing its 100s of MB.
         Callers that skip still call `check_unchanged` after reading.
         """
-        return (self._identity, self.header_digest) in _VERIFIED
+        return remembered(self._identity, self.header_digest) or self.recorded
+
+    @property
+    def recorded(self) -> bool:
+        """True when the identity recorded by a store (`verified=`) is exactly this file's."""
+        return self._recorded is not None and self._recorded == self.identity
 
     def mark_verified(self) -> None:
-        """Record that every tensor's digest and padding matched (call only after checking them all).
-
-        Files changed in the last two seconds are not recorded: a second write within one tick of
-        the file system's clock could leave the change time as it is (the "racy git" problem).
-        """
-        if time.time() - self._identity[4] / 1e9 < SETTLED_SECONDS:
-            return
-        with _VERIFIED_LOCK:
-            if len(_VERIFIED) >= _VERIFIED_MAX:
-                del _VERIFIED[next(iter(_VERIFIED))]
-            _VERIFIED[(self._identity, self.header_digest)] = None
+        """Record that every tensor's digest and padding matched (call only after checking them all;
+        files changed in the last two seconds are not recorded: verified.remember)."""
+        remember(self._identity, self.header_digest)
 
     def check_unchanged(self) -> None:
         """Raise IntegrityError if the file was written to since it was opened."""
-        if _identity(self._fd) != self._identity:
+        if file_identity(self._fd) != self._identity:
             raise IntegrityError(f"{self.path.name}: the file changed on disk while it was being loaded")
 
     def _map(self) -> mmap.mmap:
@@ -369,17 +391,6 @@ class Artifact:
             self.close()
         except BufferError:
             pass  # a caller still holds a view; the map is released when the last view goes
-
-
-def forget_verified() -> None:
-    """Forget which files were verified in this process: the next load of each hashes every tensor."""
-    with _VERIFIED_LOCK:
-        _VERIFIED.clear()
-
-
-def _identity(fd: int) -> tuple[int, int, int, int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -502,7 +513,8 @@ def _validate(h: Any, size: int, data_offset: int, name: str, version: int = 1) 
     _require(_is_int(_get(kv, "chunk_size", int, name), 1, MAX_TOKENS), name, "kv.chunk_size out of range")
     tokens = _get(_get(h, "document", dict, name), "tokens", list, name)
     _require(len(tokens) == n_tokens, name, f"{len(tokens)} token ids for kv.num_tokens={n_tokens}")
-    _require(all(_is_int(t, 0, (1 << 31) - 1) for t in tokens), name, "token ids must be non-negative integers")
+    _require(set(map(type, tokens)) <= {int} and (not tokens or 0 <= min(tokens) and max(tokens) < 1 << 31), name,
+             "token ids must be non-negative integers")
 
     entries = _get(h, "tensors", list, name)
     (first, end_layer), heads, has_logits = kv_plan(h, name)  # a parallel part or manifest holds less (layout.py)
@@ -534,7 +546,7 @@ def _validate(h: Any, size: int, data_offset: int, name: str, version: int = 1) 
         _require(offset + nbytes <= size, name, f"tensor {tname!r} extends past the end of the file")
         gap = gap or (tname if offset != align(end) else None)
         d = _get(e, "digest", str, name)
-        _require(len(d) == 64 and all(c in "0123456789abcdef" for c in d), name, f"tensor {tname!r} has a malformed digest")
+        _require(_HEX64.fullmatch(d) is not None, name, f"tensor {tname!r} has a malformed digest")
         end = offset + nbytes
 
     _require(gap is None, name, f"tensor {gap!r} is not right after the previous one (the layout has no gaps)")

@@ -179,3 +179,15 @@ def _static(meta: dict) -> Any:
     if meta["family"] == "list":
         return ["list", [_static(m) for m in meta["caches"]]]
     return [meta["family"], *(meta[k] for k in _STATIC[meta["family"]])]
+
+
+def families(header: dict) -> list[str]:
+    """The cache families of a header in order of first use (["kv"] for version 1; a `CacheList`'s
+    members counted, not the list), then "--kv-bits N" for quantized KV: for refusals and model cards."""
+    found: list[str] = []
+    for m in header.get("caches") or [{"family": "kv"}]:
+        for f in [c["family"] for c in m.get("caches", [])] or [m["family"]]:
+            if f not in found:
+                found.append(f)
+    q = header["kv"].get("quantization")
+    return found + ([f"--kv-bits {q['bits']}"] if q else [])

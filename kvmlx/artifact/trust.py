@@ -28,14 +28,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Union
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..errors import (
     ArtifactError,
@@ -84,13 +80,26 @@ def trust_list_path() -> Path:
 # ---------------------------------------------------------------- public key ids
 
 
+def _crypto():
+    """cryptography's Ed25519 module, its serialization module and InvalidSignature, imported on first
+    use: ~7 MB and ~10 ms that a command loading an unsigned artifact never needs."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519, serialization, InvalidSignature
+
+
 def _raw_public(key: bytes | Ed25519PublicKey | Ed25519PrivateKey) -> bytes:
-    if isinstance(key, Ed25519PrivateKey):
+    if isinstance(key, (bytes, bytearray)):
+        if len(key) == 32:
+            return bytes(key)
+        raise KeyFileError("an Ed25519 public key is 32 bytes")
+    ed, serialization, _ = _crypto()
+    if isinstance(key, ed.Ed25519PrivateKey):
         key = key.public_key()
-    if isinstance(key, Ed25519PublicKey):
+    if isinstance(key, ed.Ed25519PublicKey):
         return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    if isinstance(key, (bytes, bytearray)) and len(key) == 32:
-        return bytes(key)
     raise KeyFileError("an Ed25519 public key is 32 bytes")
 
 
@@ -116,10 +125,17 @@ def parse_public_key(text: str) -> bytes:
     if raw is None or len(raw) != 32 or not any(raw):
         raise KeyFileError(f"malformed public key id {_short(s)} (expected {KEY_PREFIX} + 43 base64 or 64 hex characters)")
     try:
-        Ed25519PublicKey.from_public_bytes(raw)
+        _crypto()[0].Ed25519PublicKey.from_public_bytes(raw)
     except ValueError:
         raise KeyFileError(f"{_short(s)} is not a valid Ed25519 public key") from None
     return raw
+
+
+def default_name(key_id: str) -> str:
+    """A trusted key's name when none is given: the id's first 8 base64url characters, prefixed with
+    ``key-`` when they start with ``_`` or ``-`` (1 key in 32), which a name may not start with."""
+    short = key_id[len(KEY_PREFIX): len(KEY_PREFIX) + 8]
+    return short if _NAME.match(short) else f"key-{short}"
 
 
 def _short(s: str, n: int = 60) -> str:
@@ -132,7 +148,7 @@ def _short(s: str, n: int = 60) -> str:
 
 
 def generate_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+    return _crypto()[0].Ed25519PrivateKey.generate()
 
 
 def _passphrase_bytes(passphrase: Passphrase) -> bytes | None:
@@ -146,6 +162,7 @@ def _passphrase_bytes(passphrase: Passphrase) -> bytes | None:
 def encode_private_key(key: Ed25519PrivateKey, *, encoding: str = "pem", passphrase: Passphrase = None) -> bytes:
     """PEM (PKCS#8, encrypted with the best available scheme when a passphrase is given) or the raw 32-byte seed."""
     secret = _passphrase_bytes(passphrase)
+    serialization = _crypto()[1]
     if encoding == "raw":
         if secret is not None:
             raise KeyFileError("a raw key file cannot be passphrase-protected; use the PEM encoding")
@@ -231,6 +248,7 @@ def load_private_key(path: str | os.PathLike, passphrase: Passphrase = None) -> 
         data = path.read_bytes()
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read key ({e.strerror or e})") from None
+    ed, serialization, _ = _crypto()
     if data.lstrip().startswith(b"-----BEGIN"):
         encrypted = b"ENCRYPTED" in data.lstrip().split(b"\n", 1)[0]
         secret = None
@@ -245,11 +263,11 @@ def load_private_key(path: str | os.PathLike, passphrase: Passphrase = None) -> 
             raise KeyFileError(f"{path}: {reason}") from None
         except Exception as e:  # cryptography raises its own types for unsupported algorithms
             raise KeyFileError(f"{path}: unreadable key ({type(e).__name__})") from None
-        if not isinstance(key, Ed25519PrivateKey):
+        if not isinstance(key, ed.Ed25519PrivateKey):
             raise KeyFileError(f"{path}: not an Ed25519 key ({type(key).__name__}); kvmlx signs with Ed25519 only")
         return key
     if len(data) == 32:
-        return Ed25519PrivateKey.from_private_bytes(data)
+        return ed.Ed25519PrivateKey.from_private_bytes(data)
     raise KeyFileError(f"{path}: not an Ed25519 key file (expected PEM or 32 raw bytes)")
 
 
@@ -272,9 +290,10 @@ def signer_from_file(path: str | os.PathLike, passphrase: Passphrase = None) -> 
 
 def verify_signature(public_key: bytes, signature: bytes, header_digest: bytes) -> None:
     """Raise BadSignatureError unless `signature` is `public_key`'s Ed25519 signature of `header_digest`."""
+    ed, _, invalid = _crypto()
     try:
-        Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(bytes(signature), bytes(header_digest))
-    except (InvalidSignature, ValueError):
+        ed.Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(bytes(signature), bytes(header_digest))
+    except (invalid, ValueError):
         raise BadSignatureError(
             f"signature does not verify for key {public_key_id(public_key) if len(public_key) == 32 else '(malformed)'}: "
             "the header was altered after signing, or signed with another key"
@@ -389,7 +408,7 @@ class TrustList:
         """Trust a public key (idempotent for the same key and name); returns its entry."""
         raw = parse_public_key(key) if isinstance(key, str) else _raw_public(key)
         key_id = public_key_id(raw)
-        name = key_id[len(KEY_PREFIX): len(KEY_PREFIX) + 8] if name is None else name
+        name = default_name(key_id) if name is None else name
         if not _NAME.match(name) or name.startswith(KEY_PREFIX):
             raise TrustListError(f"invalid name {_short(name)!r}: 1-64 letters, digits, space or _.@+- (not starting with a symbol)")
         with self._locked():

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from .. import __version__
 from ..artifact import trust as trust_api
@@ -27,20 +27,94 @@ DTYPE_CHOICE = click.Choice(["float16", "bfloat16", "float32"])
 EXIT_NOT_EXACT = 3
 
 
+DEBUG_ENV = "KVMLX_DEBUG"  # set to 1 to see the traceback of an unexpected error
+
+
 class KvmlxGroup(click.Group):
-    """Turns every `KvmlxError` into Click's one-line `Error: ...` and exit code 1."""
+    """Turns every error into Click's one-line `Error: ...` and exit code 1: a `KvmlxError` as it is,
+    a file-system error as `PATH: reason`, anything unexpected as one line naming its type (with
+    $KVMLX_DEBUG=1 the traceback is shown instead). A user never sees a Python traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except KvmlxError as e:
-            raise click.ClickException(f"rank {_RANK[0]}: {e}" if _RANK else str(e)) from None
-        except RuntimeError as e:  # under a launcher, MLX's backend failing on a lost rank is one line too
-            from ..runtime.distributed import lost_peer
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one line, never a traceback
+            if isinstance(e, KvmlxError):
+                raise click.ClickException(_ranked(one_line(str(e)))) from None
+            if _RANK and isinstance(e, RuntimeError):  # under a launcher, MLX's backend failing on a lost rank
+                from ..runtime.distributed import lost_peer
 
-            if not _RANK or (lost := lost_peer(e)) is None:
+                if (lost := lost_peer(e)) is not None:
+                    raise click.ClickException(_ranked(lost)) from None
+            if os.environ.get(DEBUG_ENV):
                 raise
-            raise click.ClickException(f"rank {_RANK[0]}: {lost}") from None
+            raise click.ClickException(_ranked(describe_error(e))) from None
+
+
+def _ranked(message: str) -> str:
+    """Under mlx.launch every rank prints its own errors: say whose this is."""
+    return f"rank {_RANK[0]}: {message}" if _RANK else message
+
+
+def one_line(text: str) -> str:
+    """The first line of a message (errors are printed on exactly one line)."""
+    return (text.strip().splitlines() or [""])[0]
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error kvmlx did not raise on purpose: file-system errors name the path and the
+    reason; anything else names its type and says how to see the traceback."""
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename is not None else ""
+        return f"{where}: {e.strerror}" if where else e.strerror
+    if isinstance(e, UnicodeDecodeError):
+        return f"input is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+    if isinstance(e, (ValueError, TypeError)) and str(e):
+        return one_line(str(e))
+    return f"unexpected {type(e).__name__}: {one_line(str(e))} (set {DEBUG_ENV}=1 to see the traceback)"
+
+
+def read_text(path: str, what: str = "file", *, allow_empty: bool = False) -> str:
+    """The UTF-8 text of `path` (`-`: standard input), refusing with one line what is not: a directory,
+    an unreadable file, bytes that are not UTF-8, and (unless `allow_empty`) an empty file."""
+    name = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except IsADirectoryError:
+        raise KvmlxError(f"{name}: is a directory, expected a {what}") from None
+    except OSError as e:
+        raise KvmlxError(f"{name}: cannot read the {what} ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KvmlxError(f"{name}: the {what} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
+    if not allow_empty and not text.strip():
+        raise KvmlxError(f"{name}: the {what} is empty")
+    return text
+
+
+def check_output_path(path: str, what: str = "output file") -> None:
+    """Refuse, before any work, an output path whose directory is missing, not a directory or not
+    writable, or that names a directory (so a long prefill never ends in a failed write)."""
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise KvmlxError(f"{path}: is a directory, expected a {what} path")
+    if not os.path.exists(parent):
+        raise KvmlxError(f"{path}: directory {parent} does not exist")
+    if not os.path.isdir(parent):
+        raise KvmlxError(f"{path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise KvmlxError(f"{path}: directory {parent} is not writable")
 
 
 @click.group(cls=KvmlxGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,6 +154,8 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is None:
+            from tqdm import tqdm  # only at a terminal: importing it costs ~7 MB and ~40 ms on every command
+
             self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, leave=False, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
 
@@ -89,6 +165,33 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Timings:
+    """Where a command spends its time, for `--json`'s `timings` (seconds): `import` (kvmlx and what it
+    imports, from its first line to the command starting; the interpreter's own start-up is not in
+    it), then each phase the command marks (`with timings("model_load"): ...`) or sets."""
+
+    def __init__(self):
+        from .. import IMPORT_STARTED
+
+        self.started = time.perf_counter()
+        self.values: dict[str, float] = {"import": self.started - IMPORT_STARTED}
+
+    def __call__(self, phase: str):
+        timings = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings.values[phase] = timings.values.get(phase, 0.0) + time.perf_counter() - self.t
+
+        return _Phase()
+
+    def to_json(self) -> dict:
+        return {**self.values, "command": time.perf_counter() - self.started}
 
 
 def emit(obj: Any) -> None:

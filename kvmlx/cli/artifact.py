@@ -13,9 +13,10 @@ from pathlib import Path
 import click
 
 from ..artifact import trust as trust_api
-from ..artifact.format import ENCODINGS, Artifact, read_header
+from ..artifact.format import ENCODINGS, Artifact
 from ..artifact.layout import describe, header_layout
 from ..caches import layer_groups
+from ..errors import BadSignatureError, TrustListError
 from ..models import load_model
 from ..runtime.distributed import per_rank, running_layout
 from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
@@ -29,10 +30,13 @@ from .app import (
     DTYPE_CHOICE,
     EXIT_NOT_EXACT,
     Progress,
+    Timings,
     ask_passphrase,
+    check_output_path,
     emit,
     kv_quant_from,
     kv_quant_options,
+    read_text,
     main,
     stream_printer,
 )
@@ -51,7 +55,7 @@ DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache inste
 
 
 @main.command()
-@click.argument("document", type=click.File("r", encoding="utf-8"))
+@click.argument("document", type=click.Path(exists=True, allow_dash=True))
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False, writable=True), help="Artifact file to write (.kvmlx).")
 @click.option("--store", "to_store", is_flag=True, help="Write into the local store instead of a file (`kvmlx generate` then finds it by prompt).")
 @click.option("--store-dir", type=click.Path(file_okay=False), default=None, help="The store's directory (implies --store; default: $KVMLX_HOME/store).")
@@ -84,11 +88,13 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
         raise click.UsageError("give --out FILE or --store, not both" if out else "give --out FILE or --store")
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
-    key = trust_api.load_private_key(sign_key, ask_passphrase) if sign_key else None  # fail before the prefill
+    text = read_text(document, "document")  # every input is checked before the model loads and the prefill runs
+    if out is not None:
+        check_output_path(out, "artifact")
+    key = trust_api.load_private_key(sign_key, ask_passphrase) if sign_key else None
     signing = {"sign": trust_api.signer(key)} if key else {}
     signing.update(kv_quant=kv_quant, checkpoint_every=checkpoint_every)
     lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
-    text = document.read()
     payload = chat_prefix_tokens(lm, text, system) if chat else text
     stored = None
     with Progress("prefill", as_json) as bar:
@@ -143,10 +149,10 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
 @click.option("--prompt", "-p", default=None,
               help="With ARTIFACT: text that continues the document (tokenized without special tokens). Without: the "
                    "whole prompt (tokenized as the model's tokenizer does); the stored KV sharing its longest prefix is reused.")
-@click.option("--prompt-file", type=click.File("r", encoding="utf-8"), default=None, help="Read the prompt from a file.")
+@click.option("--prompt-file", type=click.Path(exists=True, allow_dash=True), default=None, help="Read the prompt from a file (- for stdin).")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
               help="Without ARTIFACT: the store to reuse from (default: $KVMLX_HOME/store).")
-@click.option("--chat-document", type=click.File("r", encoding="utf-8"), default=None,
+@click.option("--chat-document", type=click.Path(exists=True, allow_dash=True), default=None,
               help="Without ARTIFACT: ask the prompt as a question about this document, in the model's chat template.")
 @click.option("--system", default=None, help="With --chat-document: the system prompt.")
 @click.option("--allow-lossy", is_flag=True, help="Without ARTIFACT: also reuse quantised (lossily encoded) KV; not token-exact.")
@@ -175,14 +181,15 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     settings that differ from the artifact's are refused.
     """
     kv_quant = kv_quant_from(kv_bits, kv_group_size, quantized_kv_start)
+    timings = Timings()
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
-    text = prompt_file.read() if prompt_file is not None else (prompt or "")
+    text = read_text(prompt_file, "prompt file", allow_empty=True) if prompt_file is not None else (prompt or "")
     if artifact is None:
         if require_exact:
             raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
         _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                             single_pass, no_verify_digests, as_json, require_signed, kv_quant, pipeline)
+                             single_pass, no_verify_digests, as_json, require_signed, kv_quant, pipeline, timings)
         return
     kv = {"kv_quant": kv_quant if kv_bits is not None else "artifact"}
     if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
@@ -191,8 +198,11 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     with Artifact(artifact) as art:  # the publisher is checked before the header names a model to load
         trust_api.check_signature(art, require_signed, trust_list)
         header = art.header
-    lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"],
-                    parallel=parallel_mode(pipeline))
+    with timings("model_load"):
+        lm = load_model(model or trust_api.model_spec_from_header(header), dtype or header["kv"]["dtype"],
+                        parallel=parallel_mode(pipeline))
+    with timings("fingerprints"):
+        fingerprints(lm)  # memoised: the load's binding check below reuses them
     printer = stream_printer(lm, not as_json)
     if verify:
         report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer,
@@ -211,6 +221,8 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
             "reuse_first_token_seconds": gen.first_token_seconds, "total_seconds": gen.total_seconds,
             "load_path": loaded.load_path, "artifact_bytes": loaded.header["file_bytes"],
             "signature": loaded.signature.to_json() if loaded.signature else None, "bytes_read": loaded.bytes_read,
+            "digests": loaded.digests,
+            "timings": _phases(timings, loaded.load_seconds, gen.first_token_seconds, gen.total_seconds),
         })
     else:
         click.echo()
@@ -218,27 +230,50 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
             click.echo(_rank_words(ranks["parallel"], "bytes_read", "load_seconds", "read"))
 
 
+def fingerprints(lm) -> None:
+    """Compute (and memoise) the model's and tokenizer's fingerprints, for timing them apart."""
+    from ..artifact.identity import model_fingerprint, tokenizer_fingerprint
+
+    model_fingerprint(lm)
+    tokenizer_fingerprint(lm)
+
+
+def _phases(timings, load_s: float, first_token_s: float, total_s: float) -> dict:
+    """`timings` for --json: import, model_load, fingerprints, kv_load, suffix_prefill (the rest of the
+    time to the first token: prefill of the suffix, with the lookup for a store), decode, command."""
+    timings.values.update(kv_load=load_s, suffix_prefill=max(first_token_s - load_s, 0.0),
+                          decode=max(total_s - first_token_s, 0.0))
+    return timings.to_json()
+
+
 def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
                          single_pass, no_verify_digests, as_json, require_signed=False, kv_quant=None,
-                         pipeline=False) -> None:
+                         pipeline=False, timings=None) -> None:
     """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
+    timings = timings or Timings()
     if system is not None and chat_document is None:
         raise click.UsageError("--system needs --chat-document")
-    lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
+    document = read_text(chat_document, "document") if chat_document is not None else None
+    with timings("model_load"):
+        lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
+    with timings("fingerprints"):
+        fingerprints(lm)
     agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
                   require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None,
                   kv_quant=kv_quant)
-    tokens = chat_prompt_tokens(lm, chat_document.read(), text, system) if chat_document is not None else agent.encode(text)
+    tokens = chat_prompt_tokens(lm, document, text, system) if chat_document is not None else agent.encode(text)
     if not tokens:
         raise click.UsageError("the prompt is empty: give --prompt or --prompt-file")
     printer = stream_printer(lm, not as_json)
     if verify:
         report = agent.verify(tokens, max_tokens=max_tokens, single_pass=single_pass, on_token=printer)
+        _warn_quarantined(report.reuse.quarantined)
         _finish_verification(lm, report, as_json)
         return
     gen = agent.generate(tokens, max_tokens=max_tokens, on_token=printer)
+    _warn_quarantined(gen.quarantined)
     if as_json:
-        emit(gen.to_json())
+        emit({**gen.to_json(), "timings": _phases(timings, gen.load_seconds, gen.first_token_seconds, gen.total_seconds)})
         return
     click.echo()
     source = f"store entry {gen.key[:12]}" if gen.key else "the store (no match)"
@@ -257,6 +292,12 @@ def _rank_words(parallel: dict, bytes_key: str, seconds_key: str, verb: str) -> 
                      if r[bytes_key] is not None else f"rank {r['rank']}: {r[seconds_key] * 1e3:.0f} ms"
                      for r in parallel["ranks"])
     return f"{parallel['layout']}: {each}"
+def _warn_quarantined(quarantined: list[dict]) -> None:
+    """One line on stderr per store entry that failed to load and was moved to quarantine/ (even with
+    --json, whose object lists them too): a bad entry never fails a generation, and never goes unsaid."""
+    for q in quarantined:
+        where = f"moved to {q['path']}" if q["path"] else "its file was already gone"
+        click.echo(f"warning: store entry {q['key'][:12]} {q['reason']}; {where} (reason beside it)", err=True)
 
 
 def _finish_verification(lm, report, as_json: bool, *, lead: str = "", extra: dict | None = None) -> None:
@@ -294,10 +335,18 @@ def _verification_words(report) -> str:
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole validated header as JSON.")
 def inspect(artifact, as_json) -> None:
-    """Show ARTIFACT's header: what produced it, its geometry, tokens and tensors (validated, digests unchecked)."""
-    h = read_header(artifact)
+    """Show ARTIFACT's header digest (its name in catalogs, prices and tokens), signature status, what
+    produced it, its geometry, tokens and tensors (validated, tensor digests unchecked)."""
+    with Artifact(artifact) as art:
+        h, header_digest = art.header, art.header_digest.hex()
+        try:
+            signature = trust_api.check_signature(art, False, trust_api.TrustList.load()).describe()
+        except BadSignatureError as e:
+            signature = f"INVALID: {e}"
+        except TrustListError as e:  # a malformed trust list: the signature is still checked
+            signature = f"{trust_api.check_signature(art).describe()} (trust list unreadable: {e})"
     if as_json:
-        emit(h)
+        emit({**h, "header_digest": header_digest, "signature": signature})
         return
     m, kv, tensors = h["model"], h["kv"], h["tensors"]
     kv_bytes = sum(t["nbytes"] for t in tensors if t["name"].startswith("layers."))
@@ -305,6 +354,8 @@ def inspect(artifact, as_json) -> None:
     tokens = h["document"]["tokens"]
     preview = " ".join(map(str, tokens[:12])) + (" ..." if len(tokens) > 12 else "")
     rows = [
+        ("header digest", header_digest),
+        ("signature", signature),
         ("format", f"kvmlx v{h['version']} ({h.get('created_by', '?')})"),
         ("model", f"{m['id']} ({m['model_type']})"),
         ("model fingerprint", m["fingerprint"]),
@@ -341,6 +392,8 @@ def inspect(artifact, as_json) -> None:
 def demo(model, max_tokens, out, as_json) -> None:
     """Publish the bundled sample document, generate from its artifact, and verify against prefill."""
     say = (lambda s: None) if as_json else click.echo
+    if out is not None:
+        check_output_path(out, "artifact")
     document = resources.files("kvmlx").joinpath("data/sample_document.txt").read_text(encoding="utf-8")
     say(f"1. loading {model} (built on first use, offline)")
     lm = load_model(model)

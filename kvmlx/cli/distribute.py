@@ -106,10 +106,12 @@ def token_report(log_path, prices_path, prices, egress_per_gb, as_json) -> None:
 @click.option("--repo", required=True, help="Hub repository OWNER/NAME (created if missing).")
 @click.option("--path-in-repo", default=None, help="File name in the repository (default: the artifact's).")
 @click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--no-card", is_flag=True, help="Do not write the README.md model card.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def push_command(artifact, repo, path_in_repo, private, as_json) -> None:
-    """Upload an artifact to the Hugging Face Hub."""
-    res = push(artifact, repo, path_in_repo=path_in_repo, private=private)
+def push_command(artifact, repo, path_in_repo, private, no_card, as_json) -> None:
+    """Upload an artifact to the Hugging Face Hub, with a model card (README.md: base model, tokens,
+    dtype, fingerprints, signature)."""
+    res = push(artifact, repo, path_in_repo=path_in_repo, private=private, card=not no_card)
     emit(res) if as_json else click.echo(f"pushed {res['file']} to {repo} ({res['digest'][:16]})")
 
 

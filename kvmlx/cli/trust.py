@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from ..artifact import trust as trust_api
-from .app import KvmlxGroup, emit, main
+from ..errors import KvmlxError
+from .app import KvmlxGroup, emit, main, read_text
 
 
 @main.command()
@@ -47,8 +48,11 @@ def trust() -> None:
 def _key_argument(value: str) -> str:
     """A public key id, or a file holding one (such as the .pub file `kvmlx keygen` writes)."""
     if not value.strip().startswith(trust_api.KEY_PREFIX) and Path(value).is_file():
-        with open(value, encoding="utf-8", errors="replace") as f:
-            return f.read(256).strip().split("\n")[0]
+        first = (read_text(value, "public key file", allow_empty=True)[:256].strip().splitlines() or [""])[0].strip()
+        if not first.startswith(trust_api.KEY_PREFIX):
+            raise KvmlxError(f"{value}: not a public key file (its first line should be {trust_api.KEY_PREFIX}..., "
+                             "as in the .pub file `kvmlx keygen` writes)")
+        return first
     return value
 
 

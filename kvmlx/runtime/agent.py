@@ -77,6 +77,7 @@ class Reuse:
     chunk_size: int = DEFAULT_CHUNK  # prefill the suffix in this chunk size (the artifact's)
     load_seconds: float = 0.0
     load_path: str | None = None
+    quarantined: list[dict] = field(default_factory=list)  # entries that failed to load: {"key", "reason", "path"}
 
     def __iter__(self):
         return iter((self.caches, self.suffix_tokens, self.reused))
@@ -103,6 +104,7 @@ class AgentGeneration:
     chunk_size: int
     artifact_bytes: int = 0
     logits: list[np.ndarray] = field(default_factory=list, repr=False)  # float32 rows, if kept
+    quarantined: list[dict] = field(default_factory=list)  # store entries that failed to load on the way
 
     def to_json(self) -> dict:
         return {
@@ -110,7 +112,7 @@ class AgentGeneration:
             "reused_tokens": self.reused_tokens, "prefilled_tokens": self.prefilled_tokens,
             "key": self.key, "artifact": self.artifact, "artifact_bytes": self.artifact_bytes,
             "load_seconds": self.load_seconds, "first_token_seconds": self.first_token_seconds,
-            "total_seconds": self.total_seconds, "chunk_size": self.chunk_size,
+            "total_seconds": self.total_seconds, "chunk_size": self.chunk_size, "quarantined": self.quarantined,
         }
 
 
@@ -223,24 +225,26 @@ class Agent:
         tokens = self._tokens(prompt)
         n = len(tokens)
         excluded: list[str] = []
+        quarantined: list[dict] = []
         for _ in range(MAX_LOAD_ATTEMPTS):
             match = self.match(tokens, excluded, allow_empty_suffix=allow_empty_suffix)
             if match is None:
                 break
             entry, matched, reuse = match
-            loaded = self.load_entry(entry, tokens, reuse)
+            loaded = self.load_entry(entry, tokens, reuse, quarantined=quarantined)
             if loaded is None:
                 excluded.append(entry.key)
                 continue
-            self.store.touch(entry.key)
+            self.store.record_load(entry.key, loaded)  # its use (LRU), and its identity if this load hashed it
             # trimming only moves each cache's offset back (the overlap path's layers may still be arriving);
             # caches that cannot be trimmed come from the state checkpoint at `reuse`
             caches = caches_at(loaded, reuse, copy=False)
             r = Reuse(caches, tokens[reuse:], reuse, entry, matched, loaded.logits if reuse == n else None,
-                      entry.chunk_size, loaded.load_seconds, loaded.load_path)
+                      entry.chunk_size, loaded.load_seconds, loaded.load_path, quarantined)
             self.last_reuse = r
             return r
-        r = Reuse(make_prompt_cache(self.lm.model), tokens, 0, None, 0, None, self.chunk_size or DEFAULT_CHUNK)
+        r = Reuse(make_prompt_cache(self.lm.model), tokens, 0, None, 0, None, self.chunk_size or DEFAULT_CHUNK,
+                  quarantined=quarantined)
         self.last_reuse = r
         return r
 
@@ -267,22 +271,27 @@ class Agent:
         return (entry, matched, reuse) if reuse >= self.min_reuse_tokens else None
 
     def load_entry(self, entry, tokens: Sequence[int], reuse: int, *, load_path: str | None = None,
-                   all_checkpoints: bool = False) -> LoadedKV | None:
+                   all_checkpoints: bool = False, quarantined: list[dict] | None = None) -> LoadedKV | None:
         """Load a store entry for `tokens[:reuse]` (with the state checkpoint at `reuse`, or with
         `all_checkpoints` every one), or None when it cannot serve: a publisher this agent does not
-        accept (skipped), or a file that fails to load or disagrees with the index (quarantined)."""
+        accept (skipped), or a file that fails to load or disagrees with the index (quarantined, and
+        reported in `quarantined` as {"key", "reason", "path"})."""
         try:
             loaded = load_artifact(entry.path, self.lm, verify_digests=self.verify_digests,
                                    load_path=load_path or self.load_path, require_exact=not self.allow_lossy,
                                    require_signed=self.require_signed, trust_list=self.trust_list,
-                                   kv_quant=self.kv_quant, at=None if all_checkpoints else reuse)
+                                   kv_quant=self.kv_quant, at=None if all_checkpoints else reuse,
+                                   verified=self.store.verified_identity(entry.key))
             if loaded.tokens[:reuse] != list(tokens[:reuse]):
                 raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
         except TrustError:
             loaded = None
         except (KvmlxError, OSError) as e:
             loaded = None
-            self.store.discard(entry.key, f"load failed: {e}")
+            reason = f"load failed: {e}"
+            moved = self.store.discard(entry.key, reason)
+            if quarantined is not None:
+                quarantined.append({"key": entry.key, "reason": reason, "path": str(moved) if moved else None})
         if self.layout is not None:  # the ranks go on together: an entry any rank could not load serves none
             if not all(row[0] for row in gather(self.lm, [loaded is not None], what="loading a store entry")):
                 return None
@@ -318,7 +327,7 @@ class Agent:
             prefilled_tokens=len(r.suffix_tokens), key=r.key, artifact=str(r.entry.path) if r.entry else None,
             first_token_seconds=gen.first_token_seconds, total_seconds=gen.total_seconds,
             load_seconds=r.load_seconds, chunk_size=r.chunk_size,
-            artifact_bytes=r.entry.file_bytes if r.entry else 0, logits=gen.logits,
+            artifact_bytes=r.entry.file_bytes if r.entry else 0, logits=gen.logits, quarantined=r.quarantined,
         )
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,

@@ -12,7 +12,8 @@ Two ways in, and `LoadedKV.load_path` says which ran:
   first appends write in place (mlx-lm's `KVCache` re-allocates and concatenates the whole prefix when
   an append exceeds its capacity; the spare slots are zeroed). Buffers come uninitialised from
   MLX's cache (`_uninitialized`); the main thread allocates the next layers while worker threads
-  read and verify the ones before (preadv and BLAKE3 release the GIL). No memory map is made here.
+  (started once per process) read and verify the ones before (preadv and BLAKE3 release the GIL); a
+  small re-load (nothing to hash) is read on the calling thread. No memory map is made here.
 
 Digests are hashed once per file per process: a re-load of the same unchanged file only re-checks
 its identity (`Artifact.verified_before`, docs/FORMAT.md).
@@ -28,6 +29,7 @@ Either way the caches are plain `mlx_lm.models.cache.KVCache` objects, usable as
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -41,7 +43,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..artifact.encodings import decode
-from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, header_kv_names
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, VerifiedIdentity, header_kv_names
 from ..artifact.identity import check_binding, model_fingerprint, tokenizer_fingerprint
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import KVQuantization, StreamedKVCache, check_model, from_arrays, model_specs, quantization_of
@@ -54,7 +56,8 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
 LOAD_PATHS = ("auto", "copy", "zero-copy", "overlap")
 ALLOC_LAYERS = 8  # layers allocated per `mx.load` call: few calls, yet the first reads start early
-SMALL_BUFFER = 2 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
+SMALL_BUFFER = 4 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
+SERIAL_BYTES = 32 << 20  # KV bytes: a re-load (nothing to hash) this small is read on the calling thread
 
 
 @dataclass
@@ -73,6 +76,10 @@ class LoadedKV:
     # bytes this process read with read/pread calls during the load (Linux: /proc/self/io), else None;
     # decoding encoded tensors reads the memory map instead (page faults), which this does not count
     bytes_read: int | None = None
+    # "hashed": every digest now; "partial": only those read (a version-2 load of one checkpoint);
+    # "remembered": this process hashed it; "recorded": a store did; "skipped": verify_digests=False
+    digests: str = "hashed"
+    identity: VerifiedIdentity | None = None  # the file as loaded (a store records it once every digest matched)
 
     def wait(self) -> None:
         """Block until every layer is in memory (only the overlap path returns earlier)."""
@@ -93,6 +100,7 @@ def load_artifact(
     trust_list: TrustList | None = None,
     kv_quant: KVQuantization | None | str = "artifact",
     at: int | None = None,
+    verified: VerifiedIdentity | None = None,
 ) -> LoadedKV:
     """Load an artifact's KV for `lm`, refusing any model, tokenizer or dtype it was not made for.
 
@@ -100,19 +108,21 @@ def load_artifact(
     turn it off only for files you wrote yourself. With `require_exact`, lossily encoded (quantised)
     artifacts are refused. A signature, if present, is always verified (BadSignatureError); with
     `require_signed`, an unsigned artifact or one signed by a key outside `trust_list` (default: the
-    local trust list) is refused before anything else in its header is used.
+    local trust list) is refused before anything else in its header is used. `verified` is the
+    identity a store recorded when it hashed this file: if the file still has exactly that identity,
+    no digest is hashed (its identity is checked again after the reads, as for a re-load).
 
     Version-2 artifacts (sliding windows, recurrent state, quantized KV) must match the caches this
     model makes layer by layer (`CacheMismatchError`) and, unless `kv_quant` is "artifact" (continue
     with the artifact's settings), its KV quantization settings (`KVQuantizationMismatchError`). Their
-    state checkpoints are read too, or with `at` only the one at that position.
+    state checkpoints are read too, or with `at` only the one at that position (digests "partial").
     """
     t0 = time.perf_counter()
     specs = model_specs(lm.model)
     check_parallel_support(lm, kv_quant=None if kv_quant == "artifact" else kv_quant, specs=specs)
     model_fingerprint(lm), tokenizer_fingerprint(lm)  # computed (or remembered) before counting the artifact's bytes
     read0 = read_bytes()  # from here on, what this process reads is the artifact (LoadedKV.bytes_read)
-    art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
+    art = Artifact(path, populate=True, verified=verified)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
         art = open_part(art, lm)  # the same layout, or refused by name; under mlx.launch, this rank's part
@@ -128,8 +138,11 @@ def load_artifact(
         checkpoints: dict = {}
         if _plain_kv(art.header):
             caches, logits, used = read_caches(art, verify_digests=verify_digests, headroom=headroom, load_path=load_path)
+            whole = True
         else:
-            caches, checkpoints, logits, used = _read_v2(art, verify_digests, at)
+            caches, checkpoints, logits, used, whole = _read_v2(art, verify_digests, at)
+        digests = ("skipped" if not verify_digests else "recorded" if art.recorded
+                   else "remembered" if art.verified_before else "hashed" if whole else "partial")
     except BaseException:
         _release(art)
         raise
@@ -138,7 +151,7 @@ def load_artifact(
     read1 = read_bytes()
     return LoadedKV(caches, list(art.header["document"]["tokens"]), logits, art.header, time.perf_counter() - t0, used,
                     signature, checkpoints, stored_quant,
-                    read1 - read0 if read0 is not None and read1 is not None else None)
+                    read1 - read0 if read0 is not None and read1 is not None else None, digests, art.identity)
 
 
 def check_kv_quantization(stored: KVQuantization | None, wanted: KVQuantization | None) -> None:
@@ -162,12 +175,14 @@ def _plain_kv(header: dict) -> bool:
 
 
 def _read_v2(art: Artifact, verify_digests: bool, at: int | None):
-    """Every family's state (and checkpoints) of a version-2 artifact, one read per tensor."""
+    """Every family's state (and checkpoints) of a version-2 artifact, one read per tensor; the last
+    item says whether every tensor was read (not so with `at` when the artifact has checkpoints)."""
     hashed = verify_digests and not art.verified_before
+    whole = at is None or not art.header.get("checkpoints")
     logits = _read_logits(art, hashed)
     caches, checkpoints = read_states(art, verify=hashed, at=at)
-    _finish(art, hashed and (at is None or not art.header.get("checkpoints")), verify_digests and not hashed)
-    return caches, checkpoints, logits, "copy"
+    _finish(art, hashed and whole, verify_digests and not hashed)
+    return caches, checkpoints, logits, "copy", whole
 
 
 def check_tokens_and_logits(header: dict, lm: LoadedModel) -> None:
@@ -226,7 +241,16 @@ def read_caches(
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
     # hash (a cold first load of 557 MB here: 656 -> 573 ms; warm loads unchanged)
     workers = threads or min(8, (os.cpu_count() or 1) * (2 if hashed else 1))
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="kvmlx-load")
+    kv_bytes = sum(art.tensors[name].nbytes for name in names)
+    if used == "copy" and not hashed and threads is None and kv_bytes <= SERIAL_BYTES:
+        # a small re-load: handing layers to threads costs more than copying them here (~1 ms a MB)
+        arrays = _uninitialized([_with_capacity(art.tensors[name].shape, capacity) for name in names],
+                                art.tensors[names[0]].dtype)
+        for i in range(0, len(names), 2):
+            _copy_layer(art, names[i : i + 2], arrays[i : i + 2], False, False)
+        _finish(art, False, recheck)
+        return from_arrays(arrays, n), logits, used
+    pool = _pool(workers)
     arrays: list[mx.array] = []
     futures: list[Future] = []
     for first in range(0, len(names), 2 * ALLOC_LAYERS):
@@ -236,7 +260,6 @@ def read_caches(
                                  art.tensors[group[0]].dtype)
         for i in range(first, first + len(group), 2):
             futures.append(pool.submit(_copy_layer, art, names[i : i + 2], arrays[i : i + 2], hashed, recheck))
-    pool.shutdown(wait=used == "copy")
     if used == "copy":
         for f in futures:
             f.result()
@@ -301,7 +324,7 @@ def _uninitialized(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[mx.arr
     costs `mx.load` a hand-off to its I/O thread (~0.2 ms here), more than filling a small one, so
     buffers under `SMALL_BUFFER` on average are filled instead; so are all if `mx.load` ever fails.
     """
-    if sum(int(np.prod(shape)) for shape in shapes) * DTYPE_SIZES[dtype] >= len(shapes) * SMALL_BUFFER:
+    if sum(math.prod(shape) for shape in shapes) * DTYPE_SIZES[dtype] >= len(shapes) * SMALL_BUFFER:
         try:
             arrays = mx.load(_BlankTensors(shapes, dtype), format="safetensors", stream=mx.cpu)
             return [arrays[str(i)] for i in range(len(shapes))]
@@ -382,9 +405,24 @@ def _parallel(fn, items: list, threads: int | None) -> None:
         for item in items:
             fn(item)
         return
-    with ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(fn, items):
-            pass
+    for _ in _pool(workers).map(fn, items):
+        pass
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """This process's pool of `workers` reader threads, started once and kept: starting and joining
+    threads cost ~2.5 ms a load (most of a small artifact's load). Keyed by pid, so a forked child
+    starts its own (a parent's threads do not exist in it)."""
+    key = (os.getpid(), workers)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix=f"kvmlx-load{workers}")
+        return pool
 
 
 def _release(art: Artifact) -> None:

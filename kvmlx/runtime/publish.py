@@ -17,7 +17,7 @@ from .. import __version__
 from ..artifact.encodings import encode
 from ..artifact.format import ENCODINGS, TENSOR_DTYPES, Signer, TensorData, digest, write_artifact
 from ..artifact.identity import config_geometry, model_fingerprint, rope_settings, tokenizer_fingerprint
-from ..caches import KVQuantization, kv_arrays, model_specs, needs_checkpoint, save_layer, tensor_names
+from ..caches import KVQuantization, kv_arrays, model_specs, needs_checkpoint, save_layer, spec, tensor_names
 from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
 from .distributed import check_parallel_support, write_parallel
@@ -93,14 +93,9 @@ def publish(
     `chunk_size`; None: `auto_checkpoint_every`) for the layers whose earlier states cannot be
     recovered from the final one, so agents can reuse a shared prefix of the document exactly.
     """
-    if encoding not in ENCODINGS:
-        raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
     specs = model_specs(lm.model)
-    plain = kv_quant is None and all(s["family"] == "kv" for s in specs)
+    _check_encoding(encoding, kv_quant is None and all(s["family"] == "kv" for s in specs), kv_quant)
     check_parallel_support(lm, kv_quant=kv_quant, specs=specs)  # under mlx.launch: plain KV only
-    if not plain and encoding != "raw":
-        raise ValueError(f"--encoding {encoding} applies to plain-KV artifacts; this one holds "
-                         + ("quantized KV" if kv_quant else "sliding-window or recurrent caches"))
     if checkpoint_every is not None and (checkpoint_every < 1 or checkpoint_every % chunk_size):
         raise ValueError(f"checkpoint_every ({checkpoint_every}) must be a positive multiple of the chunk size ({chunk_size})")
     text_digest = digest(document.encode()) if isinstance(document, str) else None
@@ -125,7 +120,39 @@ def publish(
     t0 = time.perf_counter()
     logits = prefill(lm.model, tokens, cache, chunk_size, progress, quant=kv_quant, on_chunk=on_chunk)
     prefill_seconds = time.perf_counter() - t0
+    result = write_kv(lm, tokens, cache, logits, out, chunk_size=chunk_size, text_digest=text_digest, encoding=encoding,
+                      sign=sign, kv_quant=kv_quant, snapshots=snapshots, checkpoint_every=every if checkpointed else None)
+    result.prefill_seconds = prefill_seconds
+    return result
 
+
+def write_kv(
+    lm: LoadedModel,
+    tokens: Sequence[int],
+    cache: list,
+    logits: mx.array,
+    out: str | os.PathLike,
+    *,
+    chunk_size: int,
+    text: str | None = None,
+    text_digest: str | None = None,
+    encoding: str = "raw",
+    sign: Signer | None = None,
+    kv_quant: KVQuantization | None = None,
+    snapshots: Sequence[tuple[int, dict[int, tuple[dict, dict]]]] = (),
+    checkpoint_every: int | None = None,
+) -> PublishResult:
+    """Write the caches of `tokens` already in `cache` (prefilled in `chunk_size` chunks by `lm`) and the
+    logits row after the last token as an artifact at `out` (publish's second half; imports use it).
+
+    Plain `KVCache` layers without `kv_quant` give a version-1 artifact; any other family, or
+    `kv_quant`, a version-2 one with each layer's family and state, plus `snapshots` ((tokens,
+    {layer: save_layer result}) taken during the prefill) as its state checkpoints.
+    """
+    plain = kv_quant is None and all(spec(c)["family"] == "kv" for c in cache)
+    _check_encoding(encoding, plain, kv_quant)
+    tokens = [int(t) for t in tokens]
+    n = len(tokens)
     header = {
         "created_by": f"kvmlx {__version__} (mlx {mx.__version__})",
         "model": {
@@ -140,7 +167,7 @@ def publish(
         "tokenizer": {"fingerprint": tokenizer_fingerprint(lm)},
         "kv": {"dtype": lm.dtype, "layout": "BHLD", "num_tokens": n, "chunk_size": chunk_size,
                "encoding": encoding, "lossless": ENCODINGS[encoding]},
-        "document": {"tokens": tokens, "text_blake3": text_digest},
+        "document": {"tokens": tokens, "text_blake3": text_digest if text is None else digest(text.encode())},
     }
     checkpoint_bytes = 0
     if plain:
@@ -155,7 +182,7 @@ def publish(
             header["checkpoints"].append({"tokens": p, "caches": {str(i): m for i, m in zip(layers, cp_metas)}})
             checkpoint_bytes += sum(t.data.nbytes for t in cp_tensors)
             tensors += cp_tensors
-        header["kv"]["checkpoint_every"] = every if checkpointed else None
+        header["kv"]["checkpoint_every"] = checkpoint_every
         if kv_quant is not None:
             header["kv"]["quantization"] = kv_quant.to_json()
     kv_bytes = sum(math.prod(t.shape) * TENSOR_DTYPES[t.dtype] for t in tensors) - checkpoint_bytes  # as decoded
@@ -166,8 +193,16 @@ def publish(
     else:
         written = write_artifact(out, header, tensors, sign=sign)
     write_seconds = time.perf_counter() - t1
-    return PublishResult(Path(out), n, written.get("part_bytes", written["file_bytes"]), kv_bytes, prefill_seconds, write_seconds, written,
-                         checkpoint_bytes, len(snapshots), every if checkpointed else None)
+    return PublishResult(Path(out), n, written.get("part_bytes", written["file_bytes"]), kv_bytes, 0.0, write_seconds,
+                         written, checkpoint_bytes, len(snapshots), checkpoint_every)
+
+
+def _check_encoding(encoding: str, plain: bool, kv_quant: KVQuantization | None) -> None:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
+    if not plain and encoding != "raw":
+        raise ValueError(f"--encoding {encoding} applies to plain-KV artifacts; this one holds "
+                         + ("quantized KV" if kv_quant else "sliding-window or recurrent caches"))
 
 
 AUTO_CHECKPOINT_OVERHEAD = 0.5  # auto spacing: a checkpoint may cost at most half the KV bytes of the tokens it spans
@@ -240,8 +275,6 @@ def _weights_quantization(config: dict) -> dict:
     if not isinstance(q, dict) or not isinstance(q.get("bits"), int):
         return {}
     return {"weights_quantization": {k: q[k] for k in ("bits", "group_size", "mode") if isinstance(q.get(k), (int, str))}}
-
-
 def _tensor(name: str, x: mx.array, encoding: str) -> TensorData:
     mx.eval(x)
     dtype = str(x.dtype).split(".")[-1]

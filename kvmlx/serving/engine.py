@@ -233,6 +233,7 @@ class Engine:
                 if loaded is None:
                     excluded.append(entry.key)
                     continue
+                self.store.record_verified_load(entry.key, loaded)
                 resident = resident_from_loaded(entry.key, loaded, entry.chunk_size)
                 self.pool.put(resident)
                 with self._lock:

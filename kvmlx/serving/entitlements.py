@@ -202,19 +202,31 @@ class Meter:
                 os.close(fd)
 
 
-def read_log(path: str | os.PathLike) -> list[dict]:
+def read_log(path: str | os.PathLike, *, strict: bool = False) -> list[dict]:
+    """The metering log's records (a missing log has none). A torn last line (a crash mid-append) is
+    skipped; with `strict`, a file that is not UTF-8 JSON lines of objects is a DistributionError."""
     try:
-        lines = Path(path).read_text().splitlines()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise DistributionError(f"{path}: cannot read the metering log ({e.strerror or e})") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        if strict:
+            raise DistributionError(f"{path}: not a metering log (not UTF-8 text at byte {e.start})") from None
+        lines = data.decode("utf-8", errors="replace").splitlines()
     out = []
-    for line in lines:
+    for i, line in enumerate(lines):
         try:
             rec = json.loads(line)
         except ValueError:
-            continue  # a torn last line after a crash
+            rec = None
         if isinstance(rec, dict):
             out.append(rec)
+        elif strict and line.strip() and i < len(lines) - 1:  # only the last line may be torn
+            raise DistributionError(f"{path}: not a metering log (line {i + 1} is not a JSON object)")
     return out
 
 
@@ -231,9 +243,9 @@ def report(log: str | os.PathLike, prices: Mapping[str, float] | None = None, *,
     gb = defaults.bytes_per_gb if bytes_per_gb is None else bytes_per_gb
     prices = {k.lower(): v for k, v in (prices or {}).items()}
     rows: dict[str, dict] = {}
-    for rec in read_log(log):
+    for rec in read_log(log, strict=True):
         art = rec.get("artifact")
-        if not isinstance(art, str):
+        if not isinstance(art, str) or not isinstance(rec.get("bytes", 0), int):
             continue
         r = rows.setdefault(art, {"artifact": art, "loads": 0, "paid_loads": 0, "requests": 0, "bytes": 0, "tokens": set()})
         r["requests"] += 1

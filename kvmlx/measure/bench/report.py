@@ -101,6 +101,13 @@ def format_table(result: dict) -> str:
         [[str(r["tokens"]), *[_dur(r[f"mlx_lm_load_{g}_s"]) for g in regimes],
           *[_num(r.get(f"kvmlx_load_{g}{how}_speedup_vs_mlx_lm"), ".2f", "x") for how in ("", "_reload") for g in regimes]]
          for r in rows])
+    if any("kvmlx_load_newproc_s" in r for r in rows):
+        out += _table(
+            "A new process loading a store entry (spawned; the load only: kvmlx with the store's verified identity)",
+            ["tokens", "kvmlx", "digests", "mlx-lm", "speedup"],
+            [[str(r["tokens"]), _dur(r["kvmlx_load_newproc_s"]), ",".join(r["kvmlx_load_newproc_digests"]),
+              _dur(r["mlx_lm_load_newproc_s"]), _num(r["kvmlx_load_newproc_speedup_vs_mlx_lm"], ".2f", "x")]
+             for r in rows if "kvmlx_load_newproc_s" in r])
     out += _table(
         "Saves and bytes (kvmlx: publish's write, fsync included; mlx-lm: save_prompt_cache, then + fsync)",
         ["tokens", "kvmlx save", "GB/s", "mlx-lm save", "+ fsync", "GB/s", "artifact MB", "vs KV", "mlx-lm MB",

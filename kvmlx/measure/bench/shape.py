@@ -40,6 +40,7 @@ from .harness import (
     _result,
 )
 from .machine import _repeat, roofline, summarize
+from .spawn import new_process_figures
 
 
 def run_shape_bench(
@@ -148,6 +149,7 @@ def _shape_row(shape: KVShape, n: int, runs: int, tmp: Path, cold: bool, chunk_s
     del caches
     tick(n, "saves")
     row.update(_load_figures(lambda verify: _read_synthetic(art_path, verify)[0], art_path, mlx_path, runs, cold))
+    row.update(new_process_figures(art_path, mlx_path, runs, tmp))
     tick(n, "loads")
 
     roof = roofline(row["kv_bytes"], tmp, runs=runs, cold=cold)

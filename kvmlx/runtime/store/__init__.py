@@ -9,4 +9,4 @@ from .keys import (  # noqa: F401
     BLOCK, OBJECT_SUFFIX, Entry, GcResult, ReindexResult, StoreError, StorePublish, artifact_key, block_hashes,
     bucket_id, default_root, encoding_of, header_key, parse_size,
 )
-from .store import Store  # noqa: F401
+from .store import Store, VerifyResult  # noqa: F401

@@ -27,13 +27,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ...artifact.layout import Layout, header_layout
+from ...artifact.format import VerifiedIdentity
 from ...caches import restore_info
 from .keys import (
     BLOCK, _HASH_BYTES, Entry, StoreError, _common_tokens, _pack, block_hashes, bucket_id, encoding_of, header_variant,
 )
 from .lock import StoreLock
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 INDEX_NAME = "index.sqlite"
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
@@ -72,6 +73,13 @@ CREATE TABLE IF NOT EXISTS blocks (
 
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blocks_aid ON blocks (aid);
+CREATE TABLE IF NOT EXISTS verified (  -- the file identity of an artifact whose every digest matched
+    key TEXT PRIMARY KEY,
+    device INTEGER NOT NULL, inode INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    header_digest TEXT NOT NULL,
+    verified_at REAL NOT NULL
+);
 """
 _COLUMNS = ("id, key, bucket, model_id, model_fp, tokenizer_fp, dtype, num_tokens, chunk_size, file_bytes, "
             "text_blake3, signed, added, last_used, encoding, lossless, restore")
@@ -241,9 +249,26 @@ class Index:
                     c.execute("DELETE FROM blocks WHERE aid IN (SELECT id FROM artifacts WHERE key = ?)", (key,))
                     c.execute("DELETE FROM tokens WHERE id IN (SELECT id FROM artifacts WHERE key = ?)", (key,))
                     c.execute("DELETE FROM artifacts WHERE key = ?", (key,))
+                    c.execute("DELETE FROM verified WHERE key = ?", (key,))
 
         if keys:
             self.run(drop)
+
+    def record_verified(self, key: str, identity: VerifiedIdentity, when: float) -> None:
+        """Record that the file of `key`, with this identity, had every digest checked (at `when`)."""
+        def record(_):
+            with self._write() as c:
+                c.execute("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                          (key, identity.device, identity.inode, identity.size, identity.mtime_ns, identity.ctime_ns,
+                           identity.header_digest, when))
+
+        self.run(record)
+
+    def verified(self, key: str) -> VerifiedIdentity | None:
+        """The identity recorded for `key` when its file was last fully verified, or None."""
+        row = self.run(lambda c: c.execute(
+            "SELECT device, inode, size, mtime_ns, ctime_ns, header_digest FROM verified WHERE key = ?", (key,)).fetchone())
+        return None if row is None else VerifiedIdentity(*row)
 
     def touch(self, key: str, when: float) -> None:
         def update(_):

@@ -77,18 +77,24 @@ def reconcile(root: Path, index: Index) -> ReindexResult:
     return res
 
 
-def quarantine(root: Path, index: Index, key: str, reason: str = "") -> None:
-    """Drop `key`'s row and move its file to quarantine/ (with `reason` beside it)."""
+def quarantine(root: Path, index: Index, key: str, reason: str = "") -> Path | None:
+    """Drop `key`'s row and move its file to quarantine/, with `reason` in a file beside that copy
+    (`<key>.<time_ns>.kvmlx` and `<key>.<time_ns>.kvmlx.reason.txt`: each quarantined copy keeps its
+    own reason). Returns the quarantined copy's path, None when the file was already gone."""
     with index.lock:
         index.drop([key])
         src = object_path(root, key)
         for part in part_files(root, key):  # a bad part takes its manifest out of service; the parts go too
             part.unlink(missing_ok=True)
-        if src.exists():
-            (root / "quarantine").mkdir(exist_ok=True)
-            os.replace(src, root / "quarantine" / f"{key}.{int(time.time())}{OBJECT_SUFFIX}")
-            if reason:
-                (root / "quarantine" / f"{key}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        if not src.exists():
+            return None
+        (root / "quarantine").mkdir(exist_ok=True)
+        dst = root / "quarantine" / f"{key}.{time.time_ns()}{OBJECT_SUFFIX}"
+        while dst.exists():  # two quarantines within one clock tick
+            dst = dst.with_name(f"{key}.{time.time_ns() + 1}{OBJECT_SUFFIX}")
+        os.replace(src, dst)
+        dst.with_name(dst.name + ".reason.txt").write_text((reason or "no reason given") + "\n", encoding="utf-8")
+        return dst
 
 
 def _orphan_parts(root: Path, grace: float = PART_GRACE_SECONDS) -> int:

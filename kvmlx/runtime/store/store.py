@@ -23,10 +23,11 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from ...artifact.format import ENCODINGS, Artifact, fsync_dir
+from ...artifact.format import ENCODINGS, Artifact, VerifiedIdentity, fsync_dir
 from ...errors import ArtifactError, KvmlxError
 from . import maintenance
 from .index import INDEX_NAME, Index
@@ -38,6 +39,29 @@ from .lock import StoreLock, lock_staging
 
 if TYPE_CHECKING:
     from ...models import LoadedModel
+
+TOUCH_EVERY = 600.0  # seconds: a use sets the file's mtime (LRU order across a reindex) at most this often
+
+
+@dataclass
+class VerifyResult:
+    """One entry's scrub (`Store.verify`): every digest re-hashed; a bad entry is quarantined."""
+
+    key: str
+    ok: bool
+    file_bytes: int
+    seconds: float
+    reason: str | None = None
+    quarantined: str | None = None  # where the bad file went
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "ok": self.ok, "file_bytes": self.file_bytes, "seconds": self.seconds,
+                "reason": self.reason, "quarantined": self.quarantined}
+
+
+def _same_file(recorded: VerifiedIdentity, st: os.stat_result) -> bool:
+    return (recorded.device, recorded.inode, recorded.size, recorded.mtime_ns, recorded.ctime_ns) == \
+        (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -135,10 +159,13 @@ class Store:
                 _copy(src.parent / name, dst)
             if parts:
                 self._ingest_parts(tmp)
-            return self._ingest(tmp, verify=verify)
+            return self._ingest(tmp, verify=verify)[0]
 
-    def _ingest(self, tmp: Path, *, verify: bool = True) -> str:
-        """Validate the staged file (the copy, not the source), rename it into objects/ and index it."""
+    def _ingest(self, tmp: Path, *, verify: bool = True) -> tuple[str, Entry]:
+        """Validate the staged file (the copy, not the source), rename it into objects/ and index it.
+
+        Returns the key and its entry as indexed, read under the store lock: a concurrent `gc` may evict
+        the entry the moment the lock is released, and the caller still gets a complete answer."""
         with Artifact(tmp) as art:
             if verify:
                 art.verify_all()
@@ -146,12 +173,17 @@ class Store:
         key = header_key(header)
         final = self._object(key)
         with self._lock:
-            if not self._object_ok(final, key):
+            ours = not self._object_ok(final, key)
+            if ours:
                 os.rename(tmp, final)
                 fsync_dir(self.objects)
             st = final.stat()
             self.index.insert(key, header, signed, st.st_mtime, st.st_mtime)
-        return key
+            if ours and verify:  # the file we hashed is the one now in objects/: record its identity
+                with Artifact(final) as art:
+                    self.index.record_verified(key, art.identity, time.time())
+            entry = self.index.entry(key)
+        return key, entry
 
     def _object_ok(self, path: Path, key: str) -> bool:
         """Whether `path` holds a well-formed artifact whose header belongs to `key` (digests unchecked)."""
@@ -204,11 +236,10 @@ class Store:
             if layout is not None:  # this rank's part goes in first; no manifest is stored before every part is
                 self._ingest_parts(out)
                 gather(lm, [1], what="storing every rank's part")
-            got = self._ingest(out, verify=True)
+            got, entry = self._ingest(out, verify=True)
         if got != key:  # cannot happen unless tokenization is not deterministic
             raise StoreError(f"published artifact has key {got[:12]}, expected {key[:12]}")
-        entry = self.get(got)
-        result.path = entry.path
+        result.path = entry.path  # a concurrent gc may evict it from here on; the publish itself succeeded
         return StorePublish(got, entry, result, False)
 
     def _ingest_parts(self, manifest: Path) -> None:
@@ -250,21 +281,78 @@ class Store:
         return self.index.total_bytes()
 
     def touch(self, key: str, when: float | None = None) -> None:
-        """Record a use of `key` (in the index and as the file's mtime, so reindex keeps LRU order)."""
+        """Record a use of `key`: in the index, and as the file's mtime when that is older than
+        `TOUCH_EVERY` (so reindex keeps LRU order to that precision). Setting the mtime changes the
+        file's ctime, hence its identity: a verified record that matched just before is moved along."""
         when = time.time() if when is None else when
         self.index.touch(key, when)
+        path = self._object(key)
         try:
-            os.utime(self._object(key), (when, when))
+            before = os.stat(path)
+            if abs(when - before.st_mtime) < TOUCH_EVERY:
+                return
+            recorded = self.index.verified(key)
+            was = recorded is not None and _same_file(recorded, before)
+            os.utime(path, (when, when))
+            if was:
+                after = os.stat(path)
+                self.index.record_verified(key, replace(recorded, mtime_ns=after.st_mtime_ns, ctime_ns=after.st_ctime_ns),
+                                           time.time())
         except OSError:
             pass
 
+    def verified_identity(self, key: str):
+        """The identity recorded when `key`'s file was last fully verified (`VerifiedIdentity`), or None."""
+        return self.index.verified(key)
+
+    def record_load(self, key: str, loaded) -> None:
+        """After a load of `key`: remember the file as verified if that load hashed every digest, and
+        record the use for gc's LRU order."""
+        self.record_verified_load(key, loaded)
+        self.touch(key)
+
+    def record_verified_load(self, key: str, loaded) -> None:
+        """Remember `key`'s file as verified if `loaded` (a `LoadedKV`) hashed every digest of it (a
+        version-2 load of one state checkpoint hashes only part: digests "partial", not recorded)."""
+        if loaded.digests == "hashed" and loaded.identity is not None:
+            self.index.record_verified(key, loaded.identity, time.time())
+
     def load(self, key: str, lm: "LoadedModel", **kwargs):
-        """`kvmlx.runtime.load.load_artifact` on a stored entry, recording the use for gc's LRU order."""
+        """`kvmlx.runtime.load.load_artifact` on a stored entry, recording the use for gc's LRU order.
+
+        A file whose verified identity the store recorded (at add, publish, fetch, `verify`, or a
+        hashed load) and which still has it is loaded without hashing (docs/SECURITY.md)."""
         from ..load import load_artifact
 
-        loaded = load_artifact(self.path(key), lm, **kwargs)
-        self.touch(self.resolve(key))
+        key = self.resolve(key)
+        loaded = load_artifact(self.path(key), lm, verified=self.index.verified(key), **kwargs)
+        self.record_load(key, loaded)
         return loaded
+
+    def verify(self, keys: Sequence[str] = (), *, on_result: Callable[[VerifyResult], None] | None = None
+               ) -> list[VerifyResult]:
+        """The scrub: re-hash every tensor of every entry (or of `keys`), quarantine the bad ones, and
+        record the identity of the good ones. `on_result` is called as each entry is done."""
+        out = []
+        for key in [self.resolve(k) for k in keys] or sorted(self.index.keys()):
+            path, t0 = self._object(key), time.perf_counter()
+            try:
+                with Artifact(path) as art:
+                    if header_key(art.header) != key:
+                        raise ArtifactError(f"{path.name}: its header belongs to another key ({header_key(art.header)[:12]})")
+                    art.verify_all()
+                    art.check_unchanged()
+                    identity = art.identity
+                self.index.record_verified(key, identity, time.time())
+                res = VerifyResult(key, True, path.stat().st_size, time.perf_counter() - t0)
+            except (KvmlxError, OSError) as e:
+                reason = f"verify failed: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+                moved = self.discard(key, reason)
+                res = VerifyResult(key, False, 0, time.perf_counter() - t0, reason, str(moved) if moved else None)
+            out.append(res)
+            if on_result:
+                on_result(res)
+        return out
 
     # ---- removing -------------------------------------------------------------------------------
 
@@ -278,9 +366,10 @@ class Store:
             fsync_dir(self.objects)
         return entry
 
-    def discard(self, key: str, reason: str = "") -> None:
-        """Take an entry out of service after a failed load: drop its row, move its file to quarantine/."""
-        maintenance.quarantine(self.root, self.index, key, reason)
+    def discard(self, key: str, reason: str = "") -> Path | None:
+        """Take an entry out of service after a failed load: drop its row, move its file to quarantine/
+        (returned, with `reason` in a `.reason.txt` beside it)."""
+        return maintenance.quarantine(self.root, self.index, key, reason)
 
     def gc(self, max_bytes: int | None = None) -> GcResult:
         """Remove dead writers' staging directories and quarantined files; then, with `max_bytes`,
