@@ -20,7 +20,8 @@ from kvmlx.runtime.agent import chat_messages, chat_prefix_tokens, chat_prompt_t
 from kvmlx.runtime.generate import from_scratch
 from kvmlx.runtime.load import load_artifact
 from kvmlx.runtime.publish import DEFAULT_CHUNK, prefill
-from kvmlx.serving.engine import KVPool, ResidentKV, resident_from_loaded
+from kvmlx.runtime.resident import ResidentKV, resident_from_loaded
+from kvmlx.serving.engine import KVPool
 from kvmlx.runtime.store import Store
 
 CHUNK = 16
@@ -173,10 +174,10 @@ def test_concurrent_clients(served, tiny, toks):
         for j in range(2):
             i = 2 * w + j
             if j == 0:
-                r = client.completions.create(model="m", prompt=prompts[i][0], max_tokens=MAX)
+                r = client.completions.create(model="builtin:tiny", prompt=prompts[i][0], max_tokens=MAX)
                 results[i] = (r.model_extra["kvmlx"]["tokens"], r.usage.prompt_tokens_details.cached_tokens)
             else:
-                _, final = stream_completion(client, model="m", prompt=prompts[i][0], max_tokens=MAX)
+                _, final = stream_completion(client, model="builtin:tiny", prompt=prompts[i][0], max_tokens=MAX)
                 results[i] = (final.model_extra["kvmlx"]["tokens"], final.usage.prompt_tokens_details.cached_tokens)
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
@@ -195,7 +196,7 @@ def _stats(served):
 
 def test_disconnect_stops_generation(served, toks):
     before = _stats(served)
-    stream = served["client"].completions.create(model="m", prompt=toks[:DOC_LEN] + toks[300:305], max_tokens=20000,
+    stream = served["client"].completions.create(model="builtin:tiny", prompt=toks[:DOC_LEN] + toks[300:305], max_tokens=20000,
                                                  stream=True, extra_body={"ignore_eos": True})
     got = 0
     for ch in stream:
@@ -216,7 +217,7 @@ def test_disconnect_stops_generation(served, toks):
 def test_stats_and_metrics(served, toks):
     client = served["client"]
     for _ in range(2):
-        client.completions.create(model="m", prompt=toks[:DOC_LEN] + toks[330:340], max_tokens=2)
+        client.completions.create(model="builtin:tiny", prompt=toks[:DOC_LEN] + toks[330:340], max_tokens=2)
     s = _stats(served)
     doc = next(d for d in s["documents"] if d["key"] == served["doc_key"])
     assert doc["loads"] == 1 and doc["resident"]  # loaded once, shared by every request
@@ -231,9 +232,9 @@ def test_stats_and_metrics(served, toks):
 def test_bad_requests(served):
     client = served["client"]
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="m", prompt="", max_tokens=4)
+        client.completions.create(model="builtin:tiny", prompt="", max_tokens=4)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="m", prompt="hi", max_tokens=0)
+        client.completions.create(model="builtin:tiny", prompt="hi", max_tokens=0)
 
 
 # ---- in process: the shared KV is never written ---------------------------------------------
@@ -245,13 +246,16 @@ def test_shared_kv_is_not_mutated(tmp_path, tiny, toks):
     store = Store(tmp_path / "s")
     pub = store.publish(tiny, toks[:100], chunk_size=CHUNK)
     resident = resident_from_loaded(pub.key, load_artifact(pub.entry.path, tiny), CHUNK)
-    before = [np.array(a.astype(mx.float32)) for a in resident.keys + resident.values]
+    def bits():
+        return [np.array(a.astype(mx.float32)) for c in resident.caches for a in (c.keys, c.values)]
+
+    before = bits()
     for reuse, suffix in [(70, toks[300:320]), (100, toks[330:350]), (40, toks[:30]), (100, toks[360:365])]:
-        got = _greedy(tiny, resident.caches(reuse), suffix, 5)  # writes past `reuse` into the request's caches
+        got = _greedy(tiny, resident.request_caches(reuse), suffix, 5)  # writes past `reuse` into the request's caches
         assert got == reference(tiny, toks[:reuse] + suffix, reuse, max_tokens=5)
-    after = [np.array(a.astype(mx.float32)) for a in resident.keys + resident.values]
+    after = bits()
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
-    assert all(a.shape[2] == 100 for a in resident.keys)
+    assert all(c.keys.shape[2] == 100 for c in resident.caches)
 
 
 def _greedy(lm, caches, suffix, n):
@@ -268,8 +272,7 @@ def test_pool_lru():
     import mlx.core as mx
 
     def item(key, n):
-        a = mx.zeros((1, 1, n, 1))
-        return ResidentKV(key, [0] * n, [a], [a], mx.zeros((4,)), CHUNK, 100 * n, 0.0)
+        return ResidentKV(key, [0] * n, [], mx.zeros((4,)), CHUNK, 100 * n, 0.0)
 
     pool = KVPool(max_bytes=250)
     pool.put(item("a", 1))
