@@ -282,3 +282,17 @@ def test_pool_lru():
     assert set(pool.items) == {"a", "c"} and pool.evictions == {"b": 1}
     pool.put(item("big", 3))  # larger than the budget: everything goes, itself included
     assert pool.items == {} and pool.nbytes == 0
+
+
+def test_hostile_bodies_over_http(served):
+    """Through uvicorn too: bodies that used to raise inside the server get 4xx, and the server lives on."""
+    url = served["base"] + "/v1/completions"
+    cases = {"[1]": 400, "null": 400, '"s"': 400, '{"prompt": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}": 400,
+             '{"prompt": "x", "temperature": NaN}': 400, '{"prompt": "x", "seed": -1}': 400,
+             '{"prompt": "x", "seed": 18446744073709551616}': 400, '{"prompt": "x\\ud800"}': 400,
+             '{"prompt": "x", "stop": 5}': 400, '{"prompt": "x", "model": "gpt-4o"}': 404}
+    for raw, status in cases.items():
+        r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=TIMEOUT)
+        assert r.status_code == status, (raw[:60], r.status_code, r.text[:200])
+        assert r.json()["error"]["message"]
+    assert served["client"].completions.create(model="builtin:tiny", prompt="hi", max_tokens=1).choices
