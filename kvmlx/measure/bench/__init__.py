@@ -9,7 +9,8 @@ listed before it): `machine` (the machine's description, page cache, memory, loa
 roofline), `harness` (constants, KV shapes, and the saves, loads and derived figures both modes
 share), `model` (`run_model_bench`: a real model, prefill vs reuse), `shape` (`run_shape_bench`:
 synthetic KV of a real model's exact size, no model), `compression` (`run_compression_bench`: the
-KV encodings) and `report` (tables and plot). Each figure is a median over `runs`, with min, max
+KV encodings), `serving` (`run_serve_bench`: kvmlx serve vs mlx_lm.server under concurrent clients)
+and `report` (tables and plots). Each figure is a median over `runs`, with min, max
 and quartiles; the result's keys are documented in docs/BENCHMARKS.md.
 """
 
@@ -31,7 +32,8 @@ from .harness import (
 from .model import run_model_bench
 from .shape import run_shape_bench, synthetic_header, synthetic_kv
 from .compression import run_compression_bench
-from .report import format_compression_table, format_table, plot
+from .report import format_compression_table, format_serve_table, format_table, plot, plot_serve
+from .serving import run_serve_bench
 
 __all__ = [
     "DEFAULT_LENGTHS",
@@ -49,14 +51,17 @@ __all__ = [
     "document_tokens",
     "evict",
     "format_compression_table",
+    "format_serve_table",
     "format_table",
     "machine_info",
     "parse_lengths",
     "plot",
+    "plot_serve",
     "release_memory",
     "roofline",
     "run_compression_bench",
     "run_model_bench",
+    "run_serve_bench",
     "run_shape_bench",
     "summarize",
     "synthetic_header",
