@@ -302,32 +302,44 @@ class Engine:
     # -- prefilling --
 
     def _prefill_step(self) -> None:
-        """One unit of prefill work: admit waiting jobs while there is room (ahead of the jobs already
-        prefilling), then one chunk (after the lookup and load, for a job that has not started) of the
-        next prefilling job; a job with more to do goes to the back (round robin)."""
+        """One step's prefill work: admit waiting jobs while there is room (ahead of the jobs already
+        prefilling), then chunks of the prefilling jobs in turn, each job at most once, while the step's
+        tokens stay within one chunk (`prefill_chunk`; the step's first chunk always runs). A job with
+        more to do goes to the back (round robin). Many short prompts are thus prefilled in one step and
+        join the decode batch together; a long one delays the others by about one chunk per step."""
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_batch:
             self.prefilling.appendleft(_Prefill(self.waiting.popleft()))  # new arrivals first
-        if not self.prefilling:
-            return
-        p = self.prefilling.popleft()
-        try:
-            if p.caches is None:
-                self._prepare(p)
-            if p.pos < len(p.suffix):
-                t0 = time.perf_counter()
-                part = p.suffix[p.pos: p.pos + p.chunk]
-                p.logits = prefill(self.lm.model, part, p.caches, p.chunk)
-                p.pos += len(part)
-                with self._lock:
-                    self.prefill_seconds += time.perf_counter() - t0
-                    self.totals["prefilled_tokens"] += len(part)
-            if p.pos < len(p.suffix):
-                self.prefilling.append(p)  # to the back: the others get their chunk first
-            else:
-                self._first_token(p)
-        except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
-            p.job.emit("error", f"{type(e).__name__}: {e}")
-            self._end(p.job, "errors", queued=True)
+        budget, unfinished = self.prefill_chunk, []
+        for _ in range(len(self.prefilling)):
+            p = self.prefilling[0]
+            if p.caches is not None and budget < self.prefill_chunk and min(p.chunk, len(p.suffix) - p.pos) > budget:
+                break  # the next chunk would overrun this step: it goes first in the next one
+            self.prefilling.popleft()
+            try:
+                if p.caches is None:
+                    self._prepare(p)
+                if p.pos < len(p.suffix):
+                    if budget < self.prefill_chunk and min(p.chunk, len(p.suffix) - p.pos) > budget:
+                        self.prefilling.appendleft(p)  # prepared; its chunk waits for the next step
+                        break
+                    t0 = time.perf_counter()
+                    part = p.suffix[p.pos: p.pos + p.chunk]
+                    p.logits = prefill(self.lm.model, part, p.caches, p.chunk)
+                    p.pos += len(part)
+                    budget -= len(part)
+                    with self._lock:
+                        self.prefill_seconds += time.perf_counter() - t0
+                        self.totals["prefilled_tokens"] += len(part)
+                if p.pos < len(p.suffix):
+                    unfinished.append(p)
+                else:
+                    self._first_token(p)
+            except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
+                p.job.emit("error", f"{type(e).__name__}: {e}")
+                self._end(p.job, "errors", queued=True)
+            if budget <= 0:
+                break
+        self.prefilling.extend(unfinished)  # to the back: the others get their chunk first
 
     def _prepare(self, p: _Prefill) -> None:
         caches, suffix, reused, key, logits, chunk = self.prepare(p.job.tokens)
