@@ -68,12 +68,17 @@ def bench(model, dtype, lengths, runs, shape, compression, serve_mode, concurren
             result = bench_api.run_shape_bench(shape, lengths, runs, **options)
         else:
             result = bench_api.run_model_bench(load_model(model or "builtin:small", dtype), lengths, runs, **options)
+    _show(result, as_json, plot_path, bench_api.plot, bench_api.format_table)
+
+
+def _show(result: dict, as_json: bool, plot_path, plot, table) -> None:
+    """Draw the plot if asked, then print the result as JSON or as its table."""
     if plot_path is not None:
-        result["plot"] = str(bench_api.plot(result, plot_path))
+        result["plot"] = str(plot(result, plot_path))
     if as_json:
         emit(result)
     else:
-        click.echo(bench_api.format_table(result))
+        click.echo(table(result))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")
 
@@ -93,14 +98,7 @@ def _bench_serve(model, runs, concurrency, doc_tokens, rounds, answer_tokens, lo
         result = bench_api.run_serve_bench(model or "builtin:small", doc_tokens=doc_tokens, concurrency=levels,
                                            rounds=rounds, max_tokens=answer_tokens, repeats=runs,
                                            long_tokens=long_tokens, progress=lambda d, t, _w: bar(d, t))
-    if plot_path is not None:
-        result["plot"] = str(bench_api.plot_serve(result, plot_path))
-    if as_json:
-        emit(result)
-    else:
-        click.echo(bench_api.format_serve_table(result))
-        if plot_path is not None:
-            click.echo(f"\nplot: {plot_path}")
+    _show(result, as_json, plot_path, bench_api.plot_serve, bench_api.format_serve_table)
 
 
 @main.command("cost")

@@ -7,21 +7,21 @@ A request (a `Job`) goes waiting -> prefilling -> decoding:
   `kvmlx.runtime.agent.Agent.match`); the matching artifact is loaded once into a resident pool (LRU
   under `max_resident_bytes`) and the request gets its own caches holding the reused prefix from
   `kvmlx.runtime.resident.request_caches` (the one place that knows how a cache family is shared).
-  Only the rest of the prompt is prefilled, one chunk of the artifact's chunk size per engine step,
-  round robin between prefilling requests and interleaved with the decode steps, so a huge prompt
-  delays everyone else by about one chunk. The first token is sampled from the prefill's last logits
-  (or the stored logits when the prompt *is* the document): bit for bit what `kvmlx generate --verify`
-  computes from scratch.
-- **decoding**: the request's caches and first token go into the `BatchGenerator` (`insert(...,
-  caches=...)`): one batched forward per step for every decoding request; mlx-lm merges the caches
-  into its batch cache (a copy), so the shared KV is never written.
+  Only the rest of the prompt is prefilled. Each engine step has a budget of one chunk of prefill
+  tokens: a long prompt's chunks (the artifact's chunk size) run here one per step, round robin and
+  interleaved with the decode steps, so a huge prompt delays everyone else by about one chunk; a
+  prompt's last chunk (all of a short suffix) goes into the `BatchGenerator`, which prefills the
+  last chunks of one step together in one batched forward. When the prompt *is* the document, the
+  stored logits give the first token with no model call.
+- **decoding**: the request's caches go into mlx-lm's `BatchGenerator` (`insert(..., caches=...)`):
+  one batched forward per step for every decoding request, mlx-lm's samplers, logits processors and
+  stop tokens; mlx-lm merges the caches into its batch cache (a copy), so the shared KV is never written.
 
-Why around `BatchGenerator` and not through its own prompt processing: it prefills with one global
-step size, right-pads prompts batched together to the longest (a 2-token request joining a 27k-token
-prompt's batch computes a full padded chunk), and runs each prompt's last token as a decode step, so
-its first logits are not the artifact-chunked prefill's and a document's stored logits cannot be used.
-Prefilling here keeps the artifact's chunking (exactness) and the scheduling (fairness) in kvmlx's
-hands; decoding, sampling and stop tokens are mlx-lm's.
+Why around `BatchGenerator` and not only through it: its prompt processing has one global step size
+and right-pads the prompts it batches to the longest, so a 2-token request joining a 27k-token
+prompt's batch would compute a whole padded step, and a long prompt would hold the batch for its
+whole length; kvmlx keeps long prefills, their chunk size and the scheduling (fairness, cancellation
+between chunks, deadlines) in its own hands, and gives mlx-lm the short, batchable work.
 
 Limits: `max_batch` requests prefill or decode at once; at most `max_queued` requests are accepted
 and not yet decoding (beyond that `submit` raises `QueueFull`, HTTP 429), each has a deadline (`request_timeout`), and a cancelled request (its
@@ -127,6 +127,7 @@ class _Decode:
     job: Job
     logprobs: bool
     top: int
+    started: bool = False  # its first token came out of the batch
 
 
 @dataclass
@@ -184,6 +185,7 @@ class Engine:
         self.decode_steps = 0
         self.started = time.time()
         self._queued = 0  # submitted and not yet decoding or finished (read by the HTTP thread)
+        self._joined = self._skipped = False  # requests joined the batch last step; long prompts sat out
         self._lock = threading.Lock()  # guards the counters read by the HTTP thread
         self._thread: threading.Thread | None = None
 
@@ -281,15 +283,20 @@ class Engine:
     # -- decoding --
 
     def _decode_step(self) -> None:
-        t0 = time.perf_counter()
-        responses = self.bg.next_generated()  # a batch of only new requests: their first step, then tokens
+        """One BatchGenerator call until it yields tokens: the batched prefill of the prompts handed to
+        it (their first tokens), and one batched decode step for every decoding request."""
+        with self.bg.stats() as st:
+            responses = self.bg.next_generated()
         with self._lock:
-            self.decode_seconds += time.perf_counter() - t0
-            self.decode_steps += 1 if responses else 0
+            self.prefill_seconds += st.prompt_time
+            self.decode_seconds += st.wall_time - st.prompt_time
+            self.decode_steps += st.generation_steps
         for r in responses:
             d = self.decoding.get(r.uid)
             if d is None:
                 continue
+            if not d.started:
+                d.started, self._joined = True, True
             info = logprob_info(r.logprobs, r.token, d.top) if d.logprobs else None
             with self._lock:
                 self.totals["completion_tokens"] += 1
@@ -302,43 +309,54 @@ class Engine:
     # -- prefilling --
 
     def _prefill_step(self) -> None:
-        """One step's prefill work: admit waiting jobs while there is room (ahead of the jobs already
-        prefilling), then chunks of the prefilling jobs in turn, each job at most once, while the step's
-        tokens stay within one chunk (`prefill_chunk`; the step's first chunk always runs). A job with
-        more to do goes to the back (round robin). Many short prompts are thus prefilled in one step and
-        join the decode batch together; a long one delays the others by about one chunk per step."""
+        """One step's prefill work, within a budget of `prefill_chunk` tokens (the step's first chunk
+        always runs). Waiting jobs are admitted while there is room, ahead of those already prefilling;
+        then each prefilling job in turn, at most once: a prompt's last chunk (all of a short suffix)
+        goes into the BatchGenerator, which prefills those of one step together in one batched forward
+        and starts decoding them; an earlier chunk of a long prompt runs here, alone, in the artifact's
+        chunk size, and the job goes to the back (round robin). Right after new requests joined the
+        decode batch, long prompts sit out one step, so a short request's first tokens are not held
+        behind a long chunk (they never sit out two steps running)."""
         while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_batch:
             self.prefilling.appendleft(_Prefill(self.waiting.popleft()))  # new arrivals first
-        budget, unfinished = self.prefill_chunk, []
+        skip_long, self._joined, self._skipped = self._joined and not self._skipped, False, False
+        budget, deferred, unfinished = self.prefill_chunk, [], []
         for _ in range(len(self.prefilling)):
-            p = self.prefilling[0]
-            if p.caches is not None and budget < self.prefill_chunk and min(p.chunk, len(p.suffix) - p.pos) > budget:
-                break  # the next chunk would overrun this step: it goes first in the next one
-            self.prefilling.popleft()
+            p = self.prefilling.popleft()
             try:
                 if p.caches is None:
                     self._prepare(p)
-                if p.pos < len(p.suffix):
-                    if budget < self.prefill_chunk and min(p.chunk, len(p.suffix) - p.pos) > budget:
-                        self.prefilling.appendleft(p)  # prepared; its chunk waits for the next step
-                        break
-                    t0 = time.perf_counter()
-                    part = p.suffix[p.pos: p.pos + p.chunk]
-                    p.logits = prefill(self.lm.model, part, p.caches, p.chunk)
-                    p.pos += len(part)
-                    budget -= len(part)
-                    with self._lock:
-                        self.prefill_seconds += time.perf_counter() - t0
-                        self.totals["prefilled_tokens"] += len(part)
-                if p.pos < len(p.suffix):
-                    unfinished.append(p)
-                else:
+                left = len(p.suffix) - p.pos
+                if left == 0:  # the prompt is the document: its stored logits give the first token
                     self._first_token(p)
+                    continue
+                final = left <= p.chunk
+                if not final and skip_long:
+                    deferred.append(p)
+                    self._skipped = True
+                    continue
+                n = left if final else p.chunk
+                if budget < self.prefill_chunk and n > budget:
+                    self.prefilling.appendleft(p)  # it would overrun this step: first in the next one
+                    break
+                budget -= n
+                with self._lock:
+                    self.totals["prefilled_tokens"] += n
+                if final:
+                    self._enter_batch(p, p.suffix[p.pos:], p.job.tokens[: len(p.job.tokens) - left])
+                    continue
+                t0 = time.perf_counter()
+                p.logits = prefill(self.lm.model, p.suffix[p.pos: p.pos + n], p.caches, p.chunk)
+                p.pos += n
+                with self._lock:
+                    self.prefill_seconds += time.perf_counter() - t0
+                unfinished.append(p)
             except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
                 p.job.emit("error", f"{type(e).__name__}: {e}")
                 self._end(p.job, "errors", queued=True)
             if budget <= 0:
                 break
+        self.prefilling.extendleft(reversed(deferred))
         self.prefilling.extend(unfinished)  # to the back: the others get their chunk first
 
     def _prepare(self, p: _Prefill) -> None:
@@ -355,6 +373,7 @@ class Engine:
                              "prefilled_tokens": len(suffix), "key": key, "chunk_size": chunk})
 
     def _first_token(self, p: _Prefill) -> None:
+        """The first token from the stored logits (no model call), then the rest in the batch."""
         job, params = p.job, p.job.params
         sampler, processors = make_request_sampler(params), make_request_processors(params)
         token, logprobs = sample_first(p.logits, job.tokens, sampler, processors)
@@ -367,15 +386,23 @@ class Engine:
         elif params.max_tokens <= 1:
             job.emit("done", "length")
         else:
-            (uid,) = self.bg.insert([[token]], max_tokens=[params.max_tokens - 1], caches=[p.caches],
-                                    all_tokens=[list(job.tokens)], samplers=[sampler],
-                                    logits_processors=[processors],
-                                    stop_sequences=[StopSequences()] if params.ignore_eos else None)
-            self.decoding[uid] = _Decode(job, params.logprobs, params.top_logprobs)
-            with self._lock:
-                self._queued -= 1
+            self._enter_batch(p, [token], job.tokens, params.max_tokens - 1, sampler, processors)
             return
         self._end(job, "completed", queued=True)
+
+    def _enter_batch(self, p: _Prefill, prompt: list[int], context: list[int], max_tokens: int | None = None,
+                     sampler=None, processors=None) -> None:
+        """Hand a request to the BatchGenerator: its caches (holding `context`), the prompt tokens still to
+        run, its sampler and logits processors (mlx-lm's), EOS as its stop unless `ignore_eos`."""
+        params = p.job.params
+        if sampler is None:
+            sampler, processors = make_request_sampler(params), make_request_processors(params)
+        (uid,) = self.bg.insert([list(prompt)], max_tokens=[max_tokens or params.max_tokens], caches=[p.caches],
+                                all_tokens=[list(context)], samplers=[sampler], logits_processors=[processors],
+                                stop_sequences=[StopSequences()] if params.ignore_eos else None)
+        self.decoding[uid] = _Decode(p.job, params.logprobs, params.top_logprobs)
+        with self._lock:
+            self._queued -= 1
 
     def prepare(self, tokens: list[int]):
         """(caches, suffix, reused, key, logits or None, chunk size): the agent runtime's matching rules."""
