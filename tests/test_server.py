@@ -296,3 +296,22 @@ def test_hostile_bodies_over_http(served):
         assert r.status_code == status, (raw[:60], r.status_code, r.text[:200])
         assert r.json()["error"]["message"]
     assert served["client"].completions.create(model="builtin:tiny", prompt="hi", max_tokens=1).choices
+
+
+def test_disconnect_cancels_prefill(served, toks):
+    """A client that leaves while its long prompt is still prefilling stops the prefill (within a chunk)."""
+    before = _stats(served)
+    long_prompt = [5] + (toks * 40)[:19999]  # matches nothing: 20,000 tokens to prefill, 512 per chunk
+    with httpx.stream("POST", served["base"] + "/v1/completions", timeout=TIMEOUT,
+                      json={"model": "builtin:tiny", "prompt": long_prompt, "max_tokens": 1, "stream": True}):
+        deadline = time.monotonic() + 20
+        while _stats(served)["prefilled_tokens"] - before["prefilled_tokens"] < 1024:  # under way
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    deadline = time.monotonic() + 20
+    while (s := _stats(served))["cancelled"] == before["cancelled"] or s["active_requests"]:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    done = s["prefilled_tokens"] - before["prefilled_tokens"]
+    time.sleep(0.5)
+    assert _stats(served)["prefilled_tokens"] - before["prefilled_tokens"] == done < 20000

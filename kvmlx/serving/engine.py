@@ -50,6 +50,7 @@ from ..runtime.store import BLOCK, Store
 from .sampling import Params, logprob_info, make_request_processors, make_request_sampler, sample_first
 
 DEFAULT_MAX_BATCH = 32  # requests prefilling or decoding at once (mlx_lm.server's decode concurrency)
+PREFILL_BATCH = 8  # last chunks BatchGenerator prefills in one forward (mlx_lm.server's prompt concurrency)
 DEFAULT_MAX_QUEUED = 256  # requests waiting beyond those
 DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds from arrival to the last token
 
@@ -238,7 +239,8 @@ class Engine:
 
     def _new_batch(self) -> None:
         self.bg = BatchGenerator(_Float32Logits(self.lm.model), stop_tokens=[[e] for e in self.eos],
-                                 completion_batch_size=self.max_batch, prefill_batch_size=self.max_batch)
+                                 completion_batch_size=self.max_batch,
+                                 prefill_batch_size=min(PREFILL_BATCH, self.max_batch))
 
     # -- cancellation, deadlines, failures --
 

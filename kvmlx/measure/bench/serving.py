@@ -217,8 +217,9 @@ def run_serve_bench(model: str = "builtin:small", *, doc_tokens: int = 1024,
                         st0 = stats() if stats else None
                         run["fairness"] = _fairness(base, name, long_prompt, probe_delay, probe_timeout)
                         if stats:  # one prefill chunk's time, from the server's counters over the probe
-                            time.sleep(1.0)
-                            st1 = stats()
+                            t1 = time.perf_counter()  # the long prompt's client left: wait for its cancellation
+                            while (st1 := stats())["cancelled"] == st0["cancelled"] and time.perf_counter() - t1 < 120:
+                                time.sleep(0.5)
                             n = st1["prefilled_tokens"] - st0["prefilled_tokens"]
                             s = st1["prefill_seconds"] - st0["prefill_seconds"]
                             run["fairness"].update(chunk_tokens=DEFAULT_CHUNK, long_prefilled_tokens=n,
