@@ -14,10 +14,13 @@
 __version__ = "0.1.0"
 
 from .artifact.format import Artifact, read_header  # noqa: E402
+from .caches import KVQuantization  # noqa: E402
 from .errors import (  # noqa: E402
     ArtifactError,
+    CacheMismatchError,
     DtypeMismatchError,
     IntegrityError,
+    KVQuantizationMismatchError,
     KvmlxError,
     MismatchError,
     ModelLoadError,
@@ -39,6 +42,7 @@ from .runtime.generate import (  # noqa: E402
 )
 from .runtime.load import LoadedKV, load_artifact, split_prompt  # noqa: E402
 from .runtime.publish import PublishResult, publish  # noqa: E402
+from .runtime.restore import caches_at  # noqa: E402
 from .runtime.store import Store, StoreError  # noqa: E402
 
 __all__ = [
@@ -47,4 +51,5 @@ __all__ = [
     "LoadedModel", "MismatchError", "ModelLoadError", "ModelMismatchError", "PrefixMismatchError", "PublishResult",
     "TokenizerMismatchError", "UnsupportedModelError", "UnsupportedVersionError", "Verification", "continue_from",
     "from_scratch", "generate", "load_artifact", "load_model", "publish", "read_header", "split_prompt", "verify",
+    "CacheMismatchError", "KVQuantization", "KVQuantizationMismatchError", "caches_at",
 ]

@@ -79,3 +79,11 @@ class ModelLoadError(KvmlxError):
 
 class CostError(KvmlxError, ValueError):
     """Inputs to the cost model are missing, inconsistent or out of range."""
+
+
+class CacheMismatchError(MismatchError):
+    """The artifact's per-layer caches (family, window, state slots, KV bits) differ from the model's."""
+
+
+class KVQuantizationMismatchError(MismatchError):
+    """The artifact's KV quantization settings (--kv-bits, group size, start) differ from this run's."""

@@ -76,9 +76,35 @@ PRESETS: dict[str, dict] = {
         intermediate_size=1024,
         vocab_size=4096,
     ),
+    # One per mlx-lm cache family (caches/), tiny like `tiny`: a hybrid Qwen3-Next (Gated DeltaNet layers
+    # with ArraysCache recurrent state, every 4th layer full attention with KVCache), a Gemma-3-style
+    # model alternating a 32-token sliding window (RotatingKVCache, shorter than the sample document)
+    # with full attention, and a gpt-oss-style one (sliding/full attention, mixture-of-experts).
+    "hybrid": dict(
+        model_type="qwen3_next", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=256, vocab_size=1024, linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4, full_attention_interval=4,
+        num_experts=0, num_experts_per_tok=0, decoder_sparse_step=1, shared_expert_intermediate_size=0,
+        mlp_only_layers=[], moe_intermediate_size=0, partial_rotary_factor=0.25,
+    ),
+    "sliding": dict(
+        model_type="gemma3_text", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=384, vocab_size=1024, sliding_window=32, sliding_window_pattern=2,
+        query_pre_attn_scalar=32, rope_local_base_freq=10000.0,
+    ),
+    # MLX's CPU backend runs the experts' GatherMM only in float32: load_model defaults this preset to
+    # float32 where Metal is not available (bfloat16 there raises "[GatherMM::eval] Currently only supports float32").
+    "gpt-oss": dict(
+        model_type="gpt_oss", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=128, vocab_size=1024, sliding_window=32, num_local_experts=4,
+        num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
 }
+FLOAT32_OFF_METAL = {"gpt-oss"}  # presets whose kernels only run in float32 on MLX's CPU backend
+SHARDED = {"hybrid", "sliding", "gpt-oss"}  # presets written as two shards + model.safetensors.index.json
 
-_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 # Bump when the build recipe changes, so builtin_path stops reusing models built by the old recipe.
 _RECIPE_VERSION = 1
 
@@ -111,7 +137,7 @@ def build_builtin(
     *,
     seed: int = 0,
     corpus: str | None = None,
-    model_type: str = "qwen3",
+    model_type: str | None = None,
 ) -> Path:
     """Write a random-weight model in the Hugging Face layout to ``out_dir`` (which must not exist).
 
@@ -131,7 +157,11 @@ def build_builtin(
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(cfg))
         _write_json(tmp / "config.json", cfg)
-        _save_safetensors(tmp / "model.safetensors", _random_weights(cfg, seed))
+        weights = _random_weights(cfg, seed)
+        if preset in SHARDED:
+            _save_sharded(tmp, weights)
+        else:
+            _save_safetensors(tmp / "model.safetensors", weights)
         try:
             os.rename(tmp, out_dir)
         except OSError as e:  # a non-empty destination appeared meanwhile
@@ -151,7 +181,7 @@ def builtin_path(preset: str = "tiny") -> Path:
     recipe builds a new model instead of silently reusing a stale one.
     """
     recipe = json.dumps(
-        [_RECIPE_VERSION, GAIN, _config(preset, "qwen3"), hashlib.sha256(default_corpus().encode()).hexdigest()]
+        [_RECIPE_VERSION, GAIN, _config(preset), hashlib.sha256(default_corpus().encode()).hexdigest()]
     )
     path = kvmlx_home() / "models" / f"{preset}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if not path.exists():
@@ -192,6 +222,8 @@ def load_model(spec: str | None = None, dtype: str | None = None) -> LoadedModel
     except Exception as e:
         reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         raise ModelLoadError(f"cannot load model {spec!r}: {reason}") from e
+    if dtype is None and spec.removeprefix("builtin:") in FLOAT32_OFF_METAL and not mx.metal.is_available():
+        dtype = "float32"  # MLX's CPU GatherMM (the experts) only supports float32
     if dtype is not None:
         model.set_dtype(DTYPES[dtype])
         mx.eval(model.parameters())  # pay the cast now, not inside the first timed forward
@@ -209,9 +241,10 @@ def model_dtype(model: nn.Module) -> str:
     return str(sizes.most_common(1)[0][0]).removeprefix("mlx.core.")
 
 
-def _config(preset: str, model_type: str) -> dict:
+def _config(preset: str, model_type: str | None = None) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    model_type = model_type or PRESETS[preset].get("model_type", "qwen3")
     if model_type not in _ARCHITECTURES:
         raise ValueError(f"unsupported model_type {model_type!r}; expected one of {', '.join(_ARCHITECTURES)}")
     cfg = {
@@ -273,17 +306,18 @@ def _random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     Each parameter gets its own generator keyed by (seed, crc32(name)): its values depend on nothing
     else. Vectors (the RMSNorm weights) are ones.
     """
-    from mlx_lm.models import llama, qwen3  # the two architectures _config writes
+    import importlib
 
-    arch = {"qwen3": qwen3, "llama": llama}[cfg["model_type"]]
+    arch = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")  # one of _ARCHITECTURES
     model = arch.Model(arch.ModelArgs.from_dict(cfg))  # lazy: its own random init is never evaluated
     weights = {}
     for name, p in sorted(tree_flatten(model.parameters())):
         if p.ndim == 1:
-            w = np.ones(p.shape, np.float32)
+            w = (np.zeros if name.endswith("bias") else np.ones)(p.shape, np.float32)
         else:
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-            w = rng.standard_normal(p.shape, dtype=np.float32) * np.float32(GAIN / math.sqrt(p.shape[-1]))
+            fan_in = math.prod(p.shape[1:]) if p.ndim == 3 and p.shape[-1] == 1 else p.shape[-1]  # conv1d: (C, K, 1)
+            w = rng.standard_normal(p.shape, dtype=np.float32) * np.float32(GAIN / math.sqrt(fan_in))
         weights[name] = _cast(w, cfg["dtype"])
     return weights
 
@@ -318,6 +352,21 @@ def _save_safetensors(path: Path, weights: dict[str, np.ndarray]) -> None:
         f.write(struct.pack("<Q", len(head)) + head)
         for name in sorted(weights):
             f.write(weights[name].tobytes())  # little-endian, like every platform MLX runs on
+
+
+def _save_sharded(directory: Path, weights: dict[str, np.ndarray], shards: int = 2) -> None:
+    """Two (or `shards`) safetensors files split by name order, and `model.safetensors.index.json`
+    (what pipeline-parallel loading and Hugging Face tools read to find each tensor)."""
+    names = sorted(weights)
+    per = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for k in range(shards):
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: weights[n] for n in names[k * per : (k + 1) * per]}
+        _save_safetensors(directory / file, part)
+        weight_map.update({n: file for n in part})
+        total += sum(w.nbytes for w in part.values())
+    _write_json(directory / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_json(path: Path, obj: dict) -> None:

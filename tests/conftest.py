@@ -44,3 +44,18 @@ def document(tiny):
     from importlib import resources
 
     return resources.files("kvmlx").joinpath("data/sample_document.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def preset(kvmlx_home):
+    """`preset(name)` -> a built-in model ("hybrid", "sliding", "gpt-oss", ...), loaded once per session."""
+    from kvmlx.models import load_model
+
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = load_model(f"builtin:{name}")
+        return loaded[name]
+
+    return get

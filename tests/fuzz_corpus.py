@@ -229,7 +229,8 @@ def corpus(base: bytes, signed: bytes | None = None) -> dict[str, bytes]:
         "preamble only": base[:64],
         "text mangled CRLF->LF": base.replace(b"\r\n", b"\n", 1),
         "zip file": b"PK\x03\x04" + bytes(60),
-        "newer version": set_preamble(base, "version", 2),
+        "newer version": set_preamble(base, "version", 3),
+        "v1 file labelled version 2": set_preamble(base, "version", 2),
         "version 0": set_preamble(base, "version", 0),
         "version 2^32-1": set_preamble(base, "version", 0xFFFFFFFF),
         "unknown flag": set_preamble(base, "flags", 2),
@@ -309,6 +310,82 @@ def corpus(base: bytes, signed: bytes | None = None) -> dict[str, bytes]:
             "signed: signature bit flipped": _poke(signed, 64 + split(signed)["header_len"] + 40),
             "signed: public key bit flipped": _poke(signed, 64 + split(signed)["header_len"] + 3),
             "signed: signed flag cleared": set_preamble(signed, "flags", 0),
+        })
+    return c
+
+
+def corpus_v2(base: bytes) -> dict[str, bytes]:
+    """Hand-made hostile variants of a valid version-2 artifact with state checkpoints (a hybrid or a
+    sliding-window model's): lies in the per-layer cache metadata, the checkpoints and the KV
+    quantization settings, each in a re-digested header (name -> file bytes)."""
+    h = header_of(base)
+    fam = {c["family"] for c in h["caches"]}
+    odd = next(i for i, c in enumerate(h["caches"]) if c["family"] in ("arrays", "rotating"))
+    kv_layer = next(i for i, c in enumerate(h["caches"]) if c["family"] == "kv")
+
+    def lie(mutate: Callable[[dict], Any]) -> bytes:
+        hh = json.loads(json.dumps(h))
+        mutate(hh)
+        return rebuild(base, hh)
+
+    def layer(i, **fields):
+        return lambda hh: hh["caches"][i].update(fields)
+
+    def cp(k, **fields):
+        return lambda hh: hh["checkpoints"][k].update(fields)
+
+    c = {
+        "caches missing": lie(lambda hh: hh.pop("caches")),
+        "caches one short": lie(lambda hh: hh["caches"].pop()),
+        "caches not a list": lie(lambda hh: hh.update(caches={"0": 1})),
+        "family unknown": lie(layer(odd, family="mamba2")),
+        "family not a string": lie(layer(odd, family=7)),
+        "family kv with no offset": lie(lambda hh: hh["caches"].__setitem__(kv_layer, {"family": "kv"})),
+        "extra metadata key": lie(layer(kv_layer, python="__import__('os')")),
+        "offset negative": lie(layer(kv_layer, offset=-1)),
+        "offset not the document length": lie(layer(kv_layer, offset=h["kv"]["num_tokens"] - 1)),
+        "offset a bool": lie(layer(kv_layer, offset=True)),
+        "nested cache list": lie(lambda hh: hh["caches"].__setitem__(kv_layer, {"family": "list", "caches": [
+            {"family": "list", "caches": [hh["caches"][kv_layer]]}]})),
+        "empty cache list": lie(lambda hh: hh["caches"].__setitem__(kv_layer, {"family": "list", "caches": []})),
+        "kv layer's keys uint32": lie(lambda hh: [t.update(dtype="uint32") for t in hh["tensors"]
+                                                  if t["name"] == f"layers.{kv_layer}.keys"]),
+        "kv layer's keys encoded": lie(lambda hh: [t.update(encoding="bytesplit-zstd") for t in hh["tensors"]
+                                                   if t["name"] == f"layers.{kv_layer}.keys"]),
+        "kv.encoding zstd on version 2": lie(lambda hh: hh["kv"].update(encoding="bytesplit-zstd")),
+        "kv.quantization 7 bits": lie(lambda hh: hh["kv"].update(quantization={"bits": 7, "group_size": 64, "start": 0})),
+        "kv.quantization extra key": lie(lambda hh: hh["kv"].update(quantization={"bits": 8, "group_size": 64, "start": 0, "x": 1})),
+        "kv.quantization a string": lie(lambda hh: hh["kv"].update(quantization="q8")),
+        "checkpoint_every not a chunk multiple": lie(lambda hh: hh["kv"].update(checkpoint_every=hh["kv"]["chunk_size"] + 1)),
+        "checkpoint off a chunk boundary": lie(cp(0, tokens=h["checkpoints"][0]["tokens"] + 1)),
+        "checkpoint at 0": lie(cp(0, tokens=0)),
+        "checkpoint at the document's end": lie(cp(-1, tokens=h["kv"]["num_tokens"])),
+        "checkpoints out of order": lie(lambda hh: hh["checkpoints"].reverse()),
+        "checkpoint missing a layer": lie(lambda hh: hh["checkpoints"][0]["caches"].pop(str(odd))),
+        "checkpoint with an extra layer": lie(lambda hh: hh["checkpoints"][0]["caches"].update(
+            {str(kv_layer): hh["caches"][kv_layer]})),
+        "checkpoint layer of another family": lie(lambda hh: hh["checkpoints"][0]["caches"].update(
+            {str(odd): {"family": "kv", "offset": hh["checkpoints"][0]["tokens"]}})),
+        "checkpoint tensor missing": lie(lambda hh: hh.update(tensors=[t for t in hh["tensors"]
+                                                                       if not t["name"].startswith("checkpoints.0.")])),
+        "checkpoints 70k": lie(lambda hh: hh.update(checkpoints=[hh["checkpoints"][0]] * 70_000)),
+        "tensor not named by any layer": lie(lambda hh: [t.update(name="layers.99.keys") for t in hh["tensors"]
+                                                         if t["name"] == f"layers.{kv_layer}.keys"]),
+        "v2 artifact labelled version 1": set_preamble(base, "version", 1),
+    }
+    if "rotating" in fam:
+        c.update({
+            "window smaller than the model's": lie(lambda hh: [m.update(max_size=16) for m in hh["caches"] if m["family"] == "rotating"]
+                                                   and [m.update(max_size=16) for p in hh["checkpoints"] for m in p["caches"].values()]),
+            "rotation index past the buffer": lie(layer(odd, idx=h["caches"][odd]["idx"] + 10_000)),
+            "keep not below the window": lie(layer(odd, keep=h["caches"][odd]["max_size"])),
+        })
+    if "arrays" in fam:
+        c.update({
+            "state slots 65": lie(layer(odd, size=65, present=[True] * 65)),
+            "state slot flags not bools": lie(layer(odd, present=[1, 1])),
+            "state tensor of batch 2": lie(lambda hh: [t.update(shape=[2, *t["shape"][1:]], nbytes=t["nbytes"] * 2)
+                                                       for t in hh["tensors"] if t["name"] == f"layers.{odd}.state.1"]),
         })
     return c
 

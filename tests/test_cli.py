@@ -40,7 +40,7 @@ def test_publish_json(published):
     path, summary = published
     assert path.exists() and summary["tokens"] > 50 and summary["dtype"] == "bfloat16"
     assert summary["artifact_bytes"] == path.stat().st_size
-    assert summary["model_fingerprint"].startswith("blake3:")
+    assert summary["model_fingerprint"].startswith("fp2:blake3:")
 
 
 def test_publish_from_stdin(runner, tmp_path, document):

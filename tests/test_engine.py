@@ -201,3 +201,26 @@ def test_sampling_fields_mean_what_mlx_lm_means(tiny, toks):
                                              logits_processors=make_logits_processors(None, 2.0, 20),
                                              prefill_step_size=DEFAULT_CHUNK)]
     assert penal == want and penal != greedy
+
+
+def test_kv_bits_requests_decode_alone(tiny, toks, tmp_path):
+    """--kv-bits KV cannot join mlx-lm's batch (mlx_lm.server serves it unbatched too): such requests
+    prefill and decode alone, and give the agent's own tokens with those settings."""
+    from kvmlx.caches import KVQuantization
+    from kvmlx.runtime.agent import Agent
+
+    quant = KVQuantization(8, 32, 0)
+    prompts = [toks[40:90], toks[100:130]]
+    eng = Engine(tiny, None, kv_quant=quant)
+    assert not eng.batchable
+    recs = [Rec() for _ in prompts]
+    for p, r in zip(prompts, recs):
+        eng.submit(job(p, r, max_tokens=8, ignore_eos=True))
+    eng.start()
+    try:
+        assert all(r.done.wait(60) for r in recs)
+    finally:
+        eng.stop()
+    agent = Agent(tiny, Store(tmp_path / "s"), kv_quant=quant)
+    for p, r in zip(prompts, recs):
+        assert r.tokens == agent.generate(p, max_tokens=8, stop_at_eos=False).tokens

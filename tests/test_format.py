@@ -102,7 +102,8 @@ def _pack(fmt, offset, value):
     "patch, error, message",
     [
         (_xor(1, 0xFF), ArtifactError, "not a kvmlx artifact"),
-        (_pack("<I", 8, 2), UnsupportedVersionError, "newer"),
+        (_pack("<I", 8, 3), UnsupportedVersionError, "format version 3 is newer than this kvmlx reads \\(2\\)"),
+        (_pack("<I", 8, 2), ArtifactError, "caches must list one cache per layer"),  # a v1 header relabelled v2
         (_pack("<I", 8, 0), ArtifactError, "invalid format version"),
         (_pack("<I", 12, 4), ArtifactError, "unknown flags"),
         (_pack("<Q", 16, 1 << 60), ArtifactError, "exceeds"),  # refused before allocating anything

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from fuzz_corpus import (
     Bases,
+    corpus_v2,
     zstd_bomb,
     attempt,
     boundaries,
@@ -380,6 +381,74 @@ def test_hand_made_corpus(work, tiny, bases):
     assert accepted <= harmless, sorted(accepted - harmless)
     assert outcomes["token id past the vocabulary"] == "load:ModelMismatchError"
     assert outcomes["num_layers 2^20"].startswith("read:")
+
+
+# ---------------------------------------------------------------- version 2: cache families, checkpoints, --kv-bits
+
+
+@pytest.fixture(scope="module")
+def v2_bases(work, preset, tiny):
+    """Valid version-2 artifacts: hybrid (recurrent state) and sliding-window (past its 32-token window)
+    documents with state checkpoints, and a --kv-bits 8 one: name -> (bytes, model)."""
+    from kvmlx.caches import KVQuantization
+    from kvmlx.runtime.publish import publish
+
+    out = {}
+    for name, n in (("hybrid", 40), ("sliding", 48)):
+        lm = preset(name)
+        tokens = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over. " * 4)[:n]
+        publish(lm, tokens, work / f"{name}.kvmlx", chunk_size=8, checkpoint_every=16)
+        out[name] = ((work / f"{name}.kvmlx").read_bytes(), lm)
+    tokens = tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over.")[:12]
+    publish(tiny, tokens, work / "q8.kvmlx", chunk_size=8, kv_quant=KVQuantization(8, 32, 0))
+    out["q8"] = ((work / "q8.kvmlx").read_bytes(), tiny)
+    return out
+
+
+@pytest.mark.parametrize("name", ["hybrid", "sliding"])
+def test_hand_made_v2_corpus(work, v2_bases, name):
+    raw, lm = v2_bases[name]
+    assert run(work, raw, lm, "v2 corpus (valid base)") == "accepted"
+    outcomes = {case: run(work, bad, lm, "v2 hand-made corpus") for case, bad in corpus_v2(raw).items()}
+    accepted = sorted(n for n, o in outcomes.items() if o == "accepted")
+    assert not accepted, accepted
+    assert outcomes["checkpoint off a chunk boundary"] == "read:ArtifactError"
+    if name == "sliding":
+        assert outcomes["window smaller than the model's"] == "load:CacheMismatchError"
+
+
+V2_FIELDS = ("caches", "checkpoints", "kv")
+
+
+@fuzz(300)
+@given(st.data())
+def test_random_json_in_the_v2_fields(work, v2_bases, data):
+    """Any value (or a deleted or added key) anywhere under caches, checkpoints or kv of a version-2
+    header, re-digested: refused with a typed one-line error, or loaded and continued without a crash."""
+    name = data.draw(st.sampled_from(sorted(v2_bases)), label="base")
+    raw, lm = v2_bases[name]
+    h = header_of(raw)
+    path = data.draw(st.sampled_from([p for p in paths_in(h, limit_list=4) if p and p[0] in V2_FIELDS]), label="path")
+    op = data.draw(st.sampled_from(["replace", "replace", "delete", "add key"]), label="op")
+    if op == "replace":
+        h = replace_at(h, path, data.draw(json_values | st.integers(-2, 70), label="value"))
+    else:
+        parent = h
+        for k in path[:-1] if op == "delete" else path:
+            parent = parent[k]
+        if op == "delete" and isinstance(parent, dict):
+            parent.pop(path[-1])
+        elif op == "delete" and isinstance(parent, list):
+            parent.pop(path[-1])
+        elif isinstance(parent, dict):
+            parent[data.draw(st.text(max_size=8), label="key")] = data.draw(json_values, label="value")
+    bad = work / f"v2case{next(_names)}.kvmlx"
+    bad.write_bytes(rebuild(raw, h))
+    try:
+        outcome = attempt(bad, lm, deep=True)
+    finally:
+        bad.unlink()
+    RESULTS[("random JSON in a v2 field", outcome)] += 1
 
 
 # ---------------------------------------------------------------- a sample in a separate process

@@ -22,7 +22,7 @@ CHUNK = 16
 
 
 def ident(lm):
-    return model_fingerprint(lm.model, lm.config), tokenizer_fingerprint(lm.tokenizer), lm.dtype
+    return model_fingerprint(lm), tokenizer_fingerprint(lm), lm.dtype
 
 
 @pytest.fixture(scope="module")

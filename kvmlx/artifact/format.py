@@ -1,4 +1,4 @@
-"""The `.kvmlx` artifact format, version 1: a 64-byte preamble, a JSON header, then raw tensors.
+"""The `.kvmlx` artifact format, versions 1 and 2: a 64-byte preamble, a JSON header, then raw tensors.
 
 Layout (all integers little-endian; see docs/FORMAT.md):
 
@@ -12,6 +12,9 @@ Layout (all integers little-endian; see docs/FORMAT.md):
     64+H 96 signature block: Ed25519 public key (32) + signature of the header digest (64); zeros if unsigned
     ... zero padding; each tensor at an ALIGN-aligned offset, padded to ALIGN; file ends padded.
 
+Version 1 holds plain KV (`layers.{i}.keys/values`); version 2 adds per-layer cache families, state
+tensors, KV quantization settings and state checkpoints (checked by layers.py). The writer writes
+version 1 whenever the header needs nothing newer, so older readers keep reading plain-KV files.
 This module knows nothing about models: it writes and validates files. Reading is defensive: every
 length and offset is checked against the file before anything is used, and every failure is a
 typed `ArtifactError` with a one-line message.
@@ -34,9 +37,10 @@ from typing import Any, BinaryIO, Callable, Iterable, Sequence
 import blake3
 
 from ..errors import ArtifactError, IntegrityError, UnsupportedVersionError
+from . import layers
 
 MAGIC = b"\x89KVMLX\r\n"
-VERSION = 1
+VERSION = 2  # the newest version this reader understands (and the writer's, for headers with `caches`)
 ALIGN = 16384  # Apple Silicon page size: tensors can be handed to Metal without a copy
 PREAMBLE = struct.Struct("<8sIIQQ32s")
 assert PREAMBLE.size == 64
@@ -48,6 +52,8 @@ DIGEST = "blake3"
 
 # dtype name -> bytes per element. KV and logits are floating; nothing else is accepted in v1.
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+# any tensor of version 2 may also be packed words (quantized KV: layers.py says where)
+TENSOR_DTYPES = {**DTYPE_SIZES, "uint32": 4}
 # encoding name -> lossless? The arithmetic lives in kvmlx/artifact/encodings.py; raw tensors can be mapped as-is.
 ENCODINGS = {"raw": True, "bytesplit-zstd": True, "expsplit-zstd": True, "int8-tensor": False, "q8": False, "q4": False}
 MAX_EXPANSION = 64  # an encoded tensor may decode to at most this many times its stored bytes (+1 MiB)
@@ -149,15 +155,16 @@ def write_artifact(
     """
     path = Path(path)
     for t in tensors:
-        if t.dtype not in DTYPE_SIZES:
+        if t.dtype not in TENSOR_DTYPES:
             raise ArtifactError(f"cannot write tensor {t.name}: unsupported dtype {t.dtype}")
-        if t.encoding == "raw" and t.data.nbytes != _prod(t.shape) * DTYPE_SIZES[t.dtype]:
+        if t.encoding == "raw" and t.data.nbytes != _prod(t.shape) * TENSOR_DTYPES[t.dtype]:
             raise ArtifactError(f"cannot write tensor {t.name}: {t.data.nbytes} bytes do not match shape {t.shape}")
     # Digests are fixed-length, so placeholders fix the layout: tensors are written while a thread
     # hashes them, their write-back to disk (the first fsync) overlaps the rest of the hashing, and the
     # preamble and header go in last. Until then the file has no magic: a crash never leaves a file
     # that looks valid, and the rename only happens after the final fsync.
-    header = {**header, "format": "kvmlx", "version": VERSION, "digest": DIGEST}
+    version = 2 if "caches" in header else 1
+    header = {**header, "format": "kvmlx", "version": version, "digest": DIGEST}
     body, data_offset = _layout(header, tensors, ["0" * 64] * len(tensors))
     total = sum(t.data.nbytes for t in tensors)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -181,7 +188,7 @@ def write_artifact(
                 raise ArtifactError(f"cannot write {path.name}: the header grew past its data offset")
             header_digest = blake3.blake3(body).digest()
             signature = SIGNATURE_BLOCK.pack(*sign(header_digest)) if sign else bytes(SIGNATURE_BLOCK.size)
-            preamble = PREAMBLE.pack(MAGIC, VERSION, FLAG_SIGNED if sign else 0, len(body), data_offset, header_digest)
+            preamble = PREAMBLE.pack(MAGIC, version, FLAG_SIGNED if sign else 0, len(body), data_offset, header_digest)
             head = preamble + body + signature
             f.seek(0)
             _write_all(f, head + bytes(data_offset - len(head)))
@@ -428,7 +435,7 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
         canonical = False
     if not canonical:
         raise ArtifactError(f"{name}: header is not canonical JSON (duplicate keys, non-finite or non-canonical numbers, whitespace)")
-    _validate(header, size, data_offset, name)
+    _validate(header, size, data_offset, name, version)
     if header.get("version") != version:
         raise ArtifactError(f"{name}: invalid header: version {header.get('version')!r} differs from the preamble's {version}")
     signature = SIGNATURE_BLOCK.unpack(block) if flags & FLAG_SIGNED else None
@@ -462,7 +469,7 @@ def _get(d: Any, key: str, typ: type | tuple[type, ...], name: str) -> Any:
     return d[key]
 
 
-def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
+def _validate(h: Any, size: int, data_offset: int, name: str, version: int = 1) -> None:
     """Structural checks on a header: types, ranges, and tensors that fit the file exactly."""
     _require(isinstance(h, dict), name, "not a JSON object")
     _require(h.get("format") == "kvmlx", name, "format is not 'kvmlx'")
@@ -490,7 +497,8 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
     _require(all(_is_int(t, 0, (1 << 31) - 1) for t in tokens), name, "token ids must be non-negative integers")
 
     entries = _get(h, "tensors", list, name)
-    _require(len(entries) == 2 * model["num_layers"] + 1, name, f"{len(entries)} tensors for {model['num_layers']} layers (tensors missing or extra)")
+    _require(version > 1 or len(entries) == 2 * model["num_layers"] + 1, name,
+             f"{len(entries)} tensors for {model['num_layers']} layers (tensors missing or extra)")
     seen: set[str] = set()
     end, gap = data_offset, None
     for e in sorted(entries, key=lambda e: e["offset"] if isinstance(e, dict) and _is_int(e.get("offset")) else -1):
@@ -498,12 +506,12 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
         _require(tname not in seen, name, f"tensor {tname!r} listed twice")
         seen.add(tname)
         dtype = _get(e, "dtype", str, name)
-        _require(dtype in DTYPE_SIZES, name, f"tensor {tname!r} has unsupported dtype {dtype!r}")
+        _require(dtype in (TENSOR_DTYPES if version > 1 else DTYPE_SIZES), name, f"tensor {tname!r} has unsupported dtype {dtype!r}")
         _require(_get(e, "encoding", str, name) in ENCODINGS, name, f"tensor {tname!r} has unknown encoding {e['encoding']!r}")
         shape = _get(e, "shape", list, name)
         _require(len(shape) <= 8 and all(_is_int(s, 0, 1 << 40) for s in shape), name, f"tensor {tname!r} has an invalid shape")
         nbytes, offset = _get(e, "nbytes", int, name), _get(e, "offset", int, name)
-        decoded = _prod(shape) * DTYPE_SIZES[dtype]
+        decoded = _prod(shape) * TENSOR_DTYPES[dtype]
         if e["encoding"] == "raw":
             _require(nbytes == decoded, name, f"tensor {tname!r}: nbytes does not match shape and dtype")
         else:
@@ -520,17 +528,21 @@ def _validate(h: Any, size: int, data_offset: int, name: str) -> None:
     _require(gap is None, name, f"tensor {gap!r} is not right after the previous one (the layout has no gaps)")
     _require(file_bytes == align(end), name, "bytes after the last tensor")
     n_layers, heads, head_dim = model["num_layers"], model["num_kv_heads"], model["head_dim"]
-    expected = kv_tensor_names(n_layers)
     by_name = {e["name"]: e for e in entries}
+    _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
+    _require(by_name["logits"]["encoding"] == "raw" and by_name["logits"]["dtype"] in DTYPE_SIZES, name,
+             "tensor 'logits' must be raw floats")
+    kv_encoding = kv.get("encoding", "raw")
+    _require(isinstance(kv_encoding, str) and kv_encoding in ENCODINGS, name, f"unknown KV encoding {kv_encoding!r}")
+    _require(kv.get("lossless", ENCODINGS[kv_encoding]) is ENCODINGS[kv_encoding], name, "kv.lossless contradicts kv.encoding")
+    if version > 1:
+        layers.validate(h, by_name, name)
+        return
+    expected = kv_tensor_names(n_layers)
     for tname in expected:
         _require(tname in by_name, name, f"tensor {tname!r} is missing")
         e = by_name[tname]
         _require(e["shape"] == [1, heads, n_tokens, head_dim], name, f"tensor {tname!r} has shape {e['shape']}, expected {[1, heads, n_tokens, head_dim]}")
         _require(e["dtype"] == kv_dtype, name, f"tensor {tname!r} is {e['dtype']}, the header says KV is {kv_dtype}")
-    _require("logits" in by_name and len(by_name["logits"]["shape"]) == 1, name, "tensor 'logits' is missing or not a vector")
-    _require(by_name["logits"]["encoding"] == "raw", name, "tensor 'logits' must be raw")
-    kv_encoding = kv.get("encoding", "raw")
-    _require(isinstance(kv_encoding, str) and kv_encoding in ENCODINGS, name, f"unknown KV encoding {kv_encoding!r}")
-    _require(kv.get("lossless", ENCODINGS[kv_encoding]) is ENCODINGS[kv_encoding], name, "kv.lossless contradicts kv.encoding")
     _require(all(by_name[t]["encoding"] == kv_encoding for t in expected), name, "KV tensors' encodings differ from kv.encoding")
     _require(len(entries) == len(expected) + 1, name, "unexpected extra tensors")

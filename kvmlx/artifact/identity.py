@@ -3,16 +3,17 @@
 A KV cache is only meaningful for the exact weights, tokenizer and dtype that computed it, so an
 artifact records all three and `check_binding` refuses any difference with a message naming it.
 
-Model fingerprint (cheap enough to recompute on every load):
-    BLAKE3 over canonical JSON of config.json (minus keys that do not change the computation), then,
-    for every parameter in name order: its name, dtype and shape, up to 4096 elements sampled at an
-    even stride, and the sum of all its elements' raw bit patterns modulo 2**32. The wrapping
-    integer sum reads every weight once (memory bandwidth, on the GPU where there is one) and is
-    order-independent, so it is identical on every backend; any single changed weight changes it.
+Model fingerprint (`fp2:blake3:…`): the weights digest of the model's files (fingerprints.py: config
+and every stored tensor's BLAKE3, by name), remembered across processes keyed by the files'
+identities, so an unchanged model costs a few `stat` calls. Artifacts written before scheme 2 carry
+a `blake3:…` fingerprint of the loaded parameters (config, then per parameter in name order: name,
+dtype, shape, 4096 elements sampled at an even stride, the sum of its raw bit patterns modulo
+2**32); a load of such an artifact computes that one (once per model object) to compare.
 Tokenizer fingerprint:
     BLAKE3 over canonical JSON of the vocabulary, the BPE merges (if any), the added tokens, the
     chat template, the EOS ids, and the ids a fixed probe text encodes to (which captures
-    normalisation and pre-tokenisation without depending on how a library version serialises them).
+    normalisation and pre-tokenisation without depending on how a library version serialises them);
+    remembered like the model's, keyed by the identities of the directory's other files.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import blake3
 import mlx.core as mx
@@ -28,12 +29,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import DtypeMismatchError, ModelMismatchError, TokenizerMismatchError
+from ..models import kvmlx_home
+from .fingerprints import VOLATILE_CONFIG_KEYS, cached, model_files, tokenizer_files, weights_fingerprint
 from .format import canonical_json
 
-FINGERPRINT_VERSION = 1
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+FINGERPRINT_VERSION = 1  # of the tokenizer fingerprint and of the legacy (scheme 1) model fingerprint
 SAMPLES_PER_TENSOR = 4096
-# config.json keys that describe the file, not the computation (a dtype difference is checked on its own).
-VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache", "architectures"})
 ROPE_KEYS = ("rope_theta", "rope_traditional", "rope_scaling", "partial_rotary_factor", "max_position_embeddings")
 PROBE_TEXT = (
     "KV reuse: 'Hello, world!'  Tabs\tand\nnew lines, digits 0123456789, ÄÖÜ ß é, 中文, emoji 🙂, "
@@ -66,16 +70,23 @@ def _memoised(obj: Any, compute: Callable[[], str]) -> str:
     return _memo[key]
 
 
-def model_fingerprint(model: Any, config: dict) -> str:
-    """The model fingerprint described in the module docstring (memoised per model object: do not
-    change the weights of a model after fingerprinting it)."""
-    return _memoised(model, lambda: _model_fingerprint(model, config))
+def model_fingerprint(lm: "LoadedModel") -> str:
+    """The model fingerprint of `lm` (scheme 2: its files' weights digest, remembered across processes)."""
+    return cached("model", lm.path, model_files, lambda: weights_fingerprint(lm.path, lm.config), kvmlx_home())
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """The tokenizer fingerprint described in the module docstring (memoised per tokenizer)."""
+def legacy_model_fingerprint(lm: "LoadedModel") -> str:
+    """The scheme-1 fingerprint of `lm`'s loaded parameters, for artifacts that carry one (memoised per
+    model object: do not change the weights of a model after fingerprinting it)."""
+    return _memoised(lm.model, lambda: _model_fingerprint(lm.model, lm.config))
+
+
+def tokenizer_fingerprint(lm: "LoadedModel") -> str:
+    """The tokenizer fingerprint described in the module docstring, remembered across processes."""
+    tokenizer = lm.tokenizer
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    return _memoised(hf, lambda: _tokenizer_fingerprint(tokenizer, hf))
+    return cached("tokenizer", lm.path, tokenizer_files, lambda: _memoised(hf, lambda: _tokenizer_fingerprint(tokenizer, hf)),
+                  kvmlx_home())
 
 
 def _model_fingerprint(model: Any, config: dict) -> str:
@@ -133,20 +144,27 @@ def rope_settings(config: dict) -> dict:
     return {k: config[k] for k in ROPE_KEYS if k in config}
 
 
-def check_binding(header: dict, *, model_fp: str, tokenizer_fp: str, dtype: str, geometry: KVGeometry | None) -> None:
-    """Raise the most specific mismatch error between an artifact's header and the running model."""
+def check_binding(header: dict, lm: "LoadedModel") -> None:
+    """Raise the most specific mismatch error between an artifact's header and the model `lm`."""
     m, kv = header["model"], header["kv"]
-    if kv["dtype"] != dtype:
-        raise DtypeMismatchError(f"artifact KV is {kv['dtype']} but the model runs in {dtype}; load the model with dtype={kv['dtype']}")
+    if kv["dtype"] != lm.dtype:
+        raise DtypeMismatchError(f"artifact KV is {kv['dtype']} but the model runs in {lm.dtype}; load the model with dtype={kv['dtype']}")
     got = KVGeometry(m["num_layers"], m["num_kv_heads"], m["head_dim"])
+    geometry = config_geometry(lm.model, lm.config)
     if geometry is not None and got != geometry:
         raise ModelMismatchError(
             f"artifact KV geometry (layers={got.num_layers}, kv_heads={got.num_kv_heads}, head_dim={got.head_dim}) "
             f"does not fit this model (layers={geometry.num_layers}, kv_heads={geometry.num_kv_heads}, head_dim={geometry.head_dim})"
         )
+    model_fp = legacy_model_fingerprint(lm) if m["fingerprint"].startswith("blake3:") else model_fingerprint(lm)
     if m["fingerprint"] != model_fp:
-        raise ModelMismatchError(f"artifact was computed by another model ({m['id']}, {m['fingerprint'][:19]}…) than this one ({model_fp[:19]}…)")
+        raise ModelMismatchError(f"artifact was computed by another model ({m['id']}, {_short(m['fingerprint'])}) than this one ({_short(model_fp)})")
+    tokenizer_fp = tokenizer_fingerprint(lm)
     if header["tokenizer"]["fingerprint"] != tokenizer_fp:
         raise TokenizerMismatchError(
-            f"artifact tokens come from another tokenizer ({header['tokenizer']['fingerprint'][:19]}…) than this model's ({tokenizer_fp[:19]}…)"
+            f"artifact tokens come from another tokenizer ({_short(header['tokenizer']['fingerprint'])}) than this model's ({_short(tokenizer_fp)})"
         )
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint[: fingerprint.rfind(":") + 13] + "…"

@@ -1,6 +1,7 @@
 """Plain mlx-lm `KVCache`: each layer's keys and values as two BHLD tensors `layers.{i}.keys` /
 `layers.{i}.values` of shape [1, kv_heads, tokens, head_dim], and back into `KVCache` objects
-(including `StreamedKVCache`, whose layers are still arriving from a loader thread).
+(including `StreamedKVCache`, whose layers are still arriving from a loader thread). The version-1
+layout, and the `kv` family of version 2 (caches/families.py).
 """
 
 from __future__ import annotations
@@ -12,17 +13,33 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from ..artifact.format import kv_tensor_names
-from ..errors import UnsupportedModelError
+
+FAMILY = "kv"
+CLASS = KVCache
 
 
-def check_supported(model: Any) -> None:
-    """Refuse models whose caches are not all plain `KVCache` (sliding windows, SSM state, ...)."""
+def all_plain(model: Any) -> bool:
+    """Whether every cache the model makes is a plain `KVCache` (the version-1 artifact layout)."""
     caches = make_prompt_cache(model)
-    other = sorted({type(c).__name__ for c in caches if type(c) is not KVCache})
-    if other or not caches:
-        raise UnsupportedModelError(
-            f"this model uses {', '.join(other) or 'no'} caches; kvmlx supports models whose caches are all plain mlx-lm KVCache"
-        )
+    return bool(caches) and all(type(c) is KVCache for c in caches)
+
+
+def spec(cache: KVCache) -> dict:
+    return {"family": FAMILY}
+
+
+def save(cache: KVCache) -> tuple[dict, dict[str, mx.array]]:
+    n = cache.offset
+    return {**spec(cache), "offset": int(n)}, {"keys": mx.contiguous(cache.keys[..., :n, :]),
+                                               "values": mx.contiguous(cache.values[..., :n, :])}
+
+
+def load(meta, arrays) -> KVCache:
+    return from_arrays([arrays["keys"], arrays["values"]], meta["offset"])[0]
+
+
+def trimmable_to(meta, n: int) -> bool:
+    return 0 <= n <= meta["offset"]
 
 
 def kv_arrays(caches: Sequence[KVCache], n: int) -> list[tuple[str, mx.array]]:

@@ -86,3 +86,26 @@ def ask_passphrase() -> str:
     if not sys.stdin.isatty():
         raise KvmlxError(f"the key is passphrase-protected; set ${trust_api.PASSPHRASE_ENV} (no terminal to ask on)")
     return click.prompt("key passphrase", hide_input=True, err=True)
+
+
+def kv_quant_options(f):
+    """`--kv-bits`, `--kv-group-size`, `--quantized-kv-start`: mlx-lm's KV quantization settings."""
+    f = click.option("--quantized-kv-start", type=click.IntRange(0), default=None,
+                     help="With --kv-bits: quantize once a cache holds this many tokens (mlx-lm's default 5000).")(f)
+    f = click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default=None,
+                     help="With --kv-bits: quantization group size (default 64).")(f)
+    return click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
+                        help="Quantize the KV cache as mlx_lm.generate --kv-bits does (exact against the same settings).")(f)
+
+
+def kv_quant_from(kv_bits, kv_group_size, quantized_kv_start):
+    """The `KVQuantization` the three options describe (None without --kv-bits)."""
+    from ..caches import KVQuantization
+    from ..caches.quantized import DEFAULT_GROUP_SIZE, DEFAULT_START
+
+    if kv_bits is None:
+        if kv_group_size is not None or quantized_kv_start is not None:
+            raise click.UsageError("--kv-group-size and --quantized-kv-start need --kv-bits")
+        return None
+    return KVQuantization(int(kv_bits), int(kv_group_size or DEFAULT_GROUP_SIZE),
+                          DEFAULT_START if quantized_kv_start is None else quantized_kv_start)

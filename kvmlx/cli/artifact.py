@@ -14,6 +14,7 @@ import click
 
 from ..artifact import trust as trust_api
 from ..artifact.format import ENCODINGS, Artifact, read_header
+from ..caches import layer_groups
 from ..models import load_model
 from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
 from ..runtime.generate import DEFAULT_MAX_TOKENS
@@ -28,6 +29,8 @@ from .app import (
     Progress,
     ask_passphrase,
     emit,
+    kv_quant_from,
+    kv_quant_options,
     main,
     stream_printer,
 )
@@ -49,16 +52,28 @@ DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache inste
               help="KV encoding: raw, lossless (bytesplit-zstd, expsplit-zstd) or lossy (int8-tensor, q8, q4).")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Sign the artifact with this Ed25519 private key (from `kvmlx keygen`).")
+@click.option("--checkpoint-every", type=click.IntRange(1), default=None,
+              help="Models with recurrent state or sliding windows: store a state checkpoint every N tokens (a multiple "
+                   "of --chunk-size) so prompts sharing part of the document reuse it (default: auto, by state size).")
+@kv_quant_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, sign_key, as_json) -> None:
+def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, sign_key, checkpoint_every,
+            kv_bits, kv_group_size, quantized_kv_start, as_json) -> None:
     """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact (--out) or store it (--store)."""
     to_store = to_store or store_dir is not None
+    kv_quant = kv_quant_from(kv_bits, kv_group_size, quantized_kv_start)
+    if checkpoint_every is not None and checkpoint_every % chunk_size:
+        raise click.BadParameter(f"{checkpoint_every} is not a multiple of --chunk-size {chunk_size}",
+                                 param_hint="--checkpoint-every")
+    if kv_quant is not None and encoding != "raw":
+        raise click.UsageError("--kv-bits stores mlx-lm's quantized KV as it is: it takes no --encoding")
     if (out is None) != to_store:
         raise click.UsageError("give --out FILE or --store, not both" if out else "give --out FILE or --store")
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
     key = trust_api.load_private_key(sign_key, ask_passphrase) if sign_key else None  # fail before the prefill
     signing = {"sign": trust_api.signer(key)} if key else {}
+    signing.update(kv_quant=kv_quant, checkpoint_every=checkpoint_every)
     lm = load_model(model, dtype)
     text = document.read()
     payload = chat_prefix_tokens(lm, text, system) if chat else text
@@ -76,6 +91,9 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
             "artifact_bytes": result.artifact_bytes, "kv_bytes": result.kv_bytes,
             "prefill_seconds": result.prefill_seconds, "write_seconds": result.write_seconds,
             "model_fingerprint": result.header["model"]["fingerprint"], "encoding": encoding,
+            "format_version": result.header["version"], "kv_quantization": result.header["kv"].get("quantization"),
+            "checkpoints": result.num_checkpoints, "checkpoint_every": result.checkpoint_every,
+            "checkpoint_bytes": result.checkpoint_bytes,
         }
     else:
         e = stored.entry
@@ -94,6 +112,9 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
         where = f"store entry {stored.key[:12]} ({result.path})" if stored else str(result.path)
         click.echo(f"published {result.num_tokens} tokens of KV ({result.artifact_bytes / 1e6:.1f} MB, {lm.dtype}) "
                    f"to {where} in {result.prefill_seconds:.2f} s prefill + {result.write_seconds:.2f} s write")
+        if result.num_checkpoints:
+            click.echo(f"{result.num_checkpoints} state checkpoints every {result.checkpoint_every} tokens "
+                       f"({result.checkpoint_bytes / 1e6:.2f} MB)")
 
 
 @main.command()
@@ -119,14 +140,19 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
 @click.option("--require-signed", is_flag=True,
               help="Only use artifacts signed by a key in your trust list (`kvmlx trust`); without ARTIFACT, "
                    "stored entries from other publishers are skipped.")
+@kv_quant_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens,
-             verify, single_pass, no_verify_digests, require_exact, require_signed, as_json) -> None:
+             verify, single_pass, no_verify_digests, require_exact, require_signed, kv_bits, kv_group_size,
+             quantized_kv_start, as_json) -> None:
     """Continue a prompt greedily without re-running the prefill of a published document.
 
     With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
     kvmlx reuses the stored artifact (see `kvmlx store`) sharing its longest token prefix, if any.
+    With ARTIFACT and no --kv-bits, KV quantization continues with the artifact's settings; given
+    settings that differ from the artifact's are refused.
     """
+    kv_quant = kv_quant_from(kv_bits, kv_group_size, quantized_kv_start)
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
     text = prompt_file.read() if prompt_file is not None else (prompt or "")
@@ -134,8 +160,9 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
         if require_exact:
             raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
         _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                             single_pass, no_verify_digests, as_json, require_signed)
+                             single_pass, no_verify_digests, as_json, require_signed, kv_quant)
         return
+    kv = {"kv_quant": kv_quant if kv_bits is not None else "artifact"}
     if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
         raise click.UsageError("--store, --chat-document, --system and --allow-lossy are for prompts without ARTIFACT")
     trust_list = trust_api.TrustList.load() if require_signed else None
@@ -146,12 +173,12 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     printer = stream_printer(lm, not as_json)
     if verify:
         report = verify_api(artifact, lm, text, max_tokens=max_tokens, single_pass=single_pass, on_token=printer,
-                            require_signed=require_signed, trust_list=trust_list)
+                            require_signed=require_signed, trust_list=trust_list, **kv)
         _finish_verification(lm, report, as_json)
         return
     gen, loaded = generate_api(artifact, lm, text, max_tokens=max_tokens, on_token=printer,
                                verify_digests=not no_verify_digests, require_exact=require_exact,
-                               require_signed=require_signed, trust_list=trust_list)
+                               require_signed=require_signed, trust_list=trust_list, **kv)
     if as_json:
         emit({
             "text": lm.tokenizer.decode(gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,
@@ -165,13 +192,14 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
 
 
 def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                         single_pass, no_verify_digests, as_json, require_signed=False) -> None:
+                         single_pass, no_verify_digests, as_json, require_signed=False, kv_quant=None) -> None:
     """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
     if system is not None and chat_document is None:
         raise click.UsageError("--system needs --chat-document")
     lm = load_model(model, dtype)
     agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
-                  require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None)
+                  require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None,
+                  kv_quant=kv_quant)
     tokens = chat_prompt_tokens(lm, chat_document.read(), text, system) if chat_document is not None else agent.encode(text)
     if not tokens:
         raise click.UsageError("the prompt is empty: give --prompt or --prompt-file")
@@ -230,6 +258,7 @@ def inspect(artifact, as_json) -> None:
         return
     m, kv, tensors = h["model"], h["kv"], h["tensors"]
     kv_bytes = sum(t["nbytes"] for t in tensors if t["name"].startswith("layers."))
+    ckpt_bytes = sum(t["nbytes"] for t in tensors if t["name"].startswith("checkpoints."))
     tokens = h["document"]["tokens"]
     preview = " ".join(map(str, tokens[:12])) + (" ..." if len(tokens) > 12 else "")
     rows = [
@@ -240,10 +269,18 @@ def inspect(artifact, as_json) -> None:
         ("geometry", f"{m['num_layers']} layers x {m['num_kv_heads']} KV heads x head_dim {m['head_dim']}, layout {kv['layout']}"),
         ("rope", json.dumps(m["rope"], sort_keys=True)),
         ("kv", f"{kv['dtype']}, {kv['num_tokens']} tokens, prefill chunk {kv['chunk_size']}"),
-        ("bytes", f"{h['file_bytes']} in the file, {kv_bytes} of KV ({h['file_bytes'] / max(kv_bytes, 1):.3f}x)"),
+        ("bytes", f"{h['file_bytes']} in the file, {kv_bytes} of KV and state ({h['file_bytes'] / max(kv_bytes, 1):.3f}x)"
+                  + (f", {ckpt_bytes} of checkpoints every {kv.get('checkpoint_every')} tokens" if ckpt_bytes else "")),
         ("tensors", f"{len(tensors)} ({h['digest']} digest each), 16 KiB-aligned"),
         ("tokens", preview),
+        ("weights", _weights_words(m.get("weights_quantization"))),
     ]
+    if kv.get("quantization"):
+        q = kv["quantization"]
+        rows.append(("kv quantization", f"{q['bits']} bits, group {q['group_size']}, from token {q['start']} (mlx-lm --kv-bits)"))
+    for g in layer_groups(h):
+        plural = "s" if len(g["layers"]) > 1 else ""
+        rows.append((f"layer{plural} {_ranges(g['layers'])}", _group_words(g)))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -312,3 +349,30 @@ def verify_command(artifact, model, dtype, recompute, sample, probe, seed, toler
     else:
         click.echo(report.describe())
     report.raise_if_failed()
+
+
+def _weights_words(q) -> str:
+    if not q:
+        return "not quantized"
+    return f"{q['bits']}-bit, group size {q.get('group_size', '?')}" + (f" ({q['mode']})" if q.get("mode") else "")
+
+
+def _ranges(layers: list[int]) -> str:
+    out, start = [], layers[0]
+    for a, b in zip(layers, [*layers[1:], None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
+def _group_words(g: dict) -> str:
+    words = {"kv": "full attention (KVCache)",
+             "rotating": f"sliding window of {g.get('window')} tokens (RotatingKVCache, keep {g.get('keep')})",
+             "arrays": f"recurrent state (ArraysCache, {g.get('size')} slots)",
+             "quantized": f"quantized KV (QuantizedKVCache, {g.get('bits')} bits, group {g.get('group_size')})",
+             "list": "several caches (CacheList)"}[g["family"]]
+    cps = g["checkpoints"]
+    if cps:
+        words += f"; checkpoints at {', '.join(map(str, cps[:8]))}" + (" ..." if len(cps) > 8 else "")
+    return words

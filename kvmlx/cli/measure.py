@@ -10,6 +10,7 @@ from ..measure import bench as bench_api
 from ..measure.bench import DEFAULT_LENGTHS as BENCH_LENGTHS
 from ..measure.bench import DEFAULT_RUNS as BENCH_RUNS
 from ..measure.bench import SHAPES, parse_lengths
+from ..caches import KVQuantization, all_plain
 from ..models import load_model
 from ..runtime.publish import DEFAULT_CHUNK
 from .app import DTYPE_CHOICE, Progress, emit, main
@@ -39,6 +40,9 @@ def _lengths_option(ctx, param, value):
 @click.option("--answer-tokens", default=16, show_default=True, type=click.IntRange(1), help="--serve: max_tokens per request.")
 @click.option("--long-tokens", default=0, show_default=True, type=click.IntRange(0),
               help="--serve: also send a prompt this long, then a 2-token request 2 s later (0: skip).")
+@click.option("--families", is_flag=True,
+              help="Instead: every cache family's bytes per token, checkpoints, load vs mlx-lm and exactness, one row per "
+                   "built-in family preset (also what --model runs for a model with sliding-window or recurrent caches).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, writable=True), default=None,
               help="Parent of the temporary directory for artifacts (pick one on the disk you care about).  [default: the system's]")
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size, as in publish.")
@@ -47,13 +51,17 @@ def _lengths_option(ctx, param, value):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
 def bench(model, dtype, lengths, runs, shape, compression, serve_mode, concurrency, doc_tokens, rounds, answer_tokens,
-          long_tokens, directory, chunk_size, no_cold, as_json, plot_path) -> None:
+          long_tokens, families, directory, chunk_size, no_cold, as_json, plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
     if serve_mode:
         _bench_serve(model, runs, concurrency, doc_tokens, rounds, answer_tokens, long_tokens, as_json, plot_path)
         return
-    if shape and (model or dtype or compression):
-        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression")
+    if shape and (model or dtype or compression or families):
+        raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression/--families")
+    lm = load_model(model, dtype) if model and not compression else None
+    if families or (lm is not None and not all_plain(lm.model)):
+        _bench_families(lm, dtype, lengths, runs, directory, as_json, plot_path)
+        return
     if compression:
         lm = load_model(model or "builtin:small", dtype)
         with Progress("encodings", as_json, unit="enc") as bar:
@@ -67,12 +75,12 @@ def bench(model, dtype, lengths, runs, shape, compression, serve_mode, concurren
         if shape:
             result = bench_api.run_shape_bench(shape, lengths, runs, **options)
         else:
-            result = bench_api.run_model_bench(load_model(model or "builtin:small", dtype), lengths, runs, **options)
+            result = bench_api.run_model_bench(lm or load_model("builtin:small", dtype), lengths, runs, **options)
     _show(result, as_json, plot_path, bench_api.plot, bench_api.format_table)
 
 
 def _show(result: dict, as_json: bool, plot_path, plot, table) -> None:
-    """Draw the plot if asked, then print the result as JSON or as its table."""
+    """Draw the result (`plot`) if asked, then print it as JSON or as a table."""
     if plot_path is not None:
         result["plot"] = str(plot(result, plot_path))
     if as_json:
@@ -139,3 +147,22 @@ def cost(readers, tokens, price_per_mtok, tariff, ratio, egress_per_gb, storage_
         click.echo(cost_api.format_table(inputs, costs, sources))
         if plot_path is not None:
             click.echo(f"\nplot: {plot_path}")
+
+
+FAMILY_CHUNK = 64
+FAMILY_TOKENS = 512
+
+
+def _bench_families(lm, dtype, lengths, runs, directory, as_json, plot_path) -> None:
+    """`bench --families` (every built-in family preset; --kv-bits rows quantize from token 0, group 32)
+    or `bench --model M` (`lm`) for a model with sliding-window or recurrent caches."""
+    explicit = click.get_current_context().get_parameter_source("lengths") == click.core.ParameterSource.COMMANDLINE
+    length = max(lengths) if explicit else FAMILY_TOKENS
+    targets = [(lm, None)] if lm is not None else []
+    for spec in [] if lm is not None else bench_api.FAMILY_MODELS:
+        name, _, bits = spec.partition(" --kv-bits ")
+        targets.append((load_model(name, dtype), KVQuantization(int(bits), 32, 0) if bits else None))
+    with Progress("families", as_json, unit="phase") as bar:
+        result = bench_api.run_families(targets, length, runs, chunk_size=FAMILY_CHUNK, directory=directory,
+                                        progress=lambda done, total, _phase: bar(done, total))
+    _show(result, as_json, plot_path, bench_api.plot_families, bench_api.format_family_table)

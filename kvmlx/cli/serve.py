@@ -7,7 +7,7 @@ import click
 
 from ..models import load_model
 from ..runtime.store import Store, parse_size
-from .app import DTYPE_CHOICE, main
+from .app import DTYPE_CHOICE, kv_quant_from, kv_quant_options, main
 
 
 @main.command("serve")
@@ -33,9 +33,12 @@ from .app import DTYPE_CHOICE, main
 @click.option("--max-body-bytes", default="8M", show_default=True, help="Larger request bodies get 400.")
 @click.option("--request-timeout", default=600.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds from arrival after which a request is dropped (503).")
+@kv_quant_options
 def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests,
-          aliases, max_batch, max_queued, max_prompt_tokens, max_body_bytes, request_timeout) -> None:
+          aliases, max_batch, max_queued, max_prompt_tokens, max_body_bytes, request_timeout, kv_bits, kv_group_size,
+          quantized_kv_start) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV."""
+    kv_quant = kv_quant_from(kv_bits, kv_group_size, quantized_kv_start)
     from ..serving.openai import (
         serve as serve_api,  # imported here: starlette and uvicorn only load for `serve`
     )
@@ -51,7 +54,7 @@ def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tok
     lm = load_model(model, dtype)
     names = list(aliases)
     serve_api(lm, Store(store_dir), host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
-              verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
+              verify_digests=not no_verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant,
               model_name=names[0] if names else None, aliases=[lm.model_id] + names[1:], max_batch=max_batch,
               max_queued=max_queued, max_prompt_tokens=max_prompt_tokens, max_body_bytes=body_bytes,
               request_timeout=request_timeout,

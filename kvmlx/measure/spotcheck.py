@@ -48,13 +48,10 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from ..artifact.format import Artifact
 from ..artifact.identity import (
     check_binding,
-    config_geometry,
-    model_fingerprint,
-    tokenizer_fingerprint,
 )
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
-from ..caches import check_supported
-from ..errors import RecomputeMismatchError
+from ..caches import all_plain
+from ..errors import RecomputeMismatchError, UnsupportedModelError
 from ..models import LoadedModel
 from ..runtime.load import _release, check_tokens_and_logits, read_caches
 from ..runtime.publish import prefill
@@ -210,11 +207,10 @@ def spot_check(
                 report.digests_verified = len(art.tensors)
             report.seconds["digests"] = time.perf_counter() - t1
             return report
-        check_supported(lm.model)
-        check_binding(
-            h, model_fp=model_fingerprint(lm.model, lm.config), tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
-            dtype=lm.dtype, geometry=config_geometry(lm.model, lm.config),
-        )
+        if not all_plain(lm.model) or h.get("caches") is not None:
+            raise UnsupportedModelError("recomputing positions supports plain-KV artifacts; for sliding-window, recurrent "
+                                        "or quantized KV use `kvmlx generate --verify`")
+        check_binding(h, lm)
         check_tokens_and_logits(h, lm)  # before any prefill: an id past the embedding table reads out of bounds
         t1 = time.perf_counter()
         caches, logits, _ = read_caches(art, verify_digests=verify_digests, headroom=0, load_path="copy")

@@ -30,9 +30,11 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
 from ..artifact.identity import model_fingerprint, tokenizer_fingerprint
+from ..caches import KVQuantization
+from ..caches.quantized import apply as apply_quantization
 from ..errors import KvmlxError, TrustError
 from ..models import LoadedModel
 from .generate import (
@@ -44,7 +46,9 @@ from .generate import (
 )
 from .load import LoadedKV, load_artifact
 from .publish import DEFAULT_CHUNK, prefill
+from .restore import caches_at
 from .store import BLOCK, Entry, Store, StorePublish
+from .store.keys import kv_variant
 
 TokenFn = Callable[[int], None]
 CHAT_SEPARATOR = "\n\n"  # between the document and the question inside the user turn
@@ -149,7 +153,10 @@ class Agent:
     """Generate from prompts, reusing whatever KV in `store` matches the start of each prompt.
 
     `min_reuse_tokens` (default one block, 16): shorter matches are not worth loading an artifact
-    (a store of chat prefixes shares `<|im_start|>...` with every templated prompt).
+    (a store of chat prefixes shares `<|im_start|>...` with every templated prompt). A stored document
+    whose caches cannot be trimmed (recurrent state, a wrapped sliding window) is reused from its
+    deepest state checkpoint at or below the shared prefix. `kv_quant`: mlx-lm's `--kv-bits` settings;
+    only KV published with the same settings is reused, and prefill and decode quantize as mlx-lm does.
     """
 
     def __init__(
@@ -164,8 +171,10 @@ class Agent:
         allow_lossy: bool = False,
         require_signed: bool = False,
         trust_list=None,
+        kv_quant: KVQuantization | None = None,
     ):
         self.lm = lm
+        self.kv_quant = kv_quant  # mlx-lm's --kv-bits settings this agent runs with (only KV computed with them matches)
         self.store = store if isinstance(store, Store) else Store(store)
         self.min_reuse_tokens = max(1, min_reuse_tokens)
         self.chunk_size = chunk_size  # for prompts with no match (default DEFAULT_CHUNK)
@@ -179,8 +188,10 @@ class Agent:
 
     @property
     def identity(self) -> tuple[str, str, str]:
-        """(model fingerprint, tokenizer fingerprint, dtype): what a stored artifact must match."""
-        return (model_fingerprint(self.lm.model, self.lm.config), tokenizer_fingerprint(self.lm.tokenizer), self.lm.dtype)
+        """(model fingerprint, tokenizer fingerprint, KV variant): what a stored artifact must match (the
+        variant is the dtype, plus the `--kv-bits` settings when the agent quantizes its KV)."""
+        return (model_fingerprint(self.lm), tokenizer_fingerprint(self.lm),
+                kv_variant(self.lm.dtype, self.kv_quant.to_json() if self.kv_quant else None))
 
     def encode(self, prompt: str) -> list[int]:
         """A full prompt's token ids, special tokens added as the tokenizer adds them (as publish does)."""
@@ -219,11 +230,10 @@ class Agent:
                 excluded.append(entry.key)
                 continue
             self.store.touch(entry.key)
-            extra = len(loaded.tokens) - reuse
-            # trimming only moves each cache's offset back (the overlap path's layers may still be arriving)
-            if extra and trim_prompt_cache(loaded.caches, extra) != extra or any(c.offset != reuse for c in loaded.caches):
-                raise KvmlxError(f"cannot trim the loaded KV to {reuse} tokens")
-            r = Reuse(loaded.caches, tokens[reuse:], reuse, entry, matched, loaded.logits if reuse == n else None,
+            # trimming only moves each cache's offset back (the overlap path's layers may still be arriving);
+            # caches that cannot be trimmed come from the state checkpoint at `reuse`
+            caches = caches_at(loaded, reuse, copy=False)
+            r = Reuse(caches, tokens[reuse:], reuse, entry, matched, loaded.logits if reuse == n else None,
                       entry.chunk_size, loaded.load_seconds, loaded.load_path)
             self.last_reuse = r
             return r
@@ -235,7 +245,8 @@ class Agent:
         """(entry, matched, reuse) for the best store entry not in `excluded`, or None.
 
         `reuse` is how many prompt tokens the entry supplies: all of them only when the prompt is exactly
-        the stored document (its stored logits give the next token), else at least one token is left to run.
+        the stored document (its stored logits give the next token), else at least one token is left to
+        run; for a document with state checkpoints, the deepest restorable position at or below that.
         """
         hit = self.store.lookup(*self.identity, tokens, exclude=excluded, min_tokens=self.min_reuse_tokens,
                                 exact_only=not self.allow_lossy)
@@ -249,15 +260,19 @@ class Agent:
             reuse = n  # the whole prompt is the whole document: its stored logits are valid
         else:
             reuse = n - 1  # the stored logits belong to a longer document: run the last token
+        reuse = entry.deepest(reuse)
         return (entry, matched, reuse) if reuse >= self.min_reuse_tokens else None
 
-    def load_entry(self, entry, tokens: Sequence[int], reuse: int, *, load_path: str | None = None) -> LoadedKV | None:
-        """Load a store entry for `tokens[:reuse]`, or None when it cannot serve: a publisher this agent
-        does not accept (skipped), or a file that fails to load or disagrees with the index (quarantined)."""
+    def load_entry(self, entry, tokens: Sequence[int], reuse: int, *, load_path: str | None = None,
+                   all_checkpoints: bool = False) -> LoadedKV | None:
+        """Load a store entry for `tokens[:reuse]` (with the state checkpoint at `reuse`, or with
+        `all_checkpoints` every one), or None when it cannot serve: a publisher this agent does not
+        accept (skipped), or a file that fails to load or disagrees with the index (quarantined)."""
         try:
             loaded = load_artifact(entry.path, self.lm, verify_digests=self.verify_digests,
                                    load_path=load_path or self.load_path, require_exact=not self.allow_lossy,
-                                   require_signed=self.require_signed, trust_list=self.trust_list)
+                                   require_signed=self.require_signed, trust_list=self.trust_list,
+                                   kv_quant=self.kv_quant, at=None if all_checkpoints else reuse)
             if loaded.tokens[:reuse] != list(tokens[:reuse]):
                 raise KvmlxError(f"store entry {entry.key[:12]}: file tokens differ from the index")
         except TrustError:
@@ -269,7 +284,8 @@ class Agent:
 
     def _start(self, prompt: str | Sequence[int]) -> tuple[Reuse, mx.array]:
         r = self.caches_for(prompt, allow_empty_suffix=True)
-        logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size) if r.suffix_tokens else r.logits
+        logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size, quant=self.kv_quant) \
+            if r.suffix_tokens else r.logits
         return r, logits
 
     # ---- generation -----------------------------------------------------------------------------
@@ -290,7 +306,7 @@ class Agent:
         r, logits = self._start(prompt)
         gen = decode_timed(self.lm, r.caches, logits, max_tokens, started=t0, reused=r.reused,
                            prefilled=len(r.suffix_tokens), stop_at_eos=stop_at_eos, on_token=on_token,
-                           keep_logits=keep_logits)
+                           keep_logits=keep_logits, quant=self.kv_quant)
         return AgentGeneration(
             tokens=gen.tokens, text=self.lm.tokenizer.decode(gen.tokens), prompt_tokens=n, reused_tokens=r.reused,
             prefilled_tokens=len(r.suffix_tokens), key=r.key, artifact=str(r.entry.path) if r.entry else None,
@@ -310,6 +326,7 @@ class Agent:
             if token in eos or i + 1 == max_tokens:
                 return
             logits = self.lm.model(mx.array([[token]]), cache=r.caches)[0, -1]
+            apply_quantization(self.kv_quant, r.caches)
 
     def verify(
         self,
@@ -327,7 +344,7 @@ class Agent:
         reuse = self.generate(tokens, max_tokens=max_tokens, stop_at_eos=False, keep_logits=True, on_token=on_token)
         k, chunk = reuse.reused_tokens, reuse.chunk_size
         doc, suffix = (tokens[:k], tokens[k:]) if k else (tokens, [])
-        kw = dict(max_tokens=max_tokens, stop_at_eos=False, keep_logits=True)
+        kw = dict(max_tokens=max_tokens, stop_at_eos=False, keep_logits=True, quant=self.kv_quant)
         scratch = from_scratch(self.lm, doc, suffix, chunk_size=chunk, **kw)
         report = compare(reuse, scratch)
         # without a split (no match, or the whole prompt reused) the reference already is the plain prefill
@@ -352,14 +369,16 @@ class Agent:
     ) -> StorePublish:
         """Publish a document into the agent's store (with `chat`, its chat-templated prefix).
 
-        Other keyword arguments (`encoding=`, `sign=`, `force=`) go to `Store.publish`."""
+        Other keyword arguments (`encoding=`, `sign=`, `force=`, `checkpoint_every=`) go to `Store.publish`;
+        the agent's `kv_quant` settings are published with."""
         if chat:
             if not isinstance(document, str):
                 raise TypeError("chat=True needs the document as text")
             document = chat_prefix_tokens(self.lm, document, system)
         elif system is not None:
             raise ValueError("system= needs chat=True")
-        return self.store.publish(self.lm, document, chunk_size=chunk_size, progress=progress, **publish_kwargs)
+        return self.store.publish(self.lm, document, chunk_size=chunk_size, progress=progress, kv_quant=self.kv_quant,
+                                  **publish_kwargs)
 
     def ask(self, document: str, question: str, *, system: str | None = None, **kwargs) -> AgentGeneration:
         """Generate the assistant's answer to a templated question about `document`."""

@@ -16,6 +16,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from ..caches import KVQuantization
+from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
 from .load import LoadedKV, load_artifact, split_prompt
 from .publish import prefill
@@ -82,8 +84,10 @@ def decode(
     eos: Sequence[int] = (),
     on_token: TokenFn | None = None,
     keep_logits: bool = False,
+    quant: KVQuantization | None = None,
 ) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy decoding from a logits row; stops after `max_tokens` or at an id in `eos`."""
+    """Greedy decoding from a logits row; stops after `max_tokens` or at an id in `eos`. With `quant`,
+    caches are quantized after every step as mlx-lm's `--kv-bits` pipeline does."""
     tokens: list[int] = []
     rows: list[np.ndarray] = []
     for _ in range(max_tokens):
@@ -96,6 +100,7 @@ def decode(
         if token in eos or len(tokens) == max_tokens:
             break
         logits = model(mx.array([[token]]), cache=cache)[0, -1]
+        apply_quantization(quant, cache)
     return tokens, rows
 
 
@@ -117,9 +122,10 @@ def continue_from(
     """
     t0 = started if started is not None else time.perf_counter()
     chunk = chunk_size or loaded.header["kv"]["chunk_size"]
-    logits = prefill(lm.model, list(suffix), loaded.caches, chunk) if suffix else loaded.logits
+    quant = loaded.kv_quant
+    logits = prefill(lm.model, list(suffix), loaded.caches, chunk, quant=quant) if suffix else loaded.logits
     return decode_timed(lm, loaded.caches, logits, max_tokens, stop_at_eos=stop_at_eos, on_token=on_token,
-                        keep_logits=keep_logits, started=t0, reused=len(loaded.tokens), prefilled=len(suffix))
+                        keep_logits=keep_logits, started=t0, reused=len(loaded.tokens), prefilled=len(suffix), quant=quant)
 
 
 def from_scratch(
@@ -131,15 +137,17 @@ def from_scratch(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     stop_at_eos: bool = True,
     keep_logits: bool = False,
+    quant: KVQuantization | None = None,
 ) -> Generation:
-    """The reference: prefill document then suffix, each in `chunk_size` chunks as a publisher would."""
+    """The reference: prefill document then suffix, each in `chunk_size` chunks as a publisher would
+    (with `quant`, quantizing the caches as mlx-lm's `--kv-bits` pipeline does)."""
     t0 = time.perf_counter()
     cache = make_prompt_cache(lm.model)
-    logits = prefill(lm.model, list(document), cache, chunk_size)
+    logits = prefill(lm.model, list(document), cache, chunk_size, quant=quant)
     if suffix:
-        logits = prefill(lm.model, list(suffix), cache, chunk_size)
+        logits = prefill(lm.model, list(suffix), cache, chunk_size, quant=quant)
     return decode_timed(lm, cache, logits, max_tokens, stop_at_eos=stop_at_eos, keep_logits=keep_logits, started=t0,
-                        reused=0, prefilled=len(document) + len(suffix))
+                        reused=0, prefilled=len(document) + len(suffix), quant=quant)
 
 
 def decode_timed(
@@ -154,6 +162,7 @@ def decode_timed(
     stop_at_eos: bool = True,
     on_token: TokenFn | None = None,
     keep_logits: bool = False,
+    quant: KVQuantization | None = None,
 ) -> Generation:
     """`decode`, timed from `started` (when the load or prefill began) to the first and last token."""
     t0 = started
@@ -166,7 +175,7 @@ def decode_timed(
             on_token(token)
 
     eos = tuple(lm.tokenizer.eos_token_ids) if stop_at_eos else ()
-    tokens, rows = decode(lm.model, cache, logits, max_tokens, eos=eos, on_token=mark, keep_logits=keep_logits)
+    tokens, rows = decode(lm.model, cache, logits, max_tokens, eos=eos, on_token=mark, keep_logits=keep_logits, quant=quant)
     return Generation(tokens, reused, prefilled, first[0] if first else 0.0, time.perf_counter() - t0, rows)
 
 
@@ -176,8 +185,8 @@ def encode_continuation(lm: LoadedModel, prompt: str) -> list[int]:
 
 
 def _load_with_prompt(artifact, lm: LoadedModel, prompt: str, verify_digests: bool,
-                      require_exact: bool = False, **trust) -> tuple[LoadedKV, list[int]]:
-    loaded = load_artifact(artifact, lm, verify_digests=verify_digests, require_exact=require_exact, **trust)
+                      require_exact: bool = False, **kwargs) -> tuple[LoadedKV, list[int]]:
+    loaded = load_artifact(artifact, lm, verify_digests=verify_digests, require_exact=require_exact, **kwargs)
     return loaded, split_prompt(loaded, loaded.tokens + encode_continuation(lm, prompt))
 
 
@@ -192,14 +201,16 @@ def generate(
     require_exact: bool = False,
     require_signed: bool = False,
     trust_list=None,
+    kv_quant: KVQuantization | None | str = "artifact",
 ) -> tuple[Generation, LoadedKV]:
     """Load `artifact` for `lm`, append `prompt` (text continuing the document) and decode greedily.
 
     `require_signed`/`trust_list`: see `kvmlx.runtime.load.load_artifact` (publisher signatures, kvmlx.artifact.trust).
+    `kv_quant`: this run's `--kv-bits` settings ("artifact": continue with the artifact's; else a difference is refused).
     """
     t0 = time.perf_counter()
     loaded, suffix = _load_with_prompt(artifact, lm, prompt, verify_digests, require_exact,
-                                       require_signed=require_signed, trust_list=trust_list)
+                                       require_signed=require_signed, trust_list=trust_list, kv_quant=kv_quant)
     return continue_from(lm, loaded, suffix, max_tokens=max_tokens, on_token=on_token, started=t0), loaded
 
 
@@ -213,6 +224,7 @@ def verify(
     on_token: TokenFn | None = None,
     require_signed: bool = False,
     trust_list=None,
+    kv_quant: KVQuantization | None | str = "artifact",
 ) -> Verification:
     """Generate from the artifact and from scratch (same chunking) and compare tokens and logits.
 
@@ -220,17 +232,19 @@ def verify(
     With `single_pass`, also compare against one unchunked forward over document + prompt.
     """
     t0 = time.perf_counter()
-    loaded, suffix = _load_with_prompt(artifact, lm, prompt, True, require_signed=require_signed, trust_list=trust_list)
+    loaded, suffix = _load_with_prompt(artifact, lm, prompt, True, require_signed=require_signed, trust_list=trust_list,
+                                       kv_quant=kv_quant)
     reuse = continue_from(lm, loaded, suffix, max_tokens=max_tokens, stop_at_eos=False, on_token=on_token,
                           keep_logits=True, started=t0)
     chunk = loaded.header["kv"]["chunk_size"]
     scratch = from_scratch(lm, loaded.tokens, suffix, chunk_size=chunk, max_tokens=max_tokens,
-                           stop_at_eos=False, keep_logits=True)
+                           stop_at_eos=False, keep_logits=True, quant=loaded.kv_quant)
     report = compare(reuse, scratch)
     extra = None
     if single_pass:
         whole = list(loaded.tokens) + list(suffix)
-        one = from_scratch(lm, whole, [], chunk_size=len(whole), max_tokens=max_tokens, stop_at_eos=False, keep_logits=True)
+        one = from_scratch(lm, whole, [], chunk_size=len(whole), max_tokens=max_tokens, stop_at_eos=False, keep_logits=True,
+                           quant=loaded.kv_quant)
         extra = compare(reuse, one)
         extra.pop("first_mismatch")
     return Verification(

@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import mlx.core as mx
@@ -44,14 +44,12 @@ from ..artifact.encodings import decode
 from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, kv_tensor_names
 from ..artifact.identity import (
     check_binding,
-    config_geometry,
-    model_fingerprint,
-    tokenizer_fingerprint,
 )
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
-from ..caches import StreamedKVCache, check_supported, from_arrays
-from ..errors import LossyArtifactError, ModelMismatchError, PrefixMismatchError
+from ..caches import KVQuantization, StreamedKVCache, check_model, from_arrays, model_specs, quantization_of
+from ..errors import KVQuantizationMismatchError, LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from ..models import LoadedModel
+from .restore import read_states
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
@@ -71,6 +69,8 @@ class LoadedKV:
     load_seconds: float  # until the caches were returned (with "overlap", layers may still be arriving)
     load_path: str  # "copy", "zero-copy" or "overlap"
     signature: SignatureStatus | None = None  # who signed it (kvmlx.artifact.trust.check_signature's result)
+    checkpoints: dict = field(default_factory=dict)  # {tokens: {layer: cache}}: version-2 state checkpoints read
+    kv_quant: KVQuantization | None = None  # the KV quantization the document was computed with (continue with it)
 
     def wait(self) -> None:
         """Block until every layer is in memory (only the overlap path returns earlier)."""
@@ -89,6 +89,8 @@ def load_artifact(
     require_exact: bool = False,
     require_signed: bool = False,
     trust_list: TrustList | None = None,
+    kv_quant: KVQuantization | None | str = "artifact",
+    at: int | None = None,
 ) -> LoadedKV:
     """Load an artifact's KV for `lm`, refusing any model, tokenizer or dtype it was not made for.
 
@@ -97,31 +99,67 @@ def load_artifact(
     artifacts are refused. A signature, if present, is always verified (BadSignatureError); with
     `require_signed`, an unsigned artifact or one signed by a key outside `trust_list` (default: the
     local trust list) is refused before anything else in its header is used.
+
+    Version-2 artifacts (sliding windows, recurrent state, quantized KV) must match the caches this
+    model makes layer by layer (`CacheMismatchError`) and, unless `kv_quant` is "artifact" (continue
+    with the artifact's settings), its KV quantization settings (`KVQuantizationMismatchError`). Their
+    state checkpoints are read too, or with `at` only the one at that position.
     """
     t0 = time.perf_counter()
-    check_supported(lm.model)
+    specs = model_specs(lm.model)
     art = Artifact(path, populate=True)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
-        check_binding(
-            art.header,
-            model_fp=model_fingerprint(lm.model, lm.config),
-            tokenizer_fp=tokenizer_fingerprint(lm.tokenizer),
-            dtype=lm.dtype,
-            geometry=config_geometry(lm.model, lm.config),
-        )
+        check_binding(art.header, lm)
         check_tokens_and_logits(art.header, lm)
+        stored_quant = quantization_of(art.header)
+        if kv_quant != "artifact":
+            check_kv_quantization(stored_quant, kv_quant)
+        check_model(art.header, specs, stored_quant)
         encoding = art.header["kv"].get("encoding", "raw")
         if require_exact and not ENCODINGS[encoding]:
             raise LossyArtifactError(f"artifact KV is {encoding}-quantised (lossy) but an exact load was required")
-        caches, logits, used = read_caches(art, verify_digests=verify_digests, headroom=headroom, load_path=load_path)
+        checkpoints: dict = {}
+        if _plain_kv(art.header):
+            caches, logits, used = read_caches(art, verify_digests=verify_digests, headroom=headroom, load_path=load_path)
+        else:
+            caches, checkpoints, logits, used = _read_v2(art, verify_digests, at)
     except BaseException:
         _release(art)
         raise
     if used != "overlap":  # the overlap path's workers close the map when they are done
         _release(art)
     return LoadedKV(caches, list(art.header["document"]["tokens"]), logits, art.header, time.perf_counter() - t0, used,
-                    signature)
+                    signature, checkpoints, stored_quant)
+
+
+def check_kv_quantization(stored: KVQuantization | None, wanted: KVQuantization | None) -> None:
+    """Refuse KV computed with other `--kv-bits` settings than this run's (one line naming both).
+
+    A from-scratch run quantizes its caches as it prefills, so quantizing a full-precision artifact
+    at load (or un-quantizing one) would not give what that run computes: refused, never approximated.
+    """
+    if stored == wanted:
+        return
+    def words(q):
+        return q.describe() if q else "full-precision KV (no --kv-bits)"
+    raise KVQuantizationMismatchError(f"artifact KV was computed with {words(stored)}, this run uses {words(wanted)}; "
+                                      "publish and continue with the same KV settings")
+
+
+def _plain_kv(header: dict) -> bool:
+    """Version 1, or version 2 holding only full plain KV: the fast copy / zero-copy paths apply."""
+    caches = header.get("caches")
+    return caches is None or (all(m["family"] == "kv" for m in caches) and not header.get("checkpoints"))
+
+
+def _read_v2(art: Artifact, verify_digests: bool, at: int | None):
+    """Every family's state (and checkpoints) of a version-2 artifact, one read per tensor."""
+    hashed = verify_digests and not art.verified_before
+    logits = _read_logits(art, hashed)
+    caches, checkpoints = read_states(art, verify=hashed, at=at)
+    _finish(art, hashed and (at is None or not art.header.get("checkpoints")), verify_digests and not hashed)
+    return caches, checkpoints, logits, "copy"
 
 
 def check_tokens_and_logits(header: dict, lm: LoadedModel) -> None:

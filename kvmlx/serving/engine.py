@@ -16,6 +16,8 @@ A request (a `Job`) goes waiting -> prefilling -> decoding:
 - **decoding**: the request's caches go into mlx-lm's `BatchGenerator` (`insert(..., caches=...)`):
   one batched forward per step for every decoding request, mlx-lm's samplers, logits processors and
   stop tokens; mlx-lm merges the caches into its batch cache (a copy), so the shared KV is never written.
+  With `--kv-bits` (quantized KV) or caches mlx-lm cannot merge, requests prefill and decode alone, one
+  token each per step, as mlx_lm.server serves them unbatched.
 
 Why around `BatchGenerator` and not only through it: its prompt processing has one global step size
 and right-pads the prompts it batches to the longest, so a 2-token request joining a 27k-token
@@ -42,6 +44,8 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
+from ..caches import KVQuantization
+from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
 from ..runtime.agent import MAX_LOAD_ATTEMPTS, Agent
 from ..runtime.publish import DEFAULT_CHUNK, prefill
@@ -132,6 +136,18 @@ class _Decode:
 
 
 @dataclass
+class _Solo:
+    """A request decoding alone: its caches, sampler and processors, prompt + tokens so far."""
+
+    job: Job
+    caches: list
+    sampler: Any
+    processors: list
+    context: list[int]
+    count: int
+
+
+@dataclass
 class DocStats:
     num_tokens: int
     loads: int = 0
@@ -164,10 +180,11 @@ class Engine:
     def __init__(self, lm: LoadedModel, store: Store | None = None, *, max_resident_bytes: int | None = None,
                  min_reuse_tokens: int = BLOCK, verify_digests: bool = True, allow_lossy: bool = False,
                  max_batch: int = DEFAULT_MAX_BATCH, max_queued: int = DEFAULT_MAX_QUEUED,
-                 request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, prefill_chunk: int = DEFAULT_CHUNK):
+                 request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, prefill_chunk: int = DEFAULT_CHUNK,
+                 kv_quant: KVQuantization | None = None):
         self.lm = lm
         self.agent = Agent(lm, store, min_reuse_tokens=min_reuse_tokens, verify_digests=verify_digests,
-                           allow_lossy=allow_lossy)
+                           allow_lossy=allow_lossy, kv_quant=kv_quant)
         self.store = self.agent.store
         self.pool = KVPool(max_resident_bytes)
         self.eos = set(lm.tokenizer.eos_token_ids)
@@ -177,6 +194,9 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.prefilling: deque[_Prefill] = deque()
         self.decoding: dict[int, _Decode] = {}
+        # mlx-lm batches only caches that can merge, and no --kv-bits (as mlx_lm.server): the rest decode alone
+        self.batchable = kv_quant is None and all(hasattr(c, "merge") for c in make_prompt_cache(lm.model))
+        self.solo: list[_Solo] = []
         self.bg: BatchGenerator | None = None
         self.docs: dict[str, DocStats] = {}
         self.totals = dict(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0, prompt_tokens=0,
@@ -215,7 +235,7 @@ class Engine:
         self.inbox.put(job)
 
     def _busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.decoding)
+        return bool(self.waiting or self.prefilling or self.decoding or self.solo)
 
     def _loop(self) -> None:
         _ = self.agent.identity  # fingerprint the model on the engine thread, before any request
@@ -233,6 +253,8 @@ class Engine:
                 self._drop_finished()
                 if self.decoding:
                     self._decode_step()
+                if self.solo:
+                    self._solo_step()
                 self._prefill_step()
             except Exception as e:  # a failed step must not stop the engine: fail what was running
                 self._fail_all(f"{type(e).__name__}: {e}")
@@ -264,6 +286,7 @@ class Engine:
     def _drop_finished(self) -> None:
         self.waiting = deque(j for j in self.waiting if not self._gone(j, queued=True))
         self.prefilling = deque(p for p in self.prefilling if not self._gone(p.job, queued=True))
+        self.solo = [d for d in self.solo if not self._gone(d.job, queued=False)]
         gone = [uid for uid, d in self.decoding.items() if self._gone(d.job, queued=False)]
         if gone:
             self.bg.remove(gone)
@@ -272,9 +295,10 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         """After an unexpected error: every request in flight gets it, and the batch starts afresh."""
-        for d in self.decoding.values():
+        for d in [*self.decoding.values(), *self.solo]:
             d.job.emit("error", message)
             self._end(d.job, "errors", queued=False)
+        self.solo.clear()
         for p in self.prefilling:
             p.job.emit("error", message)
             self._end(p.job, "errors", queued=True)
@@ -319,7 +343,7 @@ class Engine:
         chunk size, and the job goes to the back (round robin). Right after new requests joined the
         decode batch, long prompts sit out one step, so a short request's first tokens are not held
         behind a long chunk (they never sit out two steps running)."""
-        while self.waiting and len(self.prefilling) + len(self.decoding) < self.max_batch:
+        while self.waiting and len(self.prefilling) + len(self.decoding) + len(self.solo) < self.max_batch:
             self.prefilling.appendleft(_Prefill(self.waiting.popleft()))  # new arrivals first
         skip_long, self._joined, self._skipped = self._joined and not self._skipped, False, False
         budget, deferred, unfinished = self.prefill_chunk, [], []
@@ -329,10 +353,10 @@ class Engine:
                 if p.caches is None:
                     self._prepare(p)
                 left = len(p.suffix) - p.pos
-                if left == 0:  # the prompt is the document: its stored logits give the first token
+                if left == 0:  # the prompt is the document (or was prefilled here): sample from its logits
                     self._first_token(p)
                     continue
-                final = left <= p.chunk
+                final = left <= p.chunk and self.batchable  # unbatched: every chunk runs here
                 if not final and skip_long:
                     deferred.append(p)
                     self._skipped = True
@@ -348,11 +372,15 @@ class Engine:
                     self._enter_batch(p, p.suffix[p.pos:], p.job.tokens[: len(p.job.tokens) - left])
                     continue
                 t0 = time.perf_counter()
-                p.logits = prefill(self.lm.model, p.suffix[p.pos: p.pos + n], p.caches, p.chunk)
+                p.logits = prefill(self.lm.model, p.suffix[p.pos: p.pos + n], p.caches, p.chunk,
+                                   quant=self.agent.kv_quant)
                 p.pos += n
                 with self._lock:
                     self.prefill_seconds += time.perf_counter() - t0
-                unfinished.append(p)
+                if p.pos < len(p.suffix):
+                    unfinished.append(p)
+                else:
+                    self._first_token(p)
             except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
                 p.job.emit("error", f"{type(e).__name__}: {e}")
                 self._end(p.job, "errors", queued=True)
@@ -375,7 +403,8 @@ class Engine:
                              "prefilled_tokens": len(suffix), "key": key, "chunk_size": chunk})
 
     def _first_token(self, p: _Prefill) -> None:
-        """The first token from the stored logits (no model call), then the rest in the batch."""
+        """The first token from the stored logits (no model call) or this engine's prefill, then the
+        rest in the batch (or alone, for caches mlx-lm cannot batch)."""
         job, params = p.job, p.job.params
         sampler, processors = make_request_sampler(params), make_request_processors(params)
         token, logprobs = sample_first(p.logits, job.tokens, sampler, processors)
@@ -387,10 +416,38 @@ class Engine:
             job.emit("done", "stop")
         elif params.max_tokens <= 1:
             job.emit("done", "length")
-        else:
+        elif self.batchable:
             self._enter_batch(p, [token], job.tokens, params.max_tokens - 1, sampler, processors)
             return
+        else:
+            self.solo.append(_Solo(job, p.caches, sampler, processors, list(job.tokens) + [token], 1))
+            with self._lock:
+                self._queued -= 1
+            return
         self._end(job, "completed", queued=True)
+
+    def _solo_step(self) -> None:
+        """One token for each request decoding alone (mlx-lm's pipeline, one sequence at a time)."""
+        for d in list(self.solo):
+            t0 = time.perf_counter()
+            logits = self.lm.model(mx.array([[d.context[-1]]]), cache=d.caches)[0, -1]
+            apply_quantization(self.agent.kv_quant, d.caches)
+            token, logprobs = sample_first(logits, d.context, d.sampler, d.processors)
+            params = d.job.params
+            info = logprob_info(logprobs, token, params.top_logprobs) if params.logprobs else None
+            d.context.append(token)
+            d.count += 1
+            with self._lock:
+                self.decode_seconds += time.perf_counter() - t0
+                self.decode_steps += 1
+                self.totals["completion_tokens"] += 1
+            d.job.emit("token", (token, info))
+            finish = "stop" if token in self.eos and not params.ignore_eos else (
+                "length" if d.count >= params.max_tokens else None)
+            if finish:
+                d.job.emit("done", finish)
+                self.solo.remove(d)
+                self._end(d.job, "completed", queued=False)
 
     def _enter_batch(self, p: _Prefill, prompt: list[int], context: list[int], max_tokens: int | None = None,
                      sampler=None, processors=None) -> None:
@@ -419,7 +476,7 @@ class Engine:
             resident = self.pool.get(entry.key)
             if resident is None:
                 # the shared copy must be complete before requests slice it: never the overlap path
-                loaded = agent.load_entry(entry, tokens, reuse,
+                loaded = agent.load_entry(entry, tokens, reuse, all_checkpoints=True,
                                           load_path="copy" if agent.load_path == "overlap" else None)
                 if loaded is None:
                     excluded.append(entry.key)
@@ -444,7 +501,7 @@ class Engine:
             docs = {k: DocStats(**vars(d)) for k, d in self.docs.items()}
             queued = self._queued
             decode_s, steps = self.decode_seconds, self.decode_steps
-        decoding = len(self.decoding)
+        decoding = len(self.decoding) + len(self.solo)
         speed = prefilled / prefill_s if prefill_s > 0 and prefilled else None
         resident = dict(self.pool.items)
         documents = []

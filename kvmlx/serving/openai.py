@@ -345,13 +345,14 @@ def serve(lm: LoadedModel, store: Store | str | None = None, *, host: str = DEFA
           max_batch: int = DEFAULT_MAX_BATCH, max_queued: int = DEFAULT_MAX_QUEUED,
           max_prompt_tokens: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, log_level: str = "warning",
-          on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the server until interrupted (uvicorn; one engine thread does all model work)."""
+          on_ready: Callable[[str], None] | None = None, kv_quant=None) -> None:
+    """Run the server until interrupted (uvicorn; one engine thread does all model work). `kv_quant`:
+    mlx-lm's --kv-bits settings (`kvmlx.caches.KVQuantization`) the engine runs with."""
     import uvicorn
 
     engine = Engine(lm, store, max_resident_bytes=max_resident_bytes, min_reuse_tokens=min_reuse_tokens,
                     verify_digests=verify_digests, allow_lossy=allow_lossy, max_batch=max_batch,
-                    max_queued=max_queued, request_timeout=request_timeout).start()
+                    max_queued=max_queued, request_timeout=request_timeout, kv_quant=kv_quant).start()
     server = Server(engine, model_name, aliases=aliases, max_body_bytes=max_body_bytes,
                     max_prompt_tokens=max_prompt_tokens)
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="off")

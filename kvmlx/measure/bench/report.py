@@ -101,6 +101,13 @@ def format_table(result: dict) -> str:
         [[str(r["tokens"]), *[_dur(r[f"mlx_lm_load_{g}_s"]) for g in regimes],
           *[_num(r.get(f"kvmlx_load_{g}{how}_speedup_vs_mlx_lm"), ".2f", "x") for how in ("", "_reload") for g in regimes]]
          for r in rows])
+    if any("kvmlx_load_newproc_s" in r for r in rows):
+        out += _table(
+            "A new process loading a store entry (spawned; the load only: kvmlx with the store's verified identity)",
+            ["tokens", "kvmlx", "digests", "mlx-lm", "speedup"],
+            [[str(r["tokens"]), _dur(r["kvmlx_load_newproc_s"]), ",".join(r["kvmlx_load_newproc_digests"]),
+              _dur(r["mlx_lm_load_newproc_s"]), _num(r["kvmlx_load_newproc_speedup_vs_mlx_lm"], ".2f", "x")]
+             for r in rows if "kvmlx_load_newproc_s" in r])
     out += _table(
         "Saves and bytes (kvmlx: publish's write, fsync included; mlx-lm: save_prompt_cache, then + fsync)",
         ["tokens", "kvmlx save", "GB/s", "mlx-lm save", "+ fsync", "GB/s", "artifact MB", "vs KV", "mlx-lm MB",
@@ -203,6 +210,63 @@ def format_compression_table(result: dict) -> str:
 
 def _gbs(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def format_family_table(result: dict) -> str:
+    """The families table: per model, bytes per token, checkpoint overhead, load vs mlx-lm, exactness."""
+    rows = []
+    for r in result["rows"]:
+        q = r["kv_quantization"]
+        name = r["model"] + (f" --kv-bits {q['bits']}" if q else "")
+        families = "+".join(sorted({g["family"] for g in r["groups"]}))
+        ckpt = (f"{r['checkpoint_overhead'] * 100:.0f}% every {r['checkpoint_every']}" if r["checkpoint_every"] else "none needed")
+        exact = "yes" if r["token_exact"] and r["max_abs_logit_diff"] == 0 else "NO"
+        if r["prefix_token_exact"] is not None:
+            exact += f"; from {r['prefix_reused']}: " + ("yes" if r["prefix_token_exact"] and not r["prefix_max_abs_logit_diff"] else "NO")
+        rows.append([name, families, f"{r['state_bytes_per_token']:.0f}", f"{r['artifact_bytes_per_token']:.0f}", ckpt,
+                     f"{r['load_seconds']['median'] * 1e3:.2f} / {r['first_load_seconds']['median'] * 1e3:.2f}",
+                     f"{r['mlx_lm_load_seconds']['median'] * 1e3:.2f}",
+                     f"{r['load_ratio']:.2f}x", exact])
+    lines = _table(f"cache families ({result['tokens']}-token document; medians of warm loads)",
+                   ["model", "families", "state B/tok", "file B/tok", "checkpoints", "load ms (re/first)", "mlx-lm ms", "ratio",
+                    "token-exact"], rows)
+    for r in result["rows"]:
+        if r["spacings"]:
+            lines.append(f"  {r['model']}: checkpoint spacing -> overhead (mean tokens recomputed): " + ", ".join(
+                f"{e}: {s['overhead'] * 100:.0f}% ({s['mean_recompute_tokens']:.0f})" for e, s in r["spacings"].items()))
+        for g in r["groups"]:
+            if g["family"] == "rotating":
+                lines.append(f"  {r['model']} layers {g['layers']}: window {g['window']}: window checkpoints "
+                             f"{g['checkpoint_bytes']} B vs every position's KV {g['every_position_bytes']} B")
+    return "\n".join(lines)
+
+
+def plot_families(result: dict, path: str | os.PathLike) -> Path:
+    """Two panels: state bytes per token (and checkpoint bytes per token) per model; warm load ms, kvmlx vs mlx-lm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [r["model"].removeprefix("builtin:") + (f" q{r['kv_quantization']['bits']}" if r["kv_quantization"] else "")
+             for r in rows]
+    x = range(len(rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.bar([i - 0.2 for i in x], [r["state_bytes_per_token"] for r in rows], 0.4, label="final state")
+    a.bar([i + 0.2 for i in x], [r["checkpoint_bytes"] / result["tokens"] for r in rows], 0.4, label="checkpoints")
+    a.set_ylabel("bytes per document token")
+    b.bar([i - 0.2 for i in x], [r["load_seconds"]["median"] * 1e3 for r in rows], 0.4, label="kvmlx load")
+    b.bar([i + 0.2 for i in x], [r["mlx_lm_load_seconds"]["median"] * 1e3 for r in rows], 0.4, label="mlx-lm load_prompt_cache")
+    b.set_ylabel("warm load, ms (median)")
+    for ax in (a, b):
+        ax.set_xticks(list(x), names, rotation=30, ha="right")
+        ax.legend()
+    fig.suptitle(f"cache families, {result['tokens']}-token document")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def _rng(span: dict | None, scale: float = 1.0, fmt: str = ".3g") -> str:

@@ -16,6 +16,7 @@ missing or corrupt index is rebuilt on open.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -25,10 +26,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .keys import BLOCK, _HASH_BYTES, Entry, StoreError, _common_tokens, _pack, block_hashes, bucket_id, encoding_of
+from ...caches import restore_info
+from .keys import (
+    BLOCK, _HASH_BYTES, Entry, StoreError, _common_tokens, _pack, block_hashes, bucket_id, encoding_of, header_variant,
+)
 from .lock import StoreLock
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 INDEX_NAME = "index.sqlite"
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
@@ -50,7 +54,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
     text_blake3 TEXT,
     signed INTEGER NOT NULL,
     added REAL NOT NULL,
-    last_used REAL NOT NULL
+    last_used REAL NOT NULL,
+    restore TEXT                     -- JSON: which prefixes can be restored (state checkpoints); NULL: any
 );
 CREATE INDEX IF NOT EXISTS artifacts_lru ON artifacts (last_used);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -68,7 +73,7 @@ CREATE TABLE IF NOT EXISTS blocks (
 CREATE INDEX IF NOT EXISTS blocks_aid ON blocks (aid);
 """
 _COLUMNS = ("id, key, bucket, model_id, model_fp, tokenizer_fp, dtype, num_tokens, chunk_size, file_bytes, "
-            "text_blake3, signed, added, last_used, encoding, lossless")
+            "text_blake3, signed, added, last_used, encoding, lossless, restore")
 
 
 def _is_corruption(e: sqlite3.DatabaseError) -> bool:
@@ -199,7 +204,10 @@ class Index:
         """Index one artifact from its header; False when its key is already indexed."""
         m, kv, tokens = header["model"], header["kv"], header["document"]["tokens"]
         encoding, lossless = encoding_of(header)
-        bucket = bucket_id(m["fingerprint"], header["tokenizer"]["fingerprint"], kv["dtype"], lossless)
+        variant = header_variant(header)
+        bucket = bucket_id(m["fingerprint"], header["tokenizer"]["fingerprint"], variant, lossless)
+        info = restore_info(header)
+        restore = None if info.any_from == 0 else json.dumps(info.to_json(), sort_keys=True)
         packed = _pack(tokens)
         hashes = [bytes.fromhex(bucket)] + block_hashes(bucket, tokens)
         step = 4 * BLOCK
@@ -209,11 +217,11 @@ class Index:
             with self._write() as c:
                 cur = c.execute(
                     "INSERT OR IGNORE INTO artifacts (key, bucket, model_id, model_fp, tokenizer_fp, dtype, encoding, lossless, "
-                    "num_tokens, chunk_size, file_bytes, text_blake3, signed, added, last_used) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key, bucket, m["id"], m["fingerprint"], header["tokenizer"]["fingerprint"], kv["dtype"], encoding, int(lossless),
+                    "num_tokens, chunk_size, file_bytes, text_blake3, signed, added, last_used, restore) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, bucket, m["id"], m["fingerprint"], header["tokenizer"]["fingerprint"], variant, encoding, int(lossless),
                      kv["num_tokens"], kv["chunk_size"], header["file_bytes"],
-                     header["document"].get("text_blake3"), int(signed), added, last_used))
+                     header["document"].get("text_blake3"), int(signed), added, last_used, restore))
                 if cur.rowcount != 1:
                     return False
                 aid = cur.lastrowid
@@ -244,9 +252,10 @@ class Index:
         self.run(update)
 
     def _entry(self, row: tuple) -> Entry:
-        (_, key, _, model_id, model_fp, tok_fp, dtype, n, chunk, nbytes, text, signed, added, used, enc, lossless) = row
+        (_, key, _, model_id, model_fp, tok_fp, dtype, n, chunk, nbytes, text, signed, added, used, enc, lossless,
+         restore) = row
         return Entry(key, self._object_path(key), model_id, model_fp, tok_fp, dtype, n, chunk, nbytes, text, bool(signed),
-                     added, used, enc, bool(lossless))
+                     added, used, enc, bool(lossless), json.loads(restore) if restore else None)
 
     def entry(self, key: str) -> Entry | None:
         """The indexed entry of a full key, whether or not its file exists; None if not indexed."""

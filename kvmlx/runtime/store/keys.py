@@ -1,7 +1,8 @@
 """Store keys and prefix hashes, and the store's small value types: what the KV is a function of.
 
 Key: BLAKE3 hex of canonical JSON of (model fingerprint, tokenizer fingerprint, KV dtype, token ids),
-plus the encoding's name for lossily encoded (quantised) KV, which is different KV. The same tokens
+plus the encoding's name for lossily encoded (quantised) KV, which is different KV. KV computed with
+mlx-lm's `--kv-bits` pipeline is other KV too: its dtype is named with those settings (`kv_variant`). The same tokens
 for the same model, tokenizer and dtype are one entry, whoever published them; lossless encodings
 (raw, zstd) of the same KV are the same entry. A bucket (model, tokenizer, dtype, exact or lossy) is
 what must be equal for KV to be reusable at all; `block_hashes` chains BLAKE3 over its BLOCK-token
@@ -19,6 +20,7 @@ import blake3
 import numpy as np
 
 from ...artifact.format import ENCODINGS, canonical_json
+from ...caches import RestoreInfo
 from ...errors import KvmlxError
 from ...models import kvmlx_home
 
@@ -55,12 +57,17 @@ class Entry:
     last_used: float
     encoding: str = "raw"
     lossless: bool = True  # False: quantised KV, not token-exact; automatic reuse skips it unless allowed
+    restore: dict | None = None  # which prefixes can be restored (caches.RestoreInfo as JSON); None: any
+
+    def deepest(self, n: int) -> int:
+        """The deepest prefix length at or below `n` this entry restores exactly (state checkpoints)."""
+        return n if self.restore is None else RestoreInfo.from_json(self.restore).deepest(n)
 
     def to_json(self) -> dict:
         return {
             "key": self.key, "path": str(self.path), "model": self.model_id,
             "model_fingerprint": self.model_fingerprint, "tokenizer_fingerprint": self.tokenizer_fingerprint,
-            "dtype": self.dtype, "tokens": self.num_tokens, "chunk_size": self.chunk_size,
+            "dtype": self.dtype, "tokens": self.num_tokens, "chunk_size": self.chunk_size, "restore": self.restore,
             "file_bytes": self.file_bytes, "text_blake3": self.text_blake3, "signed": self.signed,
             "added": self.added, "last_used": self.last_used, "encoding": self.encoding, "lossless": self.lossless,
         }
@@ -123,9 +130,20 @@ def encoding_of(header: dict) -> tuple[str, bool]:
     return encoding, bool(ENCODINGS.get(encoding, False))
 
 
+def kv_variant(dtype: str, quantization: dict | None = None) -> str:
+    """The KV's dtype, plus mlx-lm's `--kv-bits` settings where it was computed with them (other KV)."""
+    if not quantization:
+        return dtype
+    return f"{dtype}+kv{quantization['bits']}g{quantization['group_size']}s{quantization['start']}"
+
+
+def header_variant(header: dict) -> str:
+    return kv_variant(header["kv"]["dtype"], header["kv"].get("quantization"))
+
+
 def header_key(header: dict) -> str:
     encoding, lossless = encoding_of(header)
-    return artifact_key(header["model"]["fingerprint"], header["tokenizer"]["fingerprint"], header["kv"]["dtype"],
+    return artifact_key(header["model"]["fingerprint"], header["tokenizer"]["fingerprint"], header_variant(header),
                         header["document"]["tokens"], None if lossless else encoding)
 
 

@@ -32,6 +32,7 @@ from . import maintenance
 from .index import INDEX_NAME, Index
 from .keys import (
     OBJECT_SUFFIX, Entry, GcResult, ReindexResult, StoreError, StorePublish, artifact_key, default_root, header_key,
+    kv_variant,
 )
 from .lock import StoreLock, lock_staging
 
@@ -165,7 +166,7 @@ class Store:
 
         If the same tokens are already stored for this model, tokenizer and dtype, nothing is
         computed (unless `force`): the existing entry is returned with `existed=True`. Other keyword
-        arguments (`encoding=`, `sign=`) go to `kvmlx.runtime.publish.publish`.
+        arguments (`encoding=`, `sign=`, `kv_quant=`, `checkpoint_every=`) go to `kvmlx.runtime.publish.publish`.
         """
         from ...artifact.identity import model_fingerprint, tokenizer_fingerprint
         from ..publish import DEFAULT_CHUNK, publish as publish_api
@@ -175,7 +176,9 @@ class Store:
             raise ValueError("the document is empty: nothing to prefill")
         encoding = publish_kwargs.get("encoding", "raw")
         lossless = bool(ENCODINGS.get(encoding, False))
-        key = artifact_key(model_fingerprint(lm.model, lm.config), tokenizer_fingerprint(lm.tokenizer), lm.dtype, tokens,
+        quant = publish_kwargs.get("kv_quant")
+        variant = kv_variant(lm.dtype, quant.to_json() if quant else None)
+        key = artifact_key(model_fingerprint(lm), tokenizer_fingerprint(lm), variant, tokens,
                            None if lossless else encoding)
         if not force and (entry := self.get(key)) is not None:
             return StorePublish(key, entry, None, True)
