@@ -31,7 +31,8 @@ def test_result_and_summary(run):
         assert all(lv["requests"] == lv["clients"] and not lv["errors"] and lv["tokens_per_second"] > 0
                    for lv in r["levels"])
         assert r["fairness"]["answered"]
-    assert result["runs"]["kvmlx"][0]["fairness"]["chunk_tokens"] == 512
+    fair = result["runs"]["kvmlx"][0]["fairness"]
+    assert fair["chunk_tokens"] == 512 and fair["answered"]
     t = result["summary"]["targets"]
     assert set(t["per_concurrency"]) == {"1", "2"} and t["first_ttft_speedup"] > 0
     assert isinstance(t["throughput_at_least_1x"], bool)

@@ -137,23 +137,16 @@ def _level(base: str, name: str, document: str, clients: int, rounds: int, max_t
 
 
 def _fairness(base: str, name: str, long_prompt: str, delay: float, timeout: float) -> dict:
-    """A long prompt, then after `delay` s a 2-token request: how long the short one took; then the long one leaves."""
-    long_client = httpx.Client(timeout=REQUEST_TIMEOUT)
-    body = {"model": name, "prompt": long_prompt, "max_tokens": 1, "stream": True}
-    opened = threading.Event()
+    """A long prompt, then after `delay` s a 2-token request: how long the short one took; then the long
+    one's client leaves (its socket is closed: the server should stop that prefill)."""
+    import json as _json
+    from urllib.parse import urlsplit
 
-    def long_request() -> None:
-        try:
-            with long_client.stream("POST", base + "/v1/completions", json=body) as r:
-                opened.set()
-                for _ in r.iter_lines():
-                    pass
-        except Exception:
-            pass  # closed by us below
-
-    t = threading.Thread(target=long_request, daemon=True)
-    t.start()
-    opened.wait(10)
+    u = urlsplit(base)
+    body = _json.dumps({"model": name, "prompt": long_prompt, "max_tokens": 1, "stream": True}).encode()
+    sock = socket.create_connection((u.hostname, u.port), timeout=REQUEST_TIMEOUT)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (u.netloc.encode(), len(body)) + body)
     time.sleep(delay)
     t0 = time.perf_counter()
     try:
@@ -162,7 +155,7 @@ def _fairness(base: str, name: str, long_prompt: str, delay: float, timeout: flo
         short_s, answered = time.perf_counter() - t0, bool(short.choices)
     except Exception:
         short_s, answered = time.perf_counter() - t0, False
-    long_client.close()  # the long prompt's client leaves: kvmlx cancels its prefill
+    sock.close()  # the long prompt's client leaves
     return {"short_seconds": short_s, "answered": answered, "timeout_seconds": timeout, "delay_seconds": delay}
 
 
@@ -218,7 +211,8 @@ def run_serve_bench(model: str = "builtin:small", *, doc_tokens: int = 1024,
                         run["fairness"] = _fairness(base, name, long_prompt, probe_delay, probe_timeout)
                         if stats:  # one prefill chunk's time, from the server's counters over the probe
                             t1 = time.perf_counter()  # the long prompt's client left: wait for its cancellation
-                            while (st1 := stats())["cancelled"] == st0["cancelled"] and time.perf_counter() - t1 < 120:
+                            while ((st1 := stats())["cancelled"] == st0["cancelled"] and st1["active_requests"]
+                                   and time.perf_counter() - t1 < 120):
                                 time.sleep(0.5)
                             n = st1["prefilled_tokens"] - st0["prefilled_tokens"]
                             s = st1["prefill_seconds"] - st0["prefill_seconds"]
