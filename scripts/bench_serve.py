@@ -1,5 +1,7 @@
 """Time to first token through `kvmlx serve`, with and without a hosted KV, at the paper's lengths.
 
+(`kvmlx bench --serve` compares kvmlx serve with mlx_lm.server under concurrent clients.)
+
     python scripts/bench_serve.py --model builtin:tiny --runs 3 [--lengths 255,485] [--json]
 
 For each length a document is published into a fresh store, the server is started once, and three
@@ -28,9 +30,9 @@ from kvmlx.models import load_model
 from kvmlx.runtime.store import Store
 
 
-def ttft(client: httpx.Client, url: str, prompt: list[int]) -> tuple[float, int]:
+def ttft(client: httpx.Client, url: str, prompt: list[int], model: str) -> tuple[float, int]:
     """Seconds to the first streamed token, and the cached-token count the server reported."""
-    body = {"model": "kvmlx", "prompt": prompt, "max_tokens": 1, "stream": True,
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, cached = None, -1
@@ -80,9 +82,9 @@ def main() -> None:
                         time.sleep(0.2)
                 for n, tokens in docs.items():
                     other = [tokens[0] + 100] + tokens[1:]  # matches no stored document
-                    first_load, cached = ttft(client, url, tokens)
-                    resident = [ttft(client, url, tokens)[0] for _ in range(args.runs)]
-                    scratch = [ttft(client, url, other)[0] for _ in range(args.runs)]
+                    first_load, cached = ttft(client, url, tokens, args.model)
+                    resident = [ttft(client, url, tokens, args.model)[0] for _ in range(args.runs)]
+                    scratch = [ttft(client, url, other, args.model)[0] for _ in range(args.runs)]
                     rows.append({"tokens": n, "cached_tokens": cached, "ttft_first_load_s": first_load,
                                  "ttft_resident_s": statistics.median(resident),
                                  "ttft_prefill_s": statistics.median(scratch),

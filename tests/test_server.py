@@ -20,7 +20,8 @@ from kvmlx.runtime.agent import chat_messages, chat_prefix_tokens, chat_prompt_t
 from kvmlx.runtime.generate import from_scratch
 from kvmlx.runtime.load import load_artifact
 from kvmlx.runtime.publish import DEFAULT_CHUNK, prefill
-from kvmlx.serving.engine import KVPool, ResidentKV, resident_from_loaded
+from kvmlx.runtime.resident import ResidentKV, resident_from_loaded
+from kvmlx.serving.engine import KVPool
 from kvmlx.runtime.store import Store
 
 CHUNK = 16
@@ -173,10 +174,10 @@ def test_concurrent_clients(served, tiny, toks):
         for j in range(2):
             i = 2 * w + j
             if j == 0:
-                r = client.completions.create(model="m", prompt=prompts[i][0], max_tokens=MAX)
+                r = client.completions.create(model="builtin:tiny", prompt=prompts[i][0], max_tokens=MAX)
                 results[i] = (r.model_extra["kvmlx"]["tokens"], r.usage.prompt_tokens_details.cached_tokens)
             else:
-                _, final = stream_completion(client, model="m", prompt=prompts[i][0], max_tokens=MAX)
+                _, final = stream_completion(client, model="builtin:tiny", prompt=prompts[i][0], max_tokens=MAX)
                 results[i] = (final.model_extra["kvmlx"]["tokens"], final.usage.prompt_tokens_details.cached_tokens)
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
@@ -195,7 +196,7 @@ def _stats(served):
 
 def test_disconnect_stops_generation(served, toks):
     before = _stats(served)
-    stream = served["client"].completions.create(model="m", prompt=toks[:DOC_LEN] + toks[300:305], max_tokens=20000,
+    stream = served["client"].completions.create(model="builtin:tiny", prompt=toks[:DOC_LEN] + toks[300:305], max_tokens=20000,
                                                  stream=True, extra_body={"ignore_eos": True})
     got = 0
     for ch in stream:
@@ -216,7 +217,7 @@ def test_disconnect_stops_generation(served, toks):
 def test_stats_and_metrics(served, toks):
     client = served["client"]
     for _ in range(2):
-        client.completions.create(model="m", prompt=toks[:DOC_LEN] + toks[330:340], max_tokens=2)
+        client.completions.create(model="builtin:tiny", prompt=toks[:DOC_LEN] + toks[330:340], max_tokens=2)
     s = _stats(served)
     doc = next(d for d in s["documents"] if d["key"] == served["doc_key"])
     assert doc["loads"] == 1 and doc["resident"]  # loaded once, shared by every request
@@ -231,9 +232,9 @@ def test_stats_and_metrics(served, toks):
 def test_bad_requests(served):
     client = served["client"]
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="m", prompt="", max_tokens=4)
+        client.completions.create(model="builtin:tiny", prompt="", max_tokens=4)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="m", prompt="hi", max_tokens=0)
+        client.completions.create(model="builtin:tiny", prompt="hi", max_tokens=0)
 
 
 # ---- in process: the shared KV is never written ---------------------------------------------
@@ -248,7 +249,7 @@ def test_shared_kv_is_not_mutated(tmp_path, tiny, toks):
     shared = [a for c in resident.loaded.caches for a in (c.keys, c.values)]
     before = [np.array(a.astype(mx.float32)) for a in shared]
     for reuse, suffix in [(70, toks[300:320]), (100, toks[330:350]), (40, toks[:30]), (100, toks[360:365])]:
-        got = _greedy(tiny, resident.caches(reuse), suffix, 5)  # writes past `reuse` into the request's caches
+        got = _greedy(tiny, resident.request_caches(reuse), suffix, 5)  # writes past `reuse` into the request's caches
         assert got == reference(tiny, toks[:reuse] + suffix, reuse, max_tokens=5)
     after = [np.array(a.astype(mx.float32)) for a in shared]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
@@ -279,3 +280,36 @@ def test_pool_lru():
     assert set(pool.items) == {"a", "c"} and pool.evictions == {"b": 1}
     pool.put(item("big", 3))  # larger than the budget: everything goes, itself included
     assert pool.items == {} and pool.nbytes == 0
+
+
+def test_hostile_bodies_over_http(served):
+    """Through uvicorn too: bodies that used to raise inside the server get 4xx, and the server lives on."""
+    url = served["base"] + "/v1/completions"
+    cases = {"[1]": 400, "null": 400, '"s"': 400, '{"prompt": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}": 400,
+             '{"prompt": "x", "temperature": NaN}': 400, '{"prompt": "x", "seed": -1}': 400,
+             '{"prompt": "x", "seed": 18446744073709551616}': 400, '{"prompt": "x\\ud800"}': 400,
+             '{"prompt": "x", "stop": 5}': 400, '{"prompt": "x", "model": "gpt-4o"}': 404}
+    for raw, status in cases.items():
+        r = httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=TIMEOUT)
+        assert r.status_code == status, (raw[:60], r.status_code, r.text[:200])
+        assert r.json()["error"]["message"]
+    assert served["client"].completions.create(model="builtin:tiny", prompt="hi", max_tokens=1).choices
+
+
+def test_disconnect_cancels_prefill(served, toks):
+    """A client that leaves while its long prompt is still prefilling stops the prefill (within a chunk)."""
+    before = _stats(served)
+    long_prompt = [5] + (toks * 40)[:19999]  # matches nothing: 20,000 tokens to prefill, 512 per chunk
+    with httpx.stream("POST", served["base"] + "/v1/completions", timeout=TIMEOUT,
+                      json={"model": "builtin:tiny", "prompt": long_prompt, "max_tokens": 1, "stream": True}):
+        deadline = time.monotonic() + 20
+        while _stats(served)["prefilled_tokens"] - before["prefilled_tokens"] < 1024:  # under way
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    deadline = time.monotonic() + 20
+    while (s := _stats(served))["cancelled"] == before["cancelled"] or s["active_requests"]:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    done = s["prefilled_tokens"] - before["prefilled_tokens"]
+    time.sleep(0.5)
+    assert _stats(served)["prefilled_tokens"] - before["prefilled_tokens"] == done < 20000

@@ -33,12 +33,16 @@ from .app import KvmlxGroup, ask_passphrase, emit, main
 @click.option("--publisher-key", default=None, metavar="ed25519:...|FILE",
               help="Public key whose tokens unlock priced artifacts (the server never holds the private key).")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
-              help=f"Metering log (JSON lines).  [default: DIRECTORY/{METERING_FILE}]")
-def serve_artifacts(directory, host, port, prices, publisher_key, log_path) -> None:
+              help=f"Metering log (JSON lines); the token ledger is LOG.ledger.sqlite beside it.  "
+                   f"[default: DIRECTORY/{METERING_FILE}]")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Worker processes (uvicorn); they share the SQLite token ledger, so loads stay exact.")
+def serve_artifacts(directory, host, port, prices, publisher_key, log_path, workers) -> None:
     """Serve the artifacts in DIRECTORY (a folder of .kvmlx files or a kvmlx store) over HTTP."""
     server = ArtifactServer(directory, prices=parse_prices(list(prices)), publisher_key=publisher_key, log=log_path)
-    click.echo(f"serving {len(server.catalog)} artifacts on http://{host}:{port}/catalog", err=True)
-    run_server(server, host=host, port=port)
+    click.echo(f"serving {len(server.catalog)} artifacts on http://{host}:{port}/catalog"
+               + (f" ({workers} workers)" if workers > 1 else ""), err=True)
+    run_server(server, host=host, port=port, workers=workers)
 
 
 @main.command("fetch")

@@ -32,6 +32,14 @@ def _lengths_option(ctx, param, value):
 @click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
               help="Time the load path alone on synthetic KV of this model's exact shape: no model, no prefill.")
 @click.option("--compression", is_flag=True, help="Instead: compare every KV encoding (size, speed, tokens, logits).")
+@click.option("--serve", "serve_mode", is_flag=True,
+              help="Instead: kvmlx serve vs mlx_lm.server under concurrent streaming clients (openai client).")
+@click.option("--concurrency", default="1,4,8,16", show_default=True, help="--serve: clients at once, comma-separated.")
+@click.option("--doc-tokens", default=1024, show_default=True, type=click.IntRange(16), help="--serve: document length.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1), help="--serve: requests per client.")
+@click.option("--answer-tokens", default=16, show_default=True, type=click.IntRange(1), help="--serve: max_tokens per request.")
+@click.option("--long-tokens", default=0, show_default=True, type=click.IntRange(0),
+              help="--serve: also send a prompt this long, then a 2-token request 2 s later (0: skip).")
 @click.option("--families", is_flag=True,
               help="Instead: every cache family's bytes per token, checkpoints, load vs mlx-lm and exactness, one row per "
                    "built-in family preset (also what --model runs for a model with sliding-window or recurrent caches).")
@@ -45,9 +53,14 @@ def _lengths_option(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine, config, roofline, results, targets).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
-def bench(model, dtype, lengths, runs, shape, compression, families, parallel, directory, chunk_size, no_cold, as_json,
-          plot_path) -> None:
+def bench(model, dtype, lengths, runs, shape, compression, serve_mode, concurrency, doc_tokens, rounds, answer_tokens,
+          long_tokens, families, parallel, directory, chunk_size, no_cold, as_json, plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
+    if serve_mode:
+        if shape or compression or families or parallel:
+            raise click.UsageError("--serve is a mode of its own: drop --shape/--compression/--families/--parallel")
+        _bench_serve(model, runs, concurrency, doc_tokens, rounds, answer_tokens, long_tokens, as_json, plot_path)
+        return
     if shape and (model or dtype or compression or families or parallel):
         raise click.UsageError("--shape times the load path without a model: drop --model/--dtype/--compression/--families/--parallel")
     if parallel:
@@ -98,6 +111,22 @@ def _parallel_bench(model, dtype, tokens, runs, directory, chunk_size, as_json, 
                                                    chunk_size=chunk_size, directory=directory,
                                                    progress=lambda done, total, _phase: bar(done, total))
     _show(result, as_json, plot_path, parallel_bench.plot_parallel, parallel_bench.format_parallel_table)
+def _bench_serve(model, runs, concurrency, doc_tokens, rounds, answer_tokens, long_tokens, as_json, plot_path) -> None:
+    try:
+        levels = tuple(int(x) for x in concurrency.split(","))
+        if not levels or min(levels) < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of positive integers", param_hint="--concurrency") from None
+    try:
+        import openai  # noqa: F401  (the official client drives both servers)
+    except ImportError:
+        raise click.ClickException("kvmlx bench --serve needs the openai package: pip install 'kvmlx[bench]'") from None
+    with Progress("serve bench", as_json, unit="step") as bar:
+        result = bench_api.run_serve_bench(model or "builtin:small", doc_tokens=doc_tokens, concurrency=levels,
+                                           rounds=rounds, max_tokens=answer_tokens, repeats=runs,
+                                           long_tokens=long_tokens, progress=lambda d, t, _w: bar(d, t))
+    _show(result, as_json, plot_path, bench_api.plot_serve, bench_api.format_serve_table)
 
 
 @main.command("cost")

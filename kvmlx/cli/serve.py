@@ -22,10 +22,22 @@ from .app import DTYPE_CHOICE, kv_quant_from, kv_quant_options, main
               help="Shorter matches are prefilled instead of loaded.")
 @click.option("--allow-lossy", is_flag=True, help="Also reuse quantised (lossily encoded) KV; not token-exact.")
 @click.option("--no-verify-digests", is_flag=True, help="Skip tensor digests (only for files you wrote yourself).")
+@click.option("--served-model-name", "aliases", multiple=True,
+              help="Also accept this `model` name (repeatable); the first is the name responses report.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1),
+              help="Requests prefilled or decoded at once (the decode batch).")
+@click.option("--max-queued", default=256, show_default=True, type=click.IntRange(1),
+              help="Accepted requests not yet decoding; beyond this, 429 with Retry-After.")
+@click.option("--max-prompt-tokens", default=None, type=click.IntRange(1),
+              help="Longer prompts get 400 (default: the model's context length).")
+@click.option("--max-body-bytes", default="8M", show_default=True, help="Larger request bodies get 400.")
+@click.option("--request-timeout", default=600.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds from arrival after which a request is dropped (503).")
 @kv_quant_options
 @click.option("--pipeline", is_flag=True, help="Under mlx.launch: pipeline stages instead of tensor parallel.")
 def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests,
-          kv_bits, kv_group_size, quantized_kv_start, pipeline) -> None:
+          aliases, max_batch, max_queued, max_prompt_tokens, max_body_bytes, request_timeout, kv_bits, kv_group_size,
+          quantized_kv_start, pipeline) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV.
 
     Under mlx.launch, rank 0 serves HTTP and every rank runs the model's shard (as mlx_lm.server does)."""
@@ -39,8 +51,16 @@ def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tok
         budget = parse_size(max_resident_bytes) if max_resident_bytes else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-resident-bytes")
+    try:
+        body_bytes = parse_size(max_body_bytes)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-body-bytes")
     lm = load_model(model, dtype, parallel="pipeline" if pipeline else None)
     serve_api = serve_sharded if lm.group is not None else serve_api
+    names = list(aliases)
     serve_api(lm, Store(store_dir), host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
               verify_digests=not no_verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant,
+              model_name=names[0] if names else None, aliases=[lm.model_id] + names[1:], max_batch=max_batch,
+              max_queued=max_queued, max_prompt_tokens=max_prompt_tokens, max_body_bytes=body_bytes,
+              request_timeout=request_timeout,
               on_ready=lambda url: click.echo(f"kvmlx serve: {lm.model_id} at {url}", err=True))

@@ -8,9 +8,9 @@ the commands are in kvmlx/cli/distribute.py; docs/DISTRIBUTION.md has the whole 
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from ..artifact.format import Artifact
 from ..runtime.store import OBJECT_SUFFIX
 from ..artifact import trust as trust_api
 from .entitlements import DistributionError, Meter, TokenError, load_prices, verify_token
+from .ledger import Ledger, Spent
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8377
@@ -95,20 +96,29 @@ def build_catalog(directory: str | os.PathLike, prices: Mapping[str, float] | No
 # ---------------------------------------------------------------- the server
 
 
+MAX_DIGITS = 18  # a byte position with more digits is beyond any file (and beyond int()'s 4,300-digit limit)
+
+
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
-    """(start, end inclusive) of a single 'bytes=' range; None: no/ignored range; 'bad': unsatisfiable."""
+    """(start, end inclusive) of a single 'bytes=' range; None: no/ignored range (send the whole file, 200);
+    'bad': unsatisfiable (416). Numbers of any length are handled without converting long ones."""
     if not header:
         return None
     m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
     if not m or (not m.group(1) and not m.group(2)):
         return None  # multiple or malformed ranges: RFC 9110 lets us ignore the header and send 200
-    if not m.group(1):  # suffix range: the last N bytes
-        n = int(m.group(2))
+    first, last = (g.lstrip("0") or ("0" if g else "") for g in m.groups())
+    if len(first) > MAX_DIGITS:
+        return "bad"  # starts past the end of any file
+    if len(last) > MAX_DIGITS:
+        return None  # an absurd end or suffix length: ignore the range, send the whole file
+    if not first:  # suffix range: the last N bytes
+        n = int(last)
         if n == 0:
             return "bad"
         return (max(0, size - n), size - 1)
-    start = int(m.group(1))
-    end = int(m.group(2)) if m.group(2) else size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
     if start >= size or end < start:
         return "bad"
     return (start, min(end, size - 1))
@@ -125,6 +135,9 @@ class ArtifactServer:
     def __init__(self, directory: str | os.PathLike, *, prices: Mapping[str, float] | None = None,
                  publisher_key: str | bytes | None = None, log: str | os.PathLike | None = None,
                  slack: float = 1.0):
+        self.config = {"directory": str(directory), "prices": dict(prices or {}), "log": None if log is None else str(log),
+                       "slack": slack, "publisher_key": publisher_key if isinstance(publisher_key, str) else
+                       (trust_api.public_key_id(publisher_key) if publisher_key else None)}
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise DistributionError(f"{directory}: not a directory")
@@ -137,8 +150,8 @@ class ArtifactServer:
         if self.public_key is None and any(e.price_usd for e in self.catalog.values()):
             raise DistributionError("priced artifacts need --publisher-key (the public key that signs access tokens)")
         self.meter = Meter(log if log is not None else self.directory / METERING_FILE)
+        self.ledger = Ledger(ledger_path(self.meter.path), seed_log=self.meter.path)
         self.slack = slack
-        self._lock = threading.Lock()
 
     def authorize(self, entry: CatalogEntry, authorization: str | None, start: int, length: int) -> tuple[str | None, bool]:
         """(token id or None, is this a new load); raises _Denied(401|403, reason) when refused.
@@ -155,27 +168,25 @@ class ArtifactServer:
         except TokenError as e:
             raise _Denied(403, str(e))
         tid = claims["tid"]
-        with self._lock:
-            used = self.meter.loads.get(tid, 0)
-            served = self.meter.bytes.get(tid, 0)
+        try:
             if start == 0:
-                if used >= claims["loads"]:
-                    raise _Denied(403, f"token used up ({used} of {claims['loads']} loads)")
-                self.meter.loads[tid] = used + 1
+                self.ledger.take_load(tid, claims["loads"])
                 return tid, True
-            if used == 0:
-                raise _Denied(403, "a resume needs a download started with this token (request from byte 0 first)")
-            if served + length > used * entry.file_bytes + self.slack * entry.file_bytes:
-                raise _Denied(403, f"token used up ({used} of {claims['loads']} loads downloaded)")
-            self.meter.bytes[tid] = served + length  # reserved now, corrected when the response ends
-            return tid, False
+            self.ledger.reserve(tid, length, entry.file_bytes, int(self.slack * entry.file_bytes))
+        except Spent as e:
+            raise _Denied(403, str(e))
+        return tid, False  # bytes reserved now, corrected when the response ends
 
     def record(self, entry: CatalogEntry, tid: str | None, start: int, reserved: int, sent: int, load: bool, status: int) -> None:
-        with self._lock:
-            if tid is not None:
-                self.meter.bytes[tid] = self.meter.bytes.get(tid, 0) - reserved + sent
+        if tid is not None:
+            self.ledger.settle(tid, reserved, sent)
         self.meter.append({"when": time.time(), "token": tid, "artifact": entry.digest, "bytes": sent,
-                           "start": start, "load": load, "status": status})
+                           "start": start, "load": load, "status": status, "worker": os.getpid()})
+
+
+def ledger_path(log: Path) -> Path:
+    """The SQLite ledger that goes with a metering log: `<log name>.ledger.sqlite` beside it."""
+    return log.with_name(log.name + ".ledger.sqlite")
 
 
 class _Denied(Exception):
@@ -280,12 +291,27 @@ class _FileRange:
             self.server.record(self.entry, self.tid, self.start, 0 if self.load else self.length, sent, self.load, self.status)
 
 
-def run_server(server: ArtifactServer, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Run an ArtifactServer's app under uvicorn until interrupted."""
+CONFIG_ENV = "KVMLX_ARTIFACT_SERVER"  # how `--workers` hands the configuration to each worker process
+
+
+def app_from_env():
+    """The app factory each uvicorn worker calls: an ArtifactServer from the JSON in $KVMLX_ARTIFACT_SERVER."""
+    return create_app(ArtifactServer(**json.loads(os.environ[CONFIG_ENV])))
+
+
+def run_server(server: ArtifactServer, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = 1) -> None:
+    """Run an ArtifactServer's app under uvicorn until interrupted; with `workers` > 1, that many
+    processes (each builds the same server from `server.config`; they share the ledger and the log)."""
     import uvicorn
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)
+    if workers <= 1:
+        uvicorn.run(create_app(server), host=host, port=port, log_level="warning", access_log=False)
+        return
+    os.environ[CONFIG_ENV] = json.dumps(server.config)
+    uvicorn.run(f"{__name__}:app_from_env", factory=True, workers=workers, host=host, port=port,
+                log_level="warning", access_log=False)
 
 
-def serve(directory: str | os.PathLike, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **kwargs) -> None:
-    """Run the artifact server (uvicorn) until interrupted."""
-    run_server(ArtifactServer(directory, **kwargs), host=host, port=port)
+def serve(directory: str | os.PathLike, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = 1,
+          **kwargs) -> None:
+    """Run the artifact server (uvicorn, `workers` processes) until interrupted."""
+    run_server(ArtifactServer(directory, **kwargs), host=host, port=port, workers=workers)

@@ -1,22 +1,34 @@
-"""The serving engine: the resident pool of published KV and the worker thread that runs every
-request's model work, answering each from the longest published KV in a store.
+"""The serving engine: continuous batching on mlx-lm's `BatchGenerator`, fed from the resident pool
+of published KV, on the one worker thread that does all model work.
 
-How a request is served (the agent runtime's rules, `kvmlx.runtime.agent.Agent.caches_for`): the prompt's
-token ids (completions: `tokenizer.encode`, as publish does; chat: the model's chat template, as
-`kvmlx.runtime.agent.chat_prompt_tokens` renders it) are looked up in the store; the matching artifact is
-loaded once into a resident pool (LRU under `max_resident_bytes`) and each request gets its own
-caches for its reuse length from `kvmlx.runtime.restore.caches_at`: new cache objects over *slices*
-of the shared arrays (MLX arrays are immutable values: the request's first append makes its own
-buffer, the shared one is never written), from a state checkpoint where the caches cannot be trimmed. Only the
-rest of the prompt is prefilled, in the artifact's chunk size. Decoding is greedy unless a positive
-`temperature` is given.
+A request (a `Job`) goes waiting -> prefilling -> decoding:
 
-All model work runs on one worker thread (MLX evaluation is not thread-safe); it interleaves the
-active requests token by token, so several clients progress together. The HTTP layer (openai.py)
-only waits on per-request queues. A client that disconnects cancels its job. Also here: the
-counters behind `/v1/kvmlx/stats` and their Prometheus rendering.
+- **prefilling**: its prompt's token ids are looked up in the store (the agent runtime's rules,
+  `kvmlx.runtime.agent.Agent.match`); the matching artifact is loaded once into a resident pool (LRU
+  under `max_resident_bytes`) and the request gets its own caches holding the reused prefix from
+  `kvmlx.runtime.resident.request_caches` (the one place that knows how a cache family is shared).
+  Only the rest of the prompt is prefilled. Each engine step has a budget of one chunk of prefill
+  tokens: a long prompt's chunks (the artifact's chunk size) run here one per step, round robin and
+  interleaved with the decode steps, so a huge prompt delays everyone else by about one chunk; a
+  prompt's last chunk (all of a short suffix) goes into the `BatchGenerator`, which prefills the
+  last chunks of one step together in one batched forward. When the prompt *is* the document, the
+  stored logits give the first token with no model call.
+- **decoding**: the request's caches go into mlx-lm's `BatchGenerator` (`insert(..., caches=...)`):
+  one batched forward per step for every decoding request, mlx-lm's samplers, logits processors and
+  stop tokens; mlx-lm merges the caches into its batch cache (a copy), so the shared KV is never written.
+  With `--kv-bits` (quantized KV) or caches mlx-lm cannot merge, requests prefill and decode alone, one
+  token each per step, as mlx_lm.server serves them unbatched.
+
+Why around `BatchGenerator` and not only through it: its prompt processing has one global step size
+and right-pads the prompts it batches to the longest, so a 2-token request joining a 27k-token
+prompt's batch would compute a whole padded step, and a long prompt would hold the batch for its
+whole length; kvmlx keeps long prefills, their chunk size and the scheduling (fairness, cancellation
+between chunks, deadlines) in its own hands, and gives mlx-lm the short, batchable work.
+
+Limits: `max_batch` requests prefill or decode at once; at most `max_queued` requests are accepted
+and not yet decoding (beyond that `submit` raises `QueueFull`, HTTP 429), each has a deadline (`request_timeout`), and a cancelled request (its
+client went away, or a stop string matched) is dropped before the next step, prefill included.
 """
-
 
 from __future__ import annotations
 
@@ -24,53 +36,38 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..caches import KVQuantization
 from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
 from ..runtime.agent import MAX_LOAD_ATTEMPTS, Agent
-from ..runtime.load import LoadedKV
 from ..runtime.publish import DEFAULT_CHUNK, prefill
-from ..runtime.restore import caches_at, compact, loaded_nbytes
+from ..runtime.resident import ResidentKV, resident_from_loaded
 from ..runtime.store import BLOCK, Store
+from .sampling import Params, logprob_info, make_request_processors, make_request_sampler, sample_first
 
-DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
+DEFAULT_MAX_BATCH = 32  # requests prefilling or decoding at once (mlx_lm.server's decode concurrency)
+PREFILL_BATCH = 8  # last chunks BatchGenerator prefills in one forward (mlx_lm.server's prompt concurrency)
+DEFAULT_MAX_QUEUED = 256  # requests waiting beyond those
+DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds from arrival to the last token
 
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine accepts; `retry_after` is a hint in seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"server busy: too many queued requests; retry after {retry_after} s")
+        self.retry_after = retry_after
 
 
 # ---- the resident pool ------------------------------------------------------------------------
-
-
-@dataclass
-class ResidentKV:
-    """One published document's caches (and state checkpoints), loaded once and shared (read-only) by
-    every request using it."""
-
-    key: str
-    tokens: list[int]
-    loaded: LoadedKV  # compacted: exactly the document, no load headroom
-    logits: mx.array  # the stored logits row after the document's last token
-    chunk_size: int
-    nbytes: int
-    load_seconds: float
-
-    def caches(self, reuse: int) -> list:
-        """Fresh per-request caches holding the first `reuse` tokens (`kvmlx.runtime.restore.caches_at`):
-        new cache and array objects over the shared arrays, so a request's appends never reach them."""
-        return caches_at(self.loaded, reuse)
-
-
-def resident_from_loaded(key: str, loaded, chunk_size: int) -> ResidentKV:
-    """Trim a loaded artifact's caches to the document (dropping load headroom) and evaluate them."""
-    loaded = compact(loaded)
-    return ResidentKV(key, list(loaded.tokens), loaded, loaded.logits, chunk_size, loaded_nbytes(loaded),
-                      loaded.load_seconds)
 
 
 class KVPool:
@@ -104,26 +101,50 @@ class KVPool:
         self.items.pop(key, None)
 
 
-# ---- jobs and the engine ----------------------------------------------------------------------
-
-
-@dataclass
-class Params:
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 0.0
-    seed: int | None = None
-    ignore_eos: bool = False
+# ---- jobs -------------------------------------------------------------------------------------
 
 
 @dataclass
 class Job:
-    """One request's work, run on the engine thread. `emit(kind, payload)` is called from that thread."""
+    """One request. `emit(kind, payload)` is called from the engine thread with kind "start" (usage
+    info), "token" ((token id, logprob info or None)), "done" (finish reason), "timeout" or "error"."""
 
     tokens: list[int]
     params: Params
     emit: Callable[[str, Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+
+
+@dataclass
+class _Prefill:
+    job: Job
+    caches: list | None = None
+    suffix: list[int] = field(default_factory=list)
+    pos: int = 0
+    chunk: int = DEFAULT_CHUNK
+    logits: mx.array | None = None  # the stored logits when the whole prompt is the document
+
+
+@dataclass
+class _Decode:
+    job: Job
+    logprobs: bool
+    top: int
+    started: bool = False  # its first token came out of the batch
+
+
+@dataclass
+class _Solo:
+    """A request decoding alone: its caches, sampler and processors, prompt + tokens so far."""
+
+    job: Job
+    caches: list
+    sampler: Any
+    processors: list
+    context: list[int]
+    count: int
 
 
 @dataclass
@@ -135,11 +156,31 @@ class DocStats:
     load_seconds: float = 0.0
 
 
+class _Float32Logits:
+    """The model, with logits cast to float32 before BatchGenerator normalises and samples them:
+    argmax over float32 log-probabilities is the argmax of the raw logits (bf16 log-softmax could
+    round two distinct logits to a tie and pick another token than the reference's argmax)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs).astype(mx.float32)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+# ---- the engine -------------------------------------------------------------------------------
+
+
 class Engine:
-    """Owns the model, the store and the resident KV; runs every job on one worker thread."""
+    """Owns the model, the store, the resident KV and the BatchGenerator; one worker thread runs them."""
 
     def __init__(self, lm: LoadedModel, store: Store | None = None, *, max_resident_bytes: int | None = None,
                  min_reuse_tokens: int = BLOCK, verify_digests: bool = True, allow_lossy: bool = False,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_queued: int = DEFAULT_MAX_QUEUED,
+                 request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, prefill_chunk: int = DEFAULT_CHUNK,
                  kv_quant: KVQuantization | None = None):
         self.lm = lm
         self.agent = Agent(lm, store, min_reuse_tokens=min_reuse_tokens, verify_digests=verify_digests,
@@ -147,13 +188,25 @@ class Engine:
         self.store = self.agent.store
         self.pool = KVPool(max_resident_bytes)
         self.eos = set(lm.tokenizer.eos_token_ids)
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.active: list[tuple[Job, Iterator[int]]] = []
+        self.max_batch, self.max_queued = max(1, max_batch), max(1, max_queued)
+        self.request_timeout, self.prefill_chunk = request_timeout, prefill_chunk
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.waiting: deque[Job] = deque()
+        self.prefilling: deque[_Prefill] = deque()
+        self.decoding: dict[int, _Decode] = {}
+        # mlx-lm batches only caches that can merge, and no --kv-bits (as mlx_lm.server): the rest decode alone
+        self.batchable = kv_quant is None and all(hasattr(c, "merge") for c in make_prompt_cache(lm.model))
+        self.solo: list[_Solo] = []
+        self.bg: BatchGenerator | None = None
         self.docs: dict[str, DocStats] = {}
-        self.totals = dict(requests=0, completed=0, cancelled=0, errors=0, prompt_tokens=0, cached_tokens=0,
-                           prefilled_tokens=0, completion_tokens=0)
+        self.totals = dict(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0, prompt_tokens=0,
+                           cached_tokens=0, prefilled_tokens=0, completion_tokens=0)
         self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+        self.decode_steps = 0
         self.started = time.time()
+        self._queued = 0  # submitted and not yet decoding or finished (read by the HTTP thread)
+        self._joined = self._skipped = False  # requests joined the batch last step; long prompts sat out
         self._lock = threading.Lock()  # guards the counters read by the HTTP thread
         self._thread: threading.Thread | None = None
 
@@ -165,55 +218,258 @@ class Engine:
         return self
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        self.inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
+        """Queue a job (from any thread); QueueFull when `max_queued` are already waiting."""
         with self._lock:
+            if self._queued >= self.max_queued:
+                self.totals["rejected"] += 1
+                raise QueueFull(1 + self._queued // self.max_batch)
+            self._queued += 1
             self.totals["requests"] += 1
-        self.jobs.put(job)
+        if job.deadline is None and self.request_timeout:
+            job.deadline = time.monotonic() + self.request_timeout
+        self.inbox.put(job)
+
+    def _busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding or self.solo)
 
     def _loop(self) -> None:
         _ = self.agent.identity  # fingerprint the model on the engine thread, before any request
+        self._new_batch()
         while self._take_jobs():
             self._step_all()
 
     def _take_jobs(self) -> bool:
-        """Move queued jobs into `active`, blocking only when idle; False once told to stop."""
+        """Move queued jobs to `waiting`, blocking only when idle; False once told to stop."""
         try:
             while True:
-                job = self.jobs.get(block=not self.active)
+                job = self.inbox.get(block=not self._busy())
                 if job is None:
                     return False
-                self.active.append((job, self._run(job)))
+                self.waiting.append(job)
         except queue.Empty:
             pass
         return True
 
     def _step_all(self) -> None:
-        """One step of every active job, round robin."""
-        for item in list(self.active):
-            job, gen = item
-            if job.cancelled.is_set():
-                gen.close()
-                self.active.remove(item)
-                with self._lock:
-                    self.totals["cancelled"] += 1
-                continue
-            try:
-                next(gen)
-            except StopIteration:
-                self.active.remove(item)
-                with self._lock:
-                    self.totals["completed"] += 1
-            except Exception as e:  # a failed request must not stop the engine
-                self.active.remove(item)
-                with self._lock:
-                    self.totals["errors"] += 1
-                job.emit("error", f"{type(e).__name__}: {e}")
+        """One engine step: drop cancelled and expired jobs, decode the batch, then prefill."""
+        try:
+            self._drop_finished()
+            if self.decoding:
+                self._decode_step()
+            if self.solo:
+                self._solo_step()
+            self._prefill_step()
+        except Exception as e:  # a failed step must not stop the engine: fail what was running
+            self._fail_all(f"{type(e).__name__}: {e}")
 
-    # -- one request --
+    def _new_batch(self) -> None:
+        self.bg = BatchGenerator(_Float32Logits(self.lm.model), stop_tokens=[[e] for e in self.eos],
+                                 completion_batch_size=self.max_batch,
+                                 prefill_batch_size=min(PREFILL_BATCH, self.max_batch))
+
+    # -- cancellation, deadlines, failures --
+
+    def _end(self, job: Job, counter: str, *, queued: bool) -> None:
+        with self._lock:
+            self.totals[counter] += 1
+            if queued:
+                self._queued -= 1
+
+    def _gone(self, job: Job, queued: bool) -> bool:
+        """True (and the job is ended) when its client cancelled it or its deadline passed."""
+        if job.cancelled.is_set():
+            self._end(job, "cancelled", queued=queued)
+            return True
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            job.emit("timeout", "the request's deadline passed before it finished")
+            self._end(job, "timeouts", queued=queued)
+            return True
+        return False
+
+    def _drop_finished(self) -> None:
+        self.waiting = deque(j for j in self.waiting if not self._gone(j, queued=True))
+        self.prefilling = deque(p for p in self.prefilling if not self._gone(p.job, queued=True))
+        self.solo = [d for d in self.solo if not self._gone(d.job, queued=False)]
+        gone = [uid for uid, d in self.decoding.items() if self._gone(d.job, queued=False)]
+        if gone:
+            self.bg.remove(gone)
+            for uid in gone:
+                del self.decoding[uid]
+
+    def _fail_all(self, message: str) -> None:
+        """After an unexpected error: every request in flight gets it, and the batch starts afresh."""
+        for d in [*self.decoding.values(), *self.solo]:
+            d.job.emit("error", message)
+            self._end(d.job, "errors", queued=False)
+        self.solo.clear()
+        for p in self.prefilling:
+            p.job.emit("error", message)
+            self._end(p.job, "errors", queued=True)
+        self.decoding.clear()
+        self.prefilling.clear()
+        self._new_batch()
+
+    # -- decoding --
+
+    def _decode_step(self) -> None:
+        """One BatchGenerator call until it yields tokens: the batched prefill of the prompts handed to
+        it (their first tokens), and one batched decode step for every decoding request."""
+        with self.bg.stats() as st:
+            responses = self.bg.next_generated()
+        with self._lock:
+            self.prefill_seconds += st.prompt_time
+            self.decode_seconds += st.wall_time - st.prompt_time
+            self.decode_steps += st.generation_steps
+        for r in responses:
+            d = self.decoding.get(r.uid)
+            if d is None:
+                continue
+            if not d.started:
+                d.started, self._joined = True, True
+            info = logprob_info(r.logprobs, r.token, d.top) if d.logprobs else None
+            with self._lock:
+                self.totals["completion_tokens"] += 1
+            d.job.emit("token", (r.token, info))
+            if r.finish_reason is not None:
+                d.job.emit("done", r.finish_reason)
+                del self.decoding[r.uid]
+                self._end(d.job, "completed", queued=False)
+
+    # -- prefilling --
+
+    def _prefill_step(self) -> None:
+        """One step's prefill work, within a budget of `prefill_chunk` tokens (the step's first chunk
+        always runs). Waiting jobs are admitted while there is room, ahead of those already prefilling;
+        then each prefilling job in turn, at most once: a prompt's last chunk (all of a short suffix)
+        goes into the BatchGenerator, which prefills those of one step together in one batched forward
+        and starts decoding them; an earlier chunk of a long prompt runs here, alone, in the artifact's
+        chunk size, and the job goes to the back (round robin). Right after new requests joined the
+        decode batch, long prompts sit out one step, so a short request's first tokens are not held
+        behind a long chunk (they never sit out two steps running)."""
+        while self.waiting and len(self.prefilling) + len(self.decoding) + len(self.solo) < self.max_batch:
+            self.prefilling.appendleft(_Prefill(self.waiting.popleft()))  # new arrivals first
+        skip_long, self._joined, self._skipped = self._joined and not self._skipped, False, False
+        budget, deferred, unfinished = self.prefill_chunk, [], []
+        for _ in range(len(self.prefilling)):
+            p = self.prefilling.popleft()
+            try:
+                if p.caches is None:
+                    self._prepare(p)
+                left = len(p.suffix) - p.pos
+                if left == 0:  # the prompt is the document (or was prefilled here): sample from its logits
+                    self._first_token(p)
+                    continue
+                final = left <= p.chunk and self.batchable  # unbatched: every chunk runs here
+                if not final and skip_long:
+                    deferred.append(p)
+                    self._skipped = True
+                    continue
+                n = left if final else p.chunk
+                if budget < self.prefill_chunk and n > budget:
+                    self.prefilling.appendleft(p)  # it would overrun this step: first in the next one
+                    break
+                budget -= n
+                with self._lock:
+                    self.totals["prefilled_tokens"] += n
+                if final:
+                    self._enter_batch(p, p.suffix[p.pos:], p.job.tokens[: len(p.job.tokens) - left])
+                    continue
+                t0 = time.perf_counter()
+                p.logits = prefill(self.lm.model, p.suffix[p.pos: p.pos + n], p.caches, p.chunk,
+                                   quant=self.agent.kv_quant)
+                p.pos += n
+                with self._lock:
+                    self.prefill_seconds += time.perf_counter() - t0
+                if p.pos < len(p.suffix):
+                    unfinished.append(p)
+                else:
+                    self._first_token(p)
+            except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
+                p.job.emit("error", f"{type(e).__name__}: {e}")
+                self._end(p.job, "errors", queued=True)
+            if budget <= 0:
+                break
+        self.prefilling.extendleft(reversed(deferred))
+        self.prefilling.extend(unfinished)  # to the back: the others get their chunk first
+
+    def _prepare(self, p: _Prefill) -> None:
+        caches, suffix, reused, key, logits, chunk = self.prepare(p.job.tokens)
+        p.caches, p.suffix, p.logits, p.chunk = caches, suffix, logits, chunk
+        with self._lock:
+            self.totals["prompt_tokens"] += len(p.job.tokens)
+            self.totals["cached_tokens"] += reused
+            if key is not None:
+                d = self.docs.setdefault(key, DocStats(reused))
+                d.requests += 1
+                d.tokens_saved += reused
+        p.job.emit("start", {"prompt_tokens": len(p.job.tokens), "cached_tokens": reused,
+                             "prefilled_tokens": len(suffix), "key": key, "chunk_size": chunk})
+
+    def _first_token(self, p: _Prefill) -> None:
+        """The first token from the stored logits (no model call) or this engine's prefill, then the
+        rest in the batch (or alone, for caches mlx-lm cannot batch)."""
+        job, params = p.job, p.job.params
+        sampler, processors = make_request_sampler(params), make_request_processors(params)
+        token, logprobs = sample_first(p.logits, job.tokens, sampler, processors)
+        info = logprob_info(logprobs, token, params.top_logprobs) if params.logprobs else None
+        with self._lock:
+            self.totals["completion_tokens"] += 1
+        job.emit("token", (token, info))
+        if token in self.eos and not params.ignore_eos:
+            job.emit("done", "stop")
+        elif params.max_tokens <= 1:
+            job.emit("done", "length")
+        elif self.batchable:
+            self._enter_batch(p, [token], job.tokens, params.max_tokens - 1, sampler, processors)
+            return
+        else:
+            self.solo.append(_Solo(job, p.caches, sampler, processors, list(job.tokens) + [token], 1))
+            with self._lock:
+                self._queued -= 1
+            return
+        self._end(job, "completed", queued=True)
+
+    def _solo_step(self) -> None:
+        """One token for each request decoding alone (mlx-lm's pipeline, one sequence at a time)."""
+        for d in list(self.solo):
+            t0 = time.perf_counter()
+            logits = self.lm.model(mx.array([[d.context[-1]]]), cache=d.caches)[0, -1]
+            apply_quantization(self.agent.kv_quant, d.caches)
+            token, logprobs = sample_first(logits, d.context, d.sampler, d.processors)
+            params = d.job.params
+            info = logprob_info(logprobs, token, params.top_logprobs) if params.logprobs else None
+            d.context.append(token)
+            d.count += 1
+            with self._lock:
+                self.decode_seconds += time.perf_counter() - t0
+                self.decode_steps += 1
+                self.totals["completion_tokens"] += 1
+            d.job.emit("token", (token, info))
+            finish = "stop" if token in self.eos and not params.ignore_eos else (
+                "length" if d.count >= params.max_tokens else None)
+            if finish:
+                d.job.emit("done", finish)
+                self.solo.remove(d)
+                self._end(d.job, "completed", queued=False)
+
+    def _enter_batch(self, p: _Prefill, prompt: list[int], context: list[int], max_tokens: int | None = None,
+                     sampler=None, processors=None) -> None:
+        """Hand a request to the BatchGenerator: its caches (holding `context`), the prompt tokens still to
+        run, its sampler and logits processors (mlx-lm's), EOS as its stop unless `ignore_eos`."""
+        params = p.job.params
+        if sampler is None:
+            sampler, processors = make_request_sampler(params), make_request_processors(params)
+        (uid,) = self.bg.insert([list(prompt)], max_tokens=[max_tokens or params.max_tokens], caches=[p.caches],
+                                all_tokens=[list(context)], samplers=[sampler], logits_processors=[processors],
+                                stop_sequences=[StopSequences()] if params.ignore_eos else None)
+        self.decoding[uid] = _Decode(p.job, params.logprobs, params.top_logprobs)
+        with self._lock:
+            self._queued -= 1
 
     def prepare(self, tokens: list[int]):
         """(caches, suffix, reused, key, logits or None, chunk size): the agent runtime's matching rules."""
@@ -242,58 +498,8 @@ class Engine:
                     d.load_seconds += resident.load_seconds
             self.store.touch(entry.key)
             logits = resident.logits if reuse == n else None
-            return resident.caches(reuse), tokens[reuse:], reuse, entry.key, logits, resident.chunk_size
-        return make_prompt_cache(self.lm.model), tokens, 0, None, None, DEFAULT_CHUNK
-
-    def _run(self, job: Job) -> Iterator[None]:
-        """A generator the engine steps: prefill on the first step, then one token per step."""
-        tokens, p = job.tokens, job.params
-        caches, suffix, reused, key, logits, chunk = self.prepare(tokens)
-        if suffix:
-            t0 = time.perf_counter()
-            logits = prefill(self.lm.model, suffix, caches, chunk, quant=self.agent.kv_quant)
-            mx.eval(logits)
-            dt = time.perf_counter() - t0
-        else:
-            dt = 0.0
-        with self._lock:
-            self.totals["prompt_tokens"] += len(tokens)
-            self.totals["cached_tokens"] += reused
-            self.totals["prefilled_tokens"] += len(suffix)
-            self.prefill_seconds += dt
-            if key is not None:
-                d = self.docs.setdefault(key, DocStats(reused))
-                d.requests += 1
-                d.tokens_saved += reused
-        job.emit("start", {"prompt_tokens": len(tokens), "cached_tokens": reused, "prefilled_tokens": len(suffix),
-                           "key": key, "chunk_size": chunk})
-        yield
-        rng = mx.random.key(p.seed) if p.seed is not None else None
-        count = 0
-        while True:
-            if p.temperature > 0:
-                if rng is not None:
-                    rng, sub = mx.random.split(rng)
-                    token = int(mx.random.categorical(logits.astype(mx.float32) / p.temperature, key=sub).item())
-                else:
-                    token = int(mx.random.categorical(logits.astype(mx.float32) / p.temperature).item())
-            else:
-                token = int(mx.argmax(logits).item())
-            count += 1
-            with self._lock:
-                self.totals["completion_tokens"] += 1
-            job.emit("token", token)
-            if token in self.eos and not p.ignore_eos:
-                job.emit("done", "stop")
-                return
-            if count >= p.max_tokens:
-                job.emit("done", "length")
-                return
-            yield
-            if job.cancelled.is_set():
-                return
-            logits = self.lm.model(mx.array([[token]]), cache=caches)[0, -1]
-            apply_quantization(self.agent.kv_quant, caches)
+            return resident.request_caches(reuse), tokens[reuse:], reuse, entry.key, logits, resident.chunk_size
+        return make_prompt_cache(self.lm.model), tokens, 0, None, None, self.prefill_chunk
 
     # -- counters --
 
@@ -302,7 +508,9 @@ class Engine:
             totals = dict(self.totals)
             prefill_s, prefilled = self.prefill_seconds, totals["prefilled_tokens"]
             docs = {k: DocStats(**vars(d)) for k, d in self.docs.items()}
-            active = len(self.active)
+            queued = self._queued
+            decode_s, steps = self.decode_seconds, self.decode_steps
+        decoding = len(self.decoding) + len(self.solo)
         speed = prefilled / prefill_s if prefill_s > 0 and prefilled else None
         resident = dict(self.pool.items)
         documents = []
@@ -316,8 +524,11 @@ class Engine:
                 "evictions": self.pool.evictions.get(key, 0),
             })
         return {
-            "model": self.lm.model_id, "uptime_seconds": time.time() - self.started, "active_requests": active,
+            "model": self.lm.model_id, "uptime_seconds": time.time() - self.started,
+            "active_requests": queued + decoding, "queued_requests": queued, "decoding_requests": decoding,
+            "max_batch": self.max_batch, "max_queued": self.max_queued,
             **totals, "prefill_seconds": prefill_s, "prefill_tokens_per_second": speed,
+            "decode_seconds": decode_s, "decode_steps": steps,
             "compute_seconds_saved": (totals["cached_tokens"] / speed) if speed else None,
             "resident_bytes": sum(r.nbytes for r in resident.values()), "resident_documents": len(resident),
             "max_resident_bytes": self.pool.max_bytes, "documents": documents,
@@ -338,12 +549,17 @@ def prometheus(stats: dict) -> str:
             lines.append(f"kvmlx_{name}{{{lab}}} {value}" if lab else f"kvmlx_{name} {value}")
 
     for name, help_ in [("requests", "Requests received."), ("completed", "Requests completed."),
-                        ("cancelled", "Requests stopped early (client disconnected, or a stop string matched)."), ("errors", "Requests failed."),
+                        ("cancelled", "Requests stopped early (client disconnected, or a stop string matched)."),
+                        ("errors", "Requests failed."), ("rejected", "Requests refused with 429 (queue full)."),
+                        ("timeouts", "Requests dropped at their deadline."),
                         ("prompt_tokens", "Prompt tokens."), ("cached_tokens", "Prompt tokens served from published KV."),
                         ("prefilled_tokens", "Prompt tokens prefilled."), ("completion_tokens", "Tokens generated.")]:
         metric(f"{name}_total", "counter", help_, [({}, stats[name])])
     metric("prefill_seconds_total", "counter", "Seconds spent prefilling.", [({}, stats["prefill_seconds"])])
+    metric("decode_seconds_total", "counter", "Seconds spent in batched decode steps.", [({}, stats["decode_seconds"])])
     metric("active_requests", "gauge", "Requests in progress.", [({}, stats["active_requests"])])
+    metric("queued_requests", "gauge", "Requests waiting or prefilling.", [({}, stats["queued_requests"])])
+    metric("decoding_requests", "gauge", "Requests in the decode batch.", [({}, stats["decoding_requests"])])
     metric("resident_bytes", "gauge", "Bytes of published KV held in memory.", [({}, stats["resident_bytes"])])
     docs = stats["documents"]
     lab = [{"key": d["key"]} for d in docs]

@@ -171,24 +171,18 @@ def load_prices(path: str | os.PathLike) -> dict[str, float]:
 
 
 class Meter:
-    """The metering log (JSON lines, appended and fsync'ed) and the per-token counts rebuilt from it.
+    """The metering log: JSON lines, appended under `flock` and fsync'ed, safe from several processes.
 
     One line per served response: {"when", "token", "artifact", "bytes", "start", "load", "status"}.
     `load` is true for a response that starts at byte 0 under a token (a new download); resumes
-    (start > 0) are logged with their bytes but are not loads.
+    (start > 0) are logged with their bytes but are not loads. The log is the export `report` reads;
+    what a token may still spend is kept in the SQLite ledger (kvmlx.serving.ledger).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.loads: dict[str, int] = {}
-        self.bytes: dict[str, int] = {}
-        for rec in read_log(self.path):
-            if rec.get("token"):
-                self.bytes[rec["token"]] = self.bytes.get(rec["token"], 0) + int(rec.get("bytes", 0))
-                if rec.get("load"):
-                    self.loads[rec["token"]] = self.loads.get(rec["token"], 0) + 1
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, sort_keys=True) + "\n").encode()

@@ -1,13 +1,15 @@
 """The OpenAI-compatible HTTP layer over the engine: `/v1/models`, `/v1/completions`,
 `/v1/chat/completions` (both with `"stream": true` as server-sent events), `/v1/kvmlx/stats` (JSON
-counters) and `/metrics` (Prometheus text); request validation and OpenAI-shaped errors; `serve()`,
+counters) and `/metrics` (Prometheus text); OpenAI-shaped errors (the checks themselves are in
+requests.py), the model name and its aliases (an unknown `model` is 404 `model_not_found`, as vLLM
+answers), 429 + Retry-After when the engine's queue is full, logprobs in OpenAI's shapes; `serve()`,
 which runs it on uvicorn with one engine (engine.py). docs/SERVER.md has the design.
 
     kvmlx serve --model builtin:tiny --store ~/.cache/kvmlx/store --port 8000
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
-    client.completions.create(model="kvmlx", prompt=paper_text + "\\n\\nQuestion: ...", max_tokens=64)
+    client.completions.create(model="builtin:tiny", prompt=paper_text + "\\n\\nQuestion: ...", max_tokens=64)
 """
 
 from __future__ import annotations
@@ -15,70 +17,51 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..models import LoadedModel
 from ..runtime.agent import ChatTemplateError, _render
 from ..runtime.store import BLOCK, Store
-from .engine import DEFAULT_MAX_TOKENS, Engine, Job, Params, prometheus
+from . import requests as req
+from .engine import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_REQUEST_TIMEOUT,
+    Engine,
+    Job,
+    QueueFull,
+    prometheus,
+)
+from .requests import BadRequest, parse_body
+from .sampling import Params
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-MAX_TOKENS_LIMIT = 32768
+DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 32k-token prompt is ~150 KB of text, ~250 KB of token ids
 
 
-class BadRequest(Exception):
-    pass
-
-
-def _params(body: dict) -> Params:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}]")
-    temperature = body.get("temperature")
-    temperature = 0.0 if temperature is None else float(temperature)
-    if temperature < 0:
-        raise BadRequest("temperature must be >= 0")
-    if body.get("n", 1) not in (1, None):
-        raise BadRequest("only n=1 is supported")
-    seed = body.get("seed")
-    return Params(max_tokens, temperature, None if seed is None else int(seed), bool(body.get("ignore_eos", False)))
-
-
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if not all(isinstance(s, str) for s in stops) or len(stops) > 4:
-        raise BadRequest("stop must be a string or up to 4 strings")
-    return [s for s in stops if s]
-
-
-def _content(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for p in content:
-            if isinstance(p, dict) and p.get("type") == "text":
-                parts.append(p.get("text", ""))
-            else:
-                raise BadRequest("only text content parts are supported")
-        return "".join(parts)
-    raise BadRequest("message content must be a string or a list of text parts")
+def context_length(lm: LoadedModel) -> int | None:
+    """The model's context length from its config (None when it names none)."""
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = lm.config.get(name)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 class Server:
     """The Starlette app around an Engine."""
 
-    def __init__(self, engine: Engine, model_name: str | None = None):
+    def __init__(self, engine: Engine, model_name: str | None = None, *, aliases: Sequence[str] = (),
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None):
         self.engine = engine
         self.lm = engine.lm
         self.model_name = model_name or engine.lm.model_id
+        self.names = [self.model_name] + [a for a in aliases if a != self.model_name]
+        self.max_body_bytes = max_body_bytes
+        self.max_prompt_tokens = max_prompt_tokens or context_length(self.lm)
+        vocab = self.lm.config.get("vocab_size")
+        self.vocab_size = vocab if isinstance(vocab, int) else None
         self.created = int(time.time())
         self.app = self._app()
 
@@ -104,7 +87,7 @@ class Server:
     async def models(self, request):
         from starlette.responses import JSONResponse
         return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kvmlx"}]})
+            {"id": name, "object": "model", "created": self.created, "owned_by": "kvmlx"} for name in self.names]})
 
     async def stats(self, request):
         from starlette.responses import JSONResponse
@@ -117,50 +100,61 @@ class Server:
     # -- generation --
 
     @staticmethod
-    def _error(status: int, message: str, kind: str = "invalid_request_error"):
+    def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None, headers: dict | None = None):
         from starlette.responses import JSONResponse
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                            status_code=status, headers=headers)
+
+    async def _body(self, request) -> dict:
+        """The body, read up to `max_body_bytes`, parsed and checked to be a JSON object."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise BadRequest(f"the body is larger than {self.max_body_bytes} bytes", code="request_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > self.max_body_bytes:
+                raise BadRequest(f"the body is larger than {self.max_body_bytes} bytes", code="request_too_large")
+        body = parse_body(bytes(raw))
+        model = body.get("model")
+        if model is not None:
+            if not isinstance(model, str):
+                raise BadRequest("model must be a string", "model")
+            if model not in self.names:
+                raise BadRequest(f"the model {model[:200]!r} does not exist; this server serves "
+                                 + ", ".join(repr(n) for n in self.names), "model", "model_not_found", 404)
+        return body
+
+    def _check_length(self, tokens: list[int], param: str) -> None:
+        if self.max_prompt_tokens is not None and len(tokens) > self.max_prompt_tokens:
+            raise BadRequest(f"the prompt has {len(tokens)} tokens; this server takes at most "
+                             f"{self.max_prompt_tokens}", param, "context_length_exceeded")
 
     async def completions(self, request):
         try:
-            body = await request.json()
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                tokens = list(self.lm.tokenizer.encode(prompt))
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                tokens = [int(t) for t in prompt]
-                vocab = self.lm.config.get("vocab_size")
-                if isinstance(vocab, int) and any(not 0 <= t < vocab for t in tokens):
-                    raise BadRequest("prompt token id outside the vocabulary")
-            else:
-                raise BadRequest("prompt must be a non-empty string or list of token ids (one prompt per request)")
-            if not tokens:
-                raise BadRequest("the prompt is empty")
-            params, stops = _params(body), _stops(body)
-        except (BadRequest, ValueError, TypeError) as e:
-            return self._error(400, str(e))
+            body = await self._body(request)
+            tokens = req.prompt_tokens(body, self.lm.tokenizer, self.vocab_size)
+            self._check_length(tokens, "prompt")
+            params, stops = req.params(body, self.vocab_size, chat=False), req.stops(body)
+        except BadRequest as e:
+            return self._error(e.status, str(e), param=e.param, code=e.code)
         return await self._respond(request, body, tokens, params, stops, chat=False)
 
     async def chat(self, request):
         try:
-            body = await request.json()
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise BadRequest("messages must be a non-empty list")
-            msgs = []
-            for m in messages:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                    raise BadRequest("each message needs a role")
-                msgs.append({"role": m["role"], "content": _content(m.get("content"))})
+            body = await self._body(request)
+            msgs = req.messages(body)
             try:
                 tokens = _render(self.lm, msgs)
             except ChatTemplateError as e:
-                raise BadRequest(str(e))
-            params, stops = _params(body), _stops(body)
-        except (BadRequest, ValueError, TypeError) as e:
-            return self._error(400, str(e))
+                raise BadRequest(str(e), "messages")
+            except Exception as e:  # a template that raises on this conversation (e.g. roles out of order)
+                raise BadRequest(f"the chat template cannot render these messages: {str(e)[:200]}", "messages")
+            self._check_length(tokens, "messages")
+            params, stops = req.params(body, self.vocab_size, chat=True), req.stops(body)
+        except BadRequest as e:
+            return self._error(e.status, str(e), param=e.param, code=e.code)
         return await self._respond(request, body, tokens, params, stops, chat=True)
 
     async def _respond(self, request, body: dict, tokens: list[int], params: Params, stops: list[str], chat: bool):
@@ -173,7 +167,11 @@ class Server:
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         out = _Output(self.lm.tokenizer, self.engine.eos, stops)
-        self.engine.submit(job)
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            return self._error(429, str(e), "rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(e.retry_after)})
 
         if not body.get("stream"):
             try:
@@ -185,6 +183,9 @@ class Server:
                             job.cancelled.set()
                             return self._error(499, "client disconnected")
                         continue
+                    if kind == "timeout":
+                        return self._error(503, payload, "timeout_error", code="deadline_exceeded",
+                                           headers={"Retry-After": "1"})
                     if kind == "error":
                         return self._error(500, payload, "server_error")
                     if out.feed(kind, payload):
@@ -196,44 +197,52 @@ class Server:
                 job.cancelled.set()
                 raise
             text = out.final_text()
+            lp = out.logprobs(chat) if params.logprobs else None
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": out.finish,
-                       "logprobs": None} if chat else
-                      {"index": 0, "text": text, "finish_reason": out.finish, "logprobs": None})
+                       "logprobs": lp} if chat else
+                      {"index": 0, "text": text, "finish_reason": out.finish, "logprobs": lp})
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_name,
                                  "choices": [choice], "usage": out.usage(), "kvmlx": out.extension()})
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False, **extra) -> str:
+        def chunk(delta: str | None, finish: str | None, first: bool = False, logprobs=None, **extra) -> str:
             if chat:
                 d = {} if delta is None else {"content": delta}
                 if first:
                     d = {"role": "assistant", "content": ""}
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
             return "data: " + json.dumps({"id": rid, "object": chunk_obj, "created": created,
                                           "model": self.model_name, "choices": [choice], **extra}) + "\n\n"
 
         async def stream():
+            sent_lp = 0  # tokens whose logprobs were streamed
             try:
                 if chat:
                     yield chunk(None, None, first=True)
                 while True:
                     kind, payload = await events.get()
-                    if kind == "error":
-                        yield "data: " + json.dumps({"error": {"message": payload, "type": "server_error"}}) + "\n\n"
+                    if kind in ("error", "timeout"):
+                        kind_ = "timeout_error" if kind == "timeout" else "server_error"
+                        yield "data: " + json.dumps({"error": {"message": payload, "type": kind_}}) + "\n\n"
+                        yield "data: [DONE]\n\n"
                         return
                     stopped = out.feed(kind, payload)
                     if stopped:
                         job.cancelled.set()
-                    delta = out.pending(final=stopped or kind == "done")
-                    if stopped or kind == "done":
+                    final = stopped or kind == "done"
+                    delta = out.pending(final=final)
+                    lp = None
+                    if params.logprobs and (delta or final) and sent_lp < len(out.tokens):
+                        lp, sent_lp = out.logprobs(chat, sent_lp), len(out.tokens)
+                    if final:
                         extra = {"kvmlx": out.extension()}
                         if not include_usage:
                             extra["usage"] = out.usage()
-                        yield chunk(delta, out.finish, **extra)
+                        yield chunk(delta, out.finish, logprobs=lp, **extra)
                         if include_usage:
                             yield "data: " + json.dumps({"id": rid, "object": chunk_obj, "created": created,
                                                          "model": self.model_name, "choices": [],
@@ -241,7 +250,7 @@ class Server:
                         yield "data: [DONE]\n\n"
                         return
                     if delta:
-                        yield chunk(delta, None)
+                        yield chunk(delta, None, logprobs=lp)
             finally:  # normal end, or the client went away (Starlette cancels the stream)
                 job.cancelled.set()
 
@@ -255,6 +264,7 @@ class _Output:
     def __init__(self, tokenizer, eos: set[int], stops: list[str]):
         self.tokenizer, self.eos, self.stops = tokenizer, eos, stops
         self.tokens: list[int] = []
+        self.lps: list[dict | None] = []  # per token: {"logprob", "top": [(id, logprob)]} when asked for
         self.info: dict = {}
         self.finish: str | None = None
         self.sent = 0  # characters already streamed
@@ -270,7 +280,9 @@ class _Output:
         if kind == "start":
             self.info = payload
         elif kind == "token":
-            self.tokens.append(payload)
+            token, info = payload
+            self.tokens.append(token)
+            self.lps.append(info)
             if self.stops:
                 text = self.text()
                 hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
@@ -297,6 +309,24 @@ class _Output:
     def final_text(self) -> str:
         return self.text()
 
+    def logprobs(self, chat: bool, start: int = 0) -> dict:
+        """The tokens' log-probabilities from `start` on, in OpenAI's shape for chat or completions."""
+        piece = self.tokenizer.decode
+        rows = [(t, lp) for t, lp in zip(self.tokens[start:], self.lps[start:]) if lp is not None]
+        if chat:
+            def entry(t, v):
+                s = piece([t])
+                return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8", "replace")), "id": t}
+            return {"content": [dict(entry(t, lp["logprob"]), top_logprobs=[entry(i, v) for i, v in lp["top"]])
+                                for t, lp in rows]}
+        strs = [piece([t]) for t, _ in rows]
+        offsets, pos = [], len(self.tokenizer.decode([t for t in self.tokens[:start] if t not in self.eos])) if start else 0
+        for s in strs:
+            offsets.append(pos)
+            pos += len(s)
+        return {"tokens": strs, "token_logprobs": [lp["logprob"] for _, lp in rows],
+                "top_logprobs": [{piece([i]): v for i, v in lp["top"]} for _, lp in rows], "text_offset": offsets}
+
     def usage(self) -> dict:
         prompt = self.info.get("prompt_tokens", 0)
         return {"prompt_tokens": prompt, "completion_tokens": len(self.tokens), "total_tokens": prompt + len(self.tokens),
@@ -311,7 +341,10 @@ class _Output:
 
 def serve(lm: LoadedModel, store: Store | str | None = None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           max_resident_bytes: int | None = None, min_reuse_tokens: int = BLOCK, verify_digests: bool = True,
-          allow_lossy: bool = False, model_name: str | None = None, log_level: str = "warning",
+          allow_lossy: bool = False, model_name: str | None = None, aliases: Sequence[str] = (),
+          max_batch: int = DEFAULT_MAX_BATCH, max_queued: int = DEFAULT_MAX_QUEUED,
+          max_prompt_tokens: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, log_level: str = "warning",
           on_ready: Callable[[str], None] | None = None, kv_quant=None, engine_class: type[Engine] = Engine) -> None:
     """Run the server until interrupted (uvicorn; one engine thread does all model work). `kv_quant`:
     mlx-lm's --kv-bits settings (`kvmlx.caches.KVQuantization`) the engine runs with.
@@ -320,8 +353,10 @@ def serve(lm: LoadedModel, store: Store | str | None = None, *, host: str = DEFA
     import uvicorn
 
     engine = engine_class(lm, store, max_resident_bytes=max_resident_bytes, min_reuse_tokens=min_reuse_tokens,
-                          verify_digests=verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant).start()
-    server = Server(engine, model_name)
+                          verify_digests=verify_digests, allow_lossy=allow_lossy, max_batch=max_batch,
+                          max_queued=max_queued, request_timeout=request_timeout, kv_quant=kv_quant).start()
+    server = Server(engine, model_name, aliases=aliases, max_body_bytes=max_body_bytes,
+                    max_prompt_tokens=max_prompt_tokens)
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="off")
     userver = uvicorn.Server(config)
     if on_ready is not None:

@@ -10,7 +10,8 @@ roofline), `harness` (constants, KV shapes, and the saves, loads and derived fig
 share), `model` (`run_model_bench`: a real model, prefill vs reuse), `shape` (`run_shape_bench`:
 synthetic KV of a real model's exact size, no model), `compression` (`run_compression_bench`: the
 KV encodings), `families` (`run_family_bench`: each mlx-lm cache family's bytes, checkpoints, loads
-and exactness) and `report` (tables and plots). Each figure is a median over `runs`, with min, max
+and exactness), `serving` (`run_serve_bench`: kvmlx serve vs mlx_lm.server under concurrent clients)
+and `report` (tables and plots). Each figure is a median over `runs`, with min, max
 and quartiles; the result's keys are documented in docs/BENCHMARKS.md.
 """
 
@@ -33,7 +34,16 @@ from .model import run_model_bench
 from .shape import run_shape_bench, synthetic_header, synthetic_kv
 from .compression import run_compression_bench
 from .families import FAMILY_MODELS, run_families, run_family_bench
-from .report import format_compression_table, format_family_table, format_table, plot, plot_families
+from .report import (
+    format_compression_table,
+    format_family_table,
+    format_serve_table,
+    format_table,
+    plot,
+    plot_families,
+    plot_serve,
+)
+from .serving import run_serve_bench
 
 __all__ = [
     "DEFAULT_LENGTHS",
@@ -53,17 +63,20 @@ __all__ = [
     "evict",
     "format_compression_table",
     "format_family_table",
+    "format_serve_table",
     "format_table",
     "machine_info",
     "parse_lengths",
     "plot",
     "plot_families",
+    "plot_serve",
     "release_memory",
     "roofline",
     "run_compression_bench",
     "run_families",
     "run_family_bench",
     "run_model_bench",
+    "run_serve_bench",
     "run_shape_bench",
     "summarize",
     "synthetic_header",

@@ -267,3 +267,101 @@ def plot_families(result: dict, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _rng(span: dict | None, scale: float = 1.0, fmt: str = ".3g") -> str:
+    """'12.3 [11.9-13.0]': median and min-max over repeats."""
+    if not span:
+        return "-"
+    if span["n"] == 1:
+        return f"{span['median'] * scale:{fmt}}"
+    return f"{span['median'] * scale:{fmt}} [{span['min'] * scale:{fmt}}-{span['max'] * scale:{fmt}}]"
+
+
+def format_serve_table(result: dict) -> str:
+    """`kvmlx bench --serve`: throughput and TTFT per concurrency, first and restarted requests, targets."""
+    c, m, s = result["config"], result["machine"], result["summary"]
+    servers = c["servers"]
+    out = [
+        f"kvmlx bench --serve: {c['model']} ({c['dtype']}), {c['doc_tokens']}-token document, "
+        f"{c['max_tokens']} tokens per answer, {c['rounds']} requests per client, {c['repeats']} repeat(s)",
+        f"machine: {m['cpu']}, {m['cores']} cores; MLX {m['versions']['mlx']} on {m['mlx_device']}, "
+        f"mlx-lm {m['versions']['mlx-lm']}; median [min-max] over repeats; TTFT in seconds",
+    ]
+    rows = []
+    for conc in map(str, c["concurrency"]):
+        row = [conc]
+        for k in servers:
+            lv = s[k]["levels"][conc]
+            row += [_rng(lv["tokens_per_second"]), _rng(lv["ttft_p50"]), _rng(lv["ttft_p95"])]
+        t = s.get("targets", {}).get("per_concurrency", {}).get(conc)
+        row.append(_num(t["throughput_ratio"], ".2f", "x") if t else "-")
+        rows.append(row)
+    header = ["clients"] + [f"{k} {h}" for k in servers for h in ("tok/s", "TTFT p50", "TTFT p95")] + ["tok/s ratio"]
+    out += _table("streaming clients at once (aggregate completion tokens/s over the level's wall time)", header, rows)
+    rows = [[what] + [_rng(s[k][key]) for k in servers] for what, key in
+            [("fresh server: first request TTFT", "first_ttft"), ("restarted server: first request TTFT", "restart_ttft"),
+             ("server start-up (s)", "startup_seconds")]]
+    if all("fairness_short_seconds" in s[k] for k in servers):
+        rows.append([f"2-token request {c['probe_delay']:g} s after a {c['long_tokens']}-token prompt (s)"]
+                    + [_rng(s[k]["fairness_short_seconds"]) + ("" if s[k]["fairness_answered"] else " (timed out)")
+                       for k in servers])
+    out += _table("first requests", ["", *servers], rows)
+    t = s.get("targets")
+    if t:
+        def per(key: str) -> str:
+            return ", ".join(f"{k}: {_num(v[key], '.2f', 'x')}" for k, v in t["per_concurrency"].items())
+
+        def verdict(ok: bool) -> str:
+            return "met" if ok else "MISSED"
+
+        out += ["", "targets (the issue's):",
+                f"  aggregate tok/s >= 1.0x mlx_lm.server at every concurrency: "
+                f"{verdict(t['throughput_at_least_1x'])} ({per('throughput_ratio')})",
+                f"  warm TTFT p50 <= mlx_lm.server's: {verdict(t['warm_ttft_p50_not_worse'])} "
+                f"(mlx_lm / kvmlx: {per('ttft_p50_ratio')})",
+                f"  fresh server's first TTFT >= 10x better: {verdict(t['first_ttft_at_least_10x'])} "
+                f"({_num(t['first_ttft_speedup'], '.1f', 'x')}; after a restart "
+                f"{_num(t['restart_ttft_speedup'], '.1f', 'x')})"]
+    fair = [r.get("fairness") for r in result["runs"].get("kvmlx", []) if r.get("fairness")]
+    if fair and fair[0].get("chunk_seconds"):
+        out.append(f"  2-token request within one prefill chunk ({fair[0]['chunk_tokens']} tokens, "
+                   f"{_num(fair[0]['chunk_seconds'], '.2f')} s) plus its own work: "
+                   + ", ".join(f"{f['short_seconds']:.2f} s" for f in fair))
+    return "\n".join(out)
+
+
+def plot_serve(result: dict, path: str | os.PathLike) -> Path:
+    """Aggregate tokens/s and TTFT p50 vs concurrent clients, both servers (median, bars: min-max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c, s = result["config"], result["summary"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"kvmlx": "tab:blue", "mlx_lm": "tab:orange"}
+    for k in c["servers"]:
+        xs = c["concurrency"]
+        for ax, key in ((a1, "tokens_per_second"), (a2, "ttft_p50")):
+            spans = [s[k]["levels"][str(x)][key] for x in xs]
+            pts = [(x, sp) for x, sp in zip(xs, spans) if sp]
+            med = np.array([sp["median"] for _, sp in pts])
+            err = [med - [sp["min"] for _, sp in pts], [sp["max"] for _, sp in pts] - med]
+            ax.errorbar([x for x, _ in pts], med, yerr=err, fmt="o-", color=colors.get(k), capsize=3,
+                        label={"kvmlx": "kvmlx serve", "mlx_lm": "mlx_lm.server"}.get(k, k))
+    a1.set_ylabel("aggregate completion tokens/s")
+    a2.set_ylabel("TTFT p50 (s)")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(c["concurrency"], [str(x) for x in c["concurrency"]])
+        ax.set_xlabel("concurrent streaming clients")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"{c['model']} ({c['dtype']}), {c['doc_tokens']}-token document; {m['cpu']}, {m['cores']} cores",
+                 fontsize=10)
+    out = Path(path)
+    fig.savefig(out, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return out
