@@ -102,6 +102,7 @@ def gather(lm: LoadedModel, row: Sequence[int], *, what: str, timeout: float | N
 
     A lost peer (the ring backend fails its pending operations) or a timeout raises DistributedError.
     """
+    _settle()
     size, rank = lm.group.size(), lm.group.rank()
     rows = [[0] * len(row) for _ in range(size)]
     rows[rank] = [int(v) for v in row]
@@ -147,9 +148,20 @@ def _serve_collectives() -> None:
             done.set_exception(e)
 
 
+def _settle() -> None:
+    """Finish this thread's pending MLX work before a collective: a forward evaluated asynchronously
+    (mlx-lm's generation stream: BatchGenerator pipelines the next step) runs collectives of its own,
+    and every rank must issue its collectives in the same order for them to pair up."""
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
 def share(lm: LoadedModel, obj=None):
     """Rank 0's JSON-able `obj`, on every rank (a collective on the calling thread, no timeout: the other
     ranks of a server wait here while rank 0 is idle). JSON, not pickle: nothing executable crosses."""
+    _settle()
     if lm.group.rank() == 0:
         data = json.dumps(obj).encode()
         mx.eval(mx.distributed.all_sum(mx.array(len(data)), group=lm.group))
