@@ -221,7 +221,7 @@ def auto_checkpoint_every(cache: list, checkpointed: Sequence[int], chunk_size: 
     for i, c in enumerate(cache):
         meta, arrays = save_layer(c)
         if i in checkpointed:
-            for name, x in arrays.items():
+            for x in arrays.values():
                 if meta["family"] == "rotating":
                     ckpt += x.nbytes // max(1, x.shape[2]) * (meta["max_size"] - 1 + chunk_size)
                 else:
