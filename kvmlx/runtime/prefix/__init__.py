@@ -1,0 +1,14 @@
+"""The prefix cache: every prefix kvmlx computes, block-addressed, in memory and on disk (cache.py),
+its SQLite index (index.py); the record files are `kvmlx.artifact.blockfile`."""
+
+from .cache import (  # noqa: F401
+    DEFAULT_BLOCK,
+    PrefixCache,
+    PrefixCacheError,
+    Restored,
+    Saved,
+    default_disk_bytes,
+    default_ram_bytes,
+    purge,
+    summary,
+)
