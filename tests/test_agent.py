@@ -37,7 +37,7 @@ def assert_exact(v, reused, prefilled):
 def test_full_partial_and_no_match_are_token_exact(tmp_path, models, document, dtype):
     lm = models(dtype)
     toks = list(lm.tokenizer.encode(document))
-    agent = Agent(lm, Store(tmp_path / "s"))
+    agent = Agent(lm, Store(tmp_path / "s"), cache=False)
     key = agent.publish(toks[:100], chunk_size=CHUNK).key
     question = toks[300:320]
 
@@ -54,7 +54,7 @@ def test_full_partial_and_no_match_are_token_exact(tmp_path, models, document, d
 
 
 def test_caches_for_feed_mlx_lm(tmp_path, tiny, toks):
-    agent = Agent(tiny, tmp_path / "s")
+    agent = Agent(tiny, tmp_path / "s", cache=False)
     agent.publish(toks[:100], chunk_size=CHUNK)
     prompt = toks[:80] + toks[300:310]
     caches, suffix, reused = agent.caches_for(prompt)
@@ -72,7 +72,7 @@ def test_caches_for_feed_mlx_lm(tmp_path, tiny, toks):
 
 def test_uses_are_recorded_for_gc(tmp_path, tiny, toks):
     store = Store(tmp_path / "s")
-    agent = Agent(tiny, store)
+    agent = Agent(tiny, store, cache=False)
     a = agent.publish(toks[:40], chunk_size=CHUNK).key
     b = agent.publish(toks[300:360], chunk_size=CHUNK).key
     store.touch(a, when=1.0)
@@ -87,7 +87,7 @@ def test_new_user_two_documents(tmp_path, tiny, document):
     reuses the right one for the whole document, token-exactly, with no file named."""
     other = resources.files("kvmlx").joinpath("data/corpus.txt").read_text(encoding="utf-8")[:1500]
     docs = [document.strip(), other[: other.rindex(".") + 1]]
-    agent = Agent(tiny, Store(tmp_path / "store"))
+    agent = Agent(tiny, Store(tmp_path / "store"), cache=False)
     published = [agent.publish(d) for d in docs]
     assert published[0].key != published[1].key
     for doc, pub in zip(docs, published):
@@ -103,7 +103,7 @@ def test_new_user_two_documents(tmp_path, tiny, document):
 
 def test_chat_prefix_is_reused_fully(tmp_path, tiny, document):
     system = "You answer questions about the document."
-    agent = Agent(tiny, Store(tmp_path / "s"))
+    agent = Agent(tiny, Store(tmp_path / "s"), cache=False)
     prefix = chat_prefix_tokens(tiny, document, system)
     text = tiny.tokenizer.decode(prefix)
     assert text.startswith("<|im_start|>system\n" + system + "<|im_end|>\n<|im_start|>user\n")
@@ -129,7 +129,7 @@ def test_chat_prefix_is_reused_fully(tmp_path, tiny, document):
 
 def test_missing_or_corrupt_entries_fall_back(tmp_path, tiny, toks):
     store = Store(tmp_path / "s")
-    agent = Agent(tiny, store)
+    agent = Agent(tiny, store, cache=False)
     long_key = agent.publish(toks[:100], chunk_size=CHUNK).key
     short_key = agent.publish(toks[:50], chunk_size=CHUNK).key
     prompt = toks[:100] + toks[300:310]
@@ -157,7 +157,7 @@ def test_verify_catches_wrong_kv(tmp_path, tiny, toks):
         if t["name"].endswith(".keys"):
             data[t["offset"] : t["offset"] + t["nbytes"]] = bytes(t["nbytes"])  # zero every key
     path.write_bytes(bytes(data))
-    v = Agent(tiny, store, verify_digests=False).verify(toks[:100] + toks[300:310], max_tokens=MAX)
+    v = Agent(tiny, store, verify_digests=False, cache=False).verify(toks[:100] + toks[300:310], max_tokens=MAX)
     assert v.reuse.reused_tokens == 100 and not v.logits_identical and v.max_abs_logit_diff > 0.01
 
 
@@ -165,20 +165,20 @@ def test_another_models_entry_is_never_used(tmp_path, models, document):
     f32, bf16 = models("float32"), models("bfloat16")
     store = Store(tmp_path / "s")
     tokens = list(f32.tokenizer.encode(document))
-    key = Agent(f32, store).publish(tokens[:100], chunk_size=CHUNK).key
-    assert Agent(bf16, store).generate(tokens[:110], max_tokens=2).reused_tokens == 0
-    out = Agent(f32, store).generate(tokens[:110], max_tokens=2)
+    key = Agent(f32, store, cache=False).publish(tokens[:100], chunk_size=CHUNK).key
+    assert Agent(bf16, store, cache=False).generate(tokens[:110], max_tokens=2).reused_tokens == 0
+    out = Agent(f32, store, cache=False).generate(tokens[:110], max_tokens=2)
     assert (out.key, out.reused_tokens) == (key, 100)
 
 
 def test_lossy_entries_only_when_allowed(tmp_path, tiny, toks):
     store = Store(tmp_path / "s")
-    agent = Agent(tiny, store)
+    agent = Agent(tiny, store, cache=False)
     lossy = agent.publish(toks[:100], chunk_size=CHUNK, encoding="q8")
     assert not lossy.entry.lossless and lossy.entry.encoding == "q8"
     prompt = toks[:100] + toks[300:310]
     assert agent.generate(prompt, max_tokens=2).reused_tokens == 0  # exact by default: quantised KV is not used
-    loose = Agent(tiny, store, allow_lossy=True)
+    loose = Agent(tiny, store, allow_lossy=True, cache=False)
     assert loose.generate(prompt, max_tokens=2).key == lossy.key
     exact = agent.publish(toks[:100], chunk_size=CHUNK)
     assert exact.key != lossy.key and not exact.existed
@@ -203,23 +203,23 @@ def test_cli_publish_store_and_generate_without_artifact(tmp_path, tiny, documen
     assert pub["tokens"] == n_doc and not pub["existed"] and len(pub["key"]) == 64
     assert json.loads(run(["publish", doc, "--store-dir", store, "--json"]).output)["existed"]  # same tokens
     prompt = text + "\n\nQuestion: why?\nAnswer:"
-    out = json.loads(run(["generate", "--store", store, "--prompt", prompt, "-n", 6, "--json"]).output)
+    out = json.loads(run(["generate", "--store", store, "--no-cache", "--prompt", prompt, "-n", 6, "--json"]).output)
     assert out["reused_tokens"] == n_doc and out["key"] == pub["key"] and out["artifact"].endswith(".kvmlx")
     assert out["prefilled_tokens"] == len(tiny.tokenizer.encode(prompt)) - n_doc and len(out["tokens"]) == 6
     pfile = tmp_path / "prompt.txt"
     pfile.write_text(prompt, encoding="utf-8")
-    ver = json.loads(run(["generate", "--store", store, "--prompt-file", pfile, "--verify", "--json"]).output)
+    ver = json.loads(run(["generate", "--store", store, "--no-cache", "--prompt-file", pfile, "--verify", "--json"]).output)
     assert ver["token_exact"] and ver["reused_tokens"] == n_doc
     assert ver["max_abs_logit_diff"] == 0.0 or not CPU
-    miss = json.loads(run(["generate", "--store", store, "--prompt", "Nothing like it", "-n", 2, "--json"]).output)
+    miss = json.loads(run(["generate", "--store", store, "--no-cache", "--prompt", "Nothing like it", "-n", 2, "--json"]).output)
     assert miss["reused_tokens"] == 0 and miss["key"] is None and miss["artifact"] is None
-    words = run(["generate", "--store", store, "--prompt", prompt, "-n", 2])
+    words = run(["generate", "--store", store, "--no-cache", "--prompt", prompt, "-n", 2])
     assert f"reused {n_doc} of" in words.output
 
     system = "Be brief."
     chat = json.loads(run(["publish", doc, "--store-dir", store, "--chat", "--system", system, "--json"]).output)
     assert chat["tokens"] == len(chat_prefix_tokens(tiny, text, system))
-    ask = json.loads(run(["generate", "--store", store, "--chat-document", doc, "--system", system,
+    ask = json.loads(run(["generate", "--store", store, "--no-cache", "--chat-document", doc, "--system", system,
                           "--prompt", "What is it?", "-n", 3, "--json"]).output)
     assert ask["reused_tokens"] == chat["tokens"] and ask["key"] == chat["key"]
 

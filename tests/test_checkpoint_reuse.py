@@ -22,7 +22,7 @@ def setup(request, preset, document, tmp_path_factory):
     tokens = lm.tokenizer.encode(document)
     doc = tokens[:250]
     store = Store(tmp_path_factory.mktemp(f"store-{request.param}"))
-    agent = Agent(lm, store)
+    agent = Agent(lm, store, cache=False)
     agent.publish(doc, chunk_size=CHUNK, checkpoint_every=EVERY)
     prompt = doc[:150] + tokens[400:430]  # shares 150 tokens, then diverges
     return lm, store, agent, doc, prompt
@@ -47,9 +47,9 @@ def test_agent_reuses_the_deepest_checkpoint_exactly(setup):
 
 def test_the_serving_engine_reuses_the_checkpoint_exactly(setup):
     lm, store, agent, doc, prompt = setup
-    engine = Engine(lm, store)
+    engine = Engine(lm, store, cache=False)
     for _ in range(2):  # the second request gets fresh caches from the resident copy
-        caches, suffix, reused, key, logits, chunk = engine.prepare(list(prompt))
+        caches, suffix, reused, key, logits, chunk, _ = engine.prepare(list(prompt))
         assert reused == 128 and suffix == prompt[128:] and chunk == CHUNK
         logits = prefill(lm.model, suffix, caches, chunk)
         got = []
@@ -64,18 +64,18 @@ def test_kv_bits_entries_serve_only_the_same_settings(tmp_path, tiny, document):
     tokens = tiny.tokenizer.encode(document)
     quant = KVQuantization(8, 32, 64)
     store = Store(tmp_path / "s")
-    q_agent = Agent(tiny, store, kv_quant=quant)
+    q_agent = Agent(tiny, store, kv_quant=quant, cache=False)
     q_agent.publish(tokens[:200], chunk_size=CHUNK)
     prompt = tokens[:150] + tokens[400:420]
-    assert Agent(tiny, store).lookup(prompt) is None  # full-precision agents never get quantized KV
-    assert Agent(tiny, store, kv_quant=KVQuantization(8, 64, 64)).lookup(prompt) is None
+    assert Agent(tiny, store, cache=False).lookup(prompt) is None  # full-precision agents never get quantized KV
+    assert Agent(tiny, store, kv_quant=KVQuantization(8, 64, 64), cache=False).lookup(prompt) is None
     report = q_agent.verify(prompt, max_tokens=24)
     assert report.reuse.reused_tokens == 150  # quantized KV above `start` trims exactly
     assert report.token_exact and report.max_abs_logit_diff == 0.0
     assert q_agent.lookup(tokens[:40] + tokens[500:520])[0].deepest(40) == 0  # below `start`: not restorable
     # kvmlx serve --kv-bits: the engine finds it with the same settings only, and continues as mlx-lm would
-    assert Engine(tiny, store).prepare(list(prompt))[2] == 0
-    caches, suffix, reused, *_ = Engine(tiny, store, kv_quant=quant).prepare(list(prompt))
+    assert Engine(tiny, store, cache=False).prepare(list(prompt))[2] == 0
+    caches, suffix, reused, *_ = Engine(tiny, store, kv_quant=quant, cache=False).prepare(list(prompt))
     assert reused == 150 and type(caches[0]).__name__ == "QuantizedKVCache"
 
 
@@ -87,7 +87,7 @@ def test_the_http_api_reuses_the_checkpoint_exactly(setup):
     from kvmlx.serving.openai import Server
 
     lm, store, agent, doc, prompt = setup
-    engine = Engine(lm, store).start()
+    engine = Engine(lm, store, cache=False).start()
     try:
         with TestClient(Server(engine).app) as client:
             r = client.post("/v1/completions", json={"model": lm.model_id, "prompt": list(prompt), "max_tokens": 8,

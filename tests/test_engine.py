@@ -69,7 +69,7 @@ def test_batched_decode_is_exact(tiny, toks, store):
     cases = [(toks[:DOC] + toks[300:312], DOC, CHUNK), (toks[:70] + toks[350:380], 70, CHUNK),
              (toks[:DOC], DOC, CHUNK), (toks[400:450], 0, DEFAULT_CHUNK)]
     n = 12
-    eng = Engine(tiny, store)
+    eng = Engine(tiny, store, cache=False)
     recs = [Rec() for _ in cases]
     for (p, _, _), r in zip(cases, recs):
         eng.submit(job(p, r, max_tokens=n, ignore_eos=True, logprobs=True))
@@ -100,7 +100,7 @@ def test_long_prompt_is_chunked_and_fair(tiny, toks):
     long prompt's chunks (its prefill is interleaved, chunk by chunk, with the others' work)."""
     chunk = 32
     long_prompt = (toks * 4)[:1200]
-    eng = Engine(tiny, None, prefill_chunk=chunk).start()
+    eng = Engine(tiny, None, prefill_chunk=chunk, cache=False).start()
     try:
         long_rec, short_rec, seen = Rec(), Rec(), {}
 
@@ -127,7 +127,7 @@ def test_long_prompt_is_chunked_and_fair(tiny, toks):
 
 def test_cancel_stops_prefill(tiny, toks):
     chunk = 16
-    eng = Engine(tiny, None, prefill_chunk=chunk).start()
+    eng = Engine(tiny, None, prefill_chunk=chunk, cache=False).start()
     try:
         rec = Rec()
         j = job((toks * 4)[:1500], rec, max_tokens=4)
@@ -149,7 +149,7 @@ def test_cancel_stops_prefill(tiny, toks):
 
 
 def test_deadline(tiny, toks):
-    eng = Engine(tiny, None, prefill_chunk=8, request_timeout=0.05).start()
+    eng = Engine(tiny, None, prefill_chunk=8, request_timeout=0.05, cache=False).start()
     try:
         rec = Rec()
         eng.submit(job((toks * 4)[:3000], rec, max_tokens=4))
@@ -160,7 +160,7 @@ def test_deadline(tiny, toks):
 
 
 def test_queue_limit(tiny, toks):
-    eng = Engine(tiny, None, max_queued=2)  # not started: nothing leaves the queue
+    eng = Engine(tiny, None, max_queued=2, cache=False)  # not started: nothing leaves the queue
     eng.submit(job(toks[:5], Rec()))
     eng.submit(job(toks[:5], Rec()))
     with pytest.raises(QueueFull) as e:
@@ -169,7 +169,7 @@ def test_queue_limit(tiny, toks):
 
 
 def _run(lm, jobs, store=None):
-    eng = Engine(lm, store)
+    eng = Engine(lm, store, cache=False)
     recs = []
     for tokens, params in jobs:
         recs.append(Rec())
@@ -211,7 +211,7 @@ def test_kv_bits_requests_decode_alone(tiny, toks, tmp_path):
 
     quant = KVQuantization(8, 32, 0)
     prompts = [toks[40:90], toks[100:130]]
-    eng = Engine(tiny, None, kv_quant=quant)
+    eng = Engine(tiny, None, kv_quant=quant, cache=False)
     assert not eng.batchable
     recs = [Rec() for _ in prompts]
     for p, r in zip(prompts, recs):
@@ -221,6 +221,6 @@ def test_kv_bits_requests_decode_alone(tiny, toks, tmp_path):
         assert all(r.done.wait(60) for r in recs)
     finally:
         eng.stop()
-    agent = Agent(tiny, Store(tmp_path / "s"), kv_quant=quant)
+    agent = Agent(tiny, Store(tmp_path / "s"), kv_quant=quant, cache=False)
     for p, r in zip(prompts, recs):
         assert r.tokens == agent.generate(p, max_tokens=8, stop_at_eos=False).tokens

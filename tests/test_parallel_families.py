@@ -59,7 +59,7 @@ def test_kv_bits_under_a_launcher_is_refused_naming_both(tiny, document, tmp_pat
         _one_line(e, words, "quantized KV (--kv-bits 8 --kv-group-size 32")
         assert isinstance(e.value, UnsupportedModelError)  # a kind of unsupported model setup
         with pytest.raises(UnsupportedParallelError) as e:
-            Agent(lm, Store(tmp_path / "store"), kv_quant=QUANT)
+            Agent(lm, Store(tmp_path / "store"), kv_quant=QUANT, cache=False)
         _one_line(e, words, "--kv-bits 8")
         with pytest.raises(UnsupportedParallelError):
             Store(tmp_path / "store").publish(lm, tokens, chunk_size=CHUNK, kv_quant=QUANT)
@@ -76,7 +76,7 @@ def test_other_cache_families_under_a_launcher_are_refused_naming_both(preset, d
         publish(lm, tokens, tmp_path / "f.kvmlx", chunk_size=CHUNK)
     _one_line(e, "tensor-parallel over 2 ranks", f"{family} caches")
     with pytest.raises(UnsupportedParallelError) as e:
-        Agent(lm, Store(tmp_path / "store"))
+        Agent(lm, Store(tmp_path / "store"), cache=False)
     _one_line(e, f"{family} caches")
     with pytest.raises(UnsupportedParallelError):
         load_artifact(tmp_path / "absent.kvmlx", lm)

@@ -52,7 +52,7 @@ def served(tmp_path_factory, tiny, document, toks):
     chat_prefix = chat_prefix_tokens(tiny, chat_doc)
     chat_key = store.publish(tiny, chat_prefix, chunk_size=CHUNK).key
     port = _free_port()
-    cmd = [sys.executable, "-m", "kvmlx", "serve", "--model", "builtin:tiny", "--dtype", "bfloat16",
+    cmd = [sys.executable, "-m", "kvmlx", "serve", "--model", "builtin:tiny", "--dtype", "bfloat16", "--no-cache",
            "--store", str(store_dir), "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

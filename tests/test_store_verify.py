@@ -77,7 +77,7 @@ def test_a_written_file_is_hashed_again_and_a_flip_is_caught(tiny, tmp_path, has
     assert store.load(key, tiny).digests == "recorded" and hashes == []
     _flip(path, path.stat().st_size - 20000)  # a write changes the identity, so this is hashed and refused
     forget_verified()
-    agent = Agent(tiny, store)
+    agent = Agent(tiny, store, cache=False)
     r = agent.caches_for(DOC + " and more")
     assert r.reused == 0 and r.quarantined and r.quarantined[0]["key"] == key
 
@@ -186,7 +186,7 @@ def test_version_2_loads_record_only_what_they_hashed(preset, tmp_path, hashes):
     store.index.run(lambda c: c.execute("DELETE FROM verified"))
     forget_verified()
     hashes.clear()
-    r = Agent(lm, store).caches_for(tokens[:70] + [7, 8, 9])
+    r = Agent(lm, store, cache=False).caches_for(tokens[:70] + [7, 8, 9])
     assert r.reused == 64 and r.entry.key == key  # the checkpoint at 64
     assert 0 < len(hashes) < n_tensors  # only the final states, logits and that checkpoint
     assert store.verified_identity(key) is None  # a partial hash is no verification
@@ -200,11 +200,11 @@ def test_version_2_loads_record_only_what_they_hashed(preset, tmp_path, hashes):
     forget_verified()
     hashes.clear()
     assert store.load(key, lm, at=32).digests == "recorded" and hashes == []
-    r = Agent(lm, store).caches_for(tokens[:40] + [7, 8, 9])
+    r = Agent(lm, store, cache=False).caches_for(tokens[:40] + [7, 8, 9])
     assert r.reused == 32 and hashes == []
     _flip(path, path.stat().st_size - 100)  # a write: the record no longer matches, the damage is found
     forget_verified()
-    r = Agent(lm, store).caches_for(tokens[:40] + [7, 8, 9])
+    r = Agent(lm, store, cache=False).caches_for(tokens[:40] + [7, 8, 9])
     assert r.reused == 0 and r.quarantined and r.quarantined[0]["key"] == key
 
 
@@ -219,9 +219,9 @@ def test_the_serving_engine_records_what_it_hashed(preset, tmp_path, hashes):
     key = store.publish(lm, tokens, chunk_size=16, checkpoint_every=32).key
     store.index.run(lambda c: c.execute("DELETE FROM verified"))
     forget_verified()
-    assert Engine(lm, store).prepare(tokens[:70] + [7, 8, 9])[2] == 64
+    assert Engine(lm, store, cache=False).prepare(tokens[:70] + [7, 8, 9])[2] == 64
     with Artifact(store.path(key)) as art:
         assert store.verified_identity(key) == art.identity
     forget_verified()
     hashes.clear()
-    assert Engine(lm, store).prepare(tokens[:40] + [7, 8, 9])[2] == 32 and hashes == []
+    assert Engine(lm, store, cache=False).prepare(tokens[:40] + [7, 8, 9])[2] == 32 and hashes == []

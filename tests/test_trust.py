@@ -287,14 +287,14 @@ def test_an_agent_requiring_signatures_skips_other_publishers_without_discarding
 
     store = Store(tmp_path / "store")
     doc = document.strip()[:400]
-    unsigned = agent_mod.Agent(tiny, store).publish(doc)
+    unsigned = agent_mod.Agent(tiny, store, cache=False).publish(doc)
     prompt = doc + "\n\nQuestion: what is it about?\nAnswer:"
-    careful = agent_mod.Agent(tiny, store, require_signed=True, trust_list=trusting(tmp_path, publisher))
+    careful = agent_mod.Agent(tiny, store, require_signed=True, trust_list=trusting(tmp_path, publisher), cache=False)
     out = careful.generate(prompt, max_tokens=2)
     assert out.reused_tokens == 0 and out.key is None
-    assert unsigned.key in store and agent_mod.Agent(tiny, store).generate(prompt, max_tokens=2).key == unsigned.key
-    signed = agent_mod.Agent(tiny, Store(tmp_path / "signed")).publish(doc, sign=signer(publisher))
-    trusted = agent_mod.Agent(tiny, Store(tmp_path / "signed"), require_signed=True, trust_list=trusting(tmp_path / "t", publisher))
+    assert unsigned.key in store and agent_mod.Agent(tiny, store, cache=False).generate(prompt, max_tokens=2).key == unsigned.key
+    signed = agent_mod.Agent(tiny, Store(tmp_path / "signed"), cache=False).publish(doc, sign=signer(publisher))
+    trusted = agent_mod.Agent(tiny, Store(tmp_path / "signed"), require_signed=True, trust_list=trusting(tmp_path / "t", publisher), cache=False)
     assert trusted.generate(prompt, max_tokens=2).key == signed.key
 
 

@@ -26,6 +26,7 @@ from ..runtime.generate import verify as verify_api
 from ..runtime.publish import DEFAULT_CHUNK
 from ..runtime.publish import publish as publish_api
 from ..runtime.store import Store
+from .cache import cache_from, cache_options
 from .app import (
     DTYPE_CHOICE,
     EXIT_NOT_EXACT,
@@ -169,14 +170,16 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
                    "stored entries from other publishers are skipped.")
 @kv_quant_options
 @PIPELINE_OPTION
+@cache_options()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens,
              verify, single_pass, no_verify_digests, require_exact, require_signed, kv_bits, kv_group_size,
-             quantized_kv_start, pipeline, as_json) -> None:
+             quantized_kv_start, pipeline, as_json, **cache_args) -> None:
     """Continue a prompt greedily without re-running the prefill of a published document.
 
     With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
-    kvmlx reuses the stored artifact (see `kvmlx store`) sharing its longest token prefix, if any.
+    kvmlx reuses the stored artifact (see `kvmlx store`) sharing its longest token prefix, if any, or
+    the deeper prefix its prefix cache kept from an earlier run (which this run extends: --no-cache).
     With ARTIFACT and no --kv-bits, KV quantization continues with the artifact's settings; given
     settings that differ from the artifact's are refused.
     """
@@ -189,7 +192,8 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
         if require_exact:
             raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
         _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
-                             single_pass, no_verify_digests, as_json, require_signed, kv_quant, pipeline, timings)
+                             single_pass, no_verify_digests, as_json, require_signed, kv_quant, pipeline, timings,
+                             cache_args)
         return
     kv = {"kv_quant": kv_quant if kv_bits is not None else "artifact"}
     if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
@@ -248,8 +252,8 @@ def _phases(timings, load_s: float, first_token_s: float, total_s: float) -> dic
 
 def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
                          single_pass, no_verify_digests, as_json, require_signed=False, kv_quant=None,
-                         pipeline=False, timings=None) -> None:
-    """`generate` without ARTIFACT: the store finds the longest published prefix of the prompt."""
+                         pipeline=False, timings=None, cache_args=None) -> None:
+    """`generate` without ARTIFACT: the store finds the longest published (or cached) prefix of the prompt."""
     timings = timings or Timings()
     if system is not None and chat_document is None:
         raise click.UsageError("--system needs --chat-document")
@@ -258,9 +262,11 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
         lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
     with timings("fingerprints"):
         fingerprints(lm)
-    agent = Agent(lm, Store(store_dir), verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
+    store = Store(store_dir)
+    cache = cache_from(lm, store, kv_quant, **(cache_args or {"no_cache": True})) if lm.group is None else False
+    agent = Agent(lm, store, verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
                   require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None,
-                  kv_quant=kv_quant)
+                  kv_quant=kv_quant, cache=cache)
     tokens = chat_prompt_tokens(lm, document, text, system) if chat_document is not None else agent.encode(text)
     if not tokens:
         raise click.UsageError("the prompt is empty: give --prompt or --prompt-file")
@@ -276,7 +282,9 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
         emit({**gen.to_json(), "timings": _phases(timings, gen.load_seconds, gen.first_token_seconds, gen.total_seconds)})
         return
     click.echo()
-    source = f"store entry {gen.key[:12]}" if gen.key else "the store (no match)"
+    source = f"store entry {gen.key[:12]}" if gen.key else (
+        "the prefix cache (" + ", ".join(f"{n} from {t}" for t, n in gen.tiers.items()) + ")" if gen.tiers
+        else "the store (no match)")
     click.echo(f"reused {gen.reused_tokens} of {gen.prompt_tokens} prompt tokens from {source}; "
                f"prefilled {gen.prefilled_tokens}", err=True)
 

@@ -8,6 +8,7 @@ import click
 from ..models import load_model
 from ..runtime.store import Store, parse_size
 from .app import DTYPE_CHOICE, kv_quant_from, kv_quant_options, main
+from .cache import cache_from, cache_options
 
 
 @main.command("serve")
@@ -34,10 +35,11 @@ from .app import DTYPE_CHOICE, kv_quant_from, kv_quant_options, main
 @click.option("--request-timeout", default=600.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds from arrival after which a request is dropped (503).")
 @kv_quant_options
+@cache_options(ram=True)
 @click.option("--pipeline", is_flag=True, help="Under mlx.launch: pipeline stages instead of tensor parallel.")
 def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests,
           aliases, max_batch, max_queued, max_prompt_tokens, max_body_bytes, request_timeout, kv_bits, kv_group_size,
-          quantized_kv_start, pipeline) -> None:
+          quantized_kv_start, pipeline, **cache_args) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV.
 
     Under mlx.launch, rank 0 serves HTTP and every rank runs the model's shard (as mlx_lm.server does)."""
@@ -58,7 +60,11 @@ def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tok
     lm = load_model(model, dtype, parallel="pipeline" if pipeline else None)
     serve_api = serve_sharded if lm.group is not None else serve_api
     names = list(aliases)
-    serve_api(lm, Store(store_dir), host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
+    store = Store(store_dir)
+    cache = cache_from(lm, store, kv_quant, **cache_args) if lm.group is None else False
+    if lm.group is not None and lm.group.rank() == 0 and not cache_args["no_cache"]:
+        click.echo("kvmlx serve: the prefix cache is off under mlx.launch (published KV is still reused)", err=True)
+    serve_api(lm, store, cache=cache, host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
               verify_digests=not no_verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant,
               model_name=names[0] if names else None, aliases=[lm.model_id] + names[1:], max_batch=max_batch,
               max_queued=max_queued, max_prompt_tokens=max_prompt_tokens, max_body_bytes=body_bytes,

@@ -1,4 +1,5 @@
-"""`kvmlx store add|ls|rm|gc|reindex|verify`: the local content-addressed store.
+"""`kvmlx store add|ls|rm|gc|reindex|verify|stats|purge`: the local content-addressed store and its
+prefix cache.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import time
 
 import click
 
+from ..runtime import prefix
 from ..runtime.store import Store, parse_size
 from .app import emit, main
 
@@ -39,8 +41,11 @@ def store_add(store_dir, artifact, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_obj
 def store_ls(store_dir, as_json) -> None:
-    """List stored artifacts, most recently used first."""
-    entries = Store(store_dir).ls()
+    """List published artifacts, most recently used first, then what the prefix cache holds.
+
+    (`--json`: the published entries; `kvmlx store stats --json` has the cache's figures.)"""
+    store = Store(store_dir)
+    entries = store.ls()
     if as_json:
         emit([e.to_json() for e in entries])
         return
@@ -48,6 +53,44 @@ def store_ls(store_dir, as_json) -> None:
         used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
         click.echo(f"{e.key[:16]}  {e.num_tokens:>7} tok  {e.file_bytes / 1e6:>8.1f} MB  {e.dtype:<8} {e.encoding:<14} "
                    f"{used}  {e.model_id}")
+    cached = prefix.summary(store.root)
+    if cached["records"]:
+        click.echo(f"cached (prefix cache, not published): {cached['tokens']} tokens in {cached['segments']} segments "
+                   f"and {cached['snapshots']} snapshots, {cached['bytes'] / 1e6:.1f} MB on disk")
+
+
+@store_group.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def store_stats(store_dir, as_json) -> None:
+    """Published artifacts and the prefix cache's records, counted apart, with bytes on disk.
+
+    (A server's memory tier is its own: see its /v1/kvmlx/stats.)"""
+    store = Store(store_dir)
+    entries = store.ls()
+    out = {"published": {"entries": len(entries), "bytes": sum(e.file_bytes for e in entries),
+                         "tokens": sum(e.num_tokens for e in entries)},
+           "cached": {**prefix.summary(store.root), "tier": "disk"}}
+    if as_json:
+        emit(out)
+        return
+    p, c = out["published"], out["cached"]
+    click.echo(f"published  {p['entries']:>6} artifacts  {p['tokens']:>9} tokens  {p['bytes'] / 1e6:>9.1f} MB")
+    click.echo(f"cached     {c['records']:>6} records    {c['tokens']:>9} tokens  {c['bytes'] / 1e6:>9.1f} MB on disk "
+               f"({c['segments']} segments, {c['snapshots']} snapshots)")
+
+
+@store_group.command("purge")
+@click.option("--cached", is_flag=True, required=True, help="Remove every prefix-cache record (published artifacts stay).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def store_purge(store_dir, cached, as_json) -> None:
+    """Remove what the prefix cache kept (conversations' KV): `kvmlx store purge --cached`."""
+    result = prefix.purge(Store(store_dir).root)
+    if as_json:
+        emit(result)
+    else:
+        click.echo(f"purged {result['records']} cached records ({result['bytes'] / 1e6:.1f} MB)")
 
 
 @store_group.command("rm")
@@ -68,18 +111,30 @@ def store_rm(store_dir, keys, as_json) -> None:
 @store_group.command("gc")
 @click.option("--max-bytes", default=None, help="Evict least recently used entries until the artifacts total at most "
                                                  "this (bytes, or 500M, 2G, 1GiB).")
+@click.option("--cache-max-bytes", default=None, help="Evict least recently used prefix-cache records (leaves first) "
+                                                       "until they total at most this.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
-def store_gc(store_dir, max_bytes, as_json) -> None:
-    """Remove dead writers' temp files and quarantined files; with --max-bytes, evict LRU entries."""
-    try:
-        budget = None if max_bytes is None else parse_size(max_bytes)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--max-bytes") from None
-    result = Store(store_dir).gc(budget)
+def store_gc(store_dir, max_bytes, cache_max_bytes, as_json) -> None:
+    """Remove dead writers' temp files and quarantined files; with --max-bytes, evict LRU entries.
+
+    Published entries are evicted only here (or by `rm`); the prefix cache keeps to its own budget
+    (--cache-max-bytes here, --cache-disk where it runs)."""
+    budgets = {}
+    for flag, value in (("--max-bytes", max_bytes), ("--cache-max-bytes", cache_max_bytes)):
+        try:
+            budgets[flag] = None if value is None else parse_size(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=flag) from None
+    store = Store(store_dir)
+    result = store.gc(budgets["--max-bytes"])
+    cache = prefix.evict_to(store.root, budgets["--cache-max-bytes"] if cache_max_bytes is not None else 1 << 62)
     if as_json:
-        emit(result.to_json())
+        emit({**result.to_json(), "cache": cache})
     else:
+        if cache["evicted"] or cache["temp_removed"]:
+            click.echo(f"prefix cache: evicted {cache['evicted']} records ({cache['freed_bytes'] / 1e6:.1f} MB), "
+                       f"removed {cache['temp_removed']} temp files")
         click.echo(f"evicted {len(result.evicted)} entries ({result.freed_bytes / 1e6:.1f} MB); kept {result.kept} "
                    f"({result.kept_bytes / 1e6:.1f} MB); removed {result.temp_removed} temp and "
                    f"{result.quarantine_removed} quarantined files"

@@ -46,7 +46,8 @@ from .generate import (
 )
 from .distributed import check_parallel_support, gather, running_layout
 from .load import LoadedKV, load_artifact
-from .publish import DEFAULT_CHUNK, prefill
+from .prefix import PrefixCache, PrefixCacheError
+from .publish import DEFAULT_CHUNK, auto_checkpoint_every, prefill
 from .restore import caches_at
 from .store import BLOCK, Entry, Store, StorePublish
 from .store.keys import kv_variant
@@ -78,6 +79,8 @@ class Reuse:
     load_seconds: float = 0.0
     load_path: str | None = None
     quarantined: list[dict] = field(default_factory=list)  # entries that failed to load: {"key", "reason", "path"}
+    tiers: dict = field(default_factory=dict)  # reused tokens by where they came from: published, memory, disk
+    written: list = field(default_factory=list)  # prefix-cache writes of this prompt (kvmlx.runtime.prefix.Saved)
 
     def __iter__(self):
         return iter((self.caches, self.suffix_tokens, self.reused))
@@ -105,6 +108,8 @@ class AgentGeneration:
     artifact_bytes: int = 0
     logits: list[np.ndarray] = field(default_factory=list, repr=False)  # float32 rows, if kept
     quarantined: list[dict] = field(default_factory=list)  # store entries that failed to load on the way
+    tiers: dict = field(default_factory=dict)  # reused tokens by tier: published, memory, disk
+    cache_written: dict = field(default_factory=dict)  # what this run left in the prefix cache
 
     def to_json(self) -> dict:
         return {
@@ -113,6 +118,7 @@ class AgentGeneration:
             "key": self.key, "artifact": self.artifact, "artifact_bytes": self.artifact_bytes,
             "load_seconds": self.load_seconds, "first_token_seconds": self.first_token_seconds,
             "total_seconds": self.total_seconds, "chunk_size": self.chunk_size, "quarantined": self.quarantined,
+            "reused_by_tier": self.tiers, "cache_written": self.cache_written,
         }
 
 
@@ -160,6 +166,11 @@ class Agent:
     whose caches cannot be trimmed (recurrent state, a wrapped sliding window) is reused from its
     deepest state checkpoint at or below the shared prefix. `kv_quant`: mlx-lm's `--kv-bits` settings;
     only KV published with the same settings is reused, and prefill and decode quantize as mlx-lm does.
+
+    `cache` (default True): the store's prefix cache (`kvmlx.runtime.prefix.PrefixCache`, or one made with
+    its defaults): every prompt this agent prefills, and every continuation it decodes, is kept there
+    and reused by the next prompt sharing it, from this agent, a server or another process; the deeper
+    of a published match and a cached one wins. False: published KV only. Under mlx.launch it is off.
     """
 
     def __init__(
@@ -175,6 +186,7 @@ class Agent:
         require_signed: bool = False,
         trust_list=None,
         kv_quant: KVQuantization | None = None,
+        cache: PrefixCache | bool = True,
     ):
         check_parallel_support(lm, kv_quant=kv_quant)  # under mlx.launch: plain KV only
         self.lm = lm
@@ -188,6 +200,13 @@ class Agent:
         self.require_signed, self.trust_list = require_signed, trust_list  # accepted publishers (kvmlx.artifact.trust)
         self.layout = running_layout(lm)  # under mlx.launch, only KV published under this sharding is reused
         self.last_reuse: Reuse | None = None
+        self.cache_off: str | None = None  # why there is no prefix cache, when there is none
+        if cache is True:
+            try:
+                cache = PrefixCache(lm, self.store.root, kv_quant=kv_quant)
+            except PrefixCacheError as e:
+                cache, self.cache_off = None, str(e)
+        self.cache: PrefixCache | None = cache or None
 
     # ---- identity and tokens --------------------------------------------------------------------
 
@@ -226,10 +245,11 @@ class Agent:
         n = len(tokens)
         excluded: list[str] = []
         quarantined: list[dict] = []
+        cached = self.cache.match(tokens[: n - 1]) if self.cache else 0  # reads no record
         for _ in range(MAX_LOAD_ATTEMPTS):
             match = self.match(tokens, excluded, allow_empty_suffix=allow_empty_suffix)
-            if match is None:
-                break
+            if match is None or match[2] <= cached:
+                break  # the prefix cache goes at least as deep: use it
             entry, matched, reuse = match
             loaded = self.load_entry(entry, tokens, reuse, quarantined=quarantined)
             if loaded is None:
@@ -240,11 +260,16 @@ class Agent:
             # caches that cannot be trimmed come from the state checkpoint at `reuse`
             caches = caches_at(loaded, reuse, copy=False)
             r = Reuse(caches, tokens[reuse:], reuse, entry, matched, loaded.logits if reuse == n else None,
-                      entry.chunk_size, loaded.load_seconds, loaded.load_path, quarantined)
+                      entry.chunk_size, loaded.load_seconds, loaded.load_path, quarantined, {"published": reuse})
             self.last_reuse = r
             return r
-        r = Reuse(make_prompt_cache(self.lm.model), tokens, 0, None, 0, None, self.chunk_size or DEFAULT_CHUNK,
-                  quarantined=quarantined)
+        chunk = self.chunk_size or DEFAULT_CHUNK
+        restored = self.cache.fetch(tokens, limit=n - 1, min_tokens=self.min_reuse_tokens) if cached else None
+        if restored is not None:
+            r = Reuse(restored.caches, tokens[restored.tokens:], restored.tokens, None, restored.tokens, None, chunk,
+                      restored.seconds, "cache", quarantined, {k: v for k, v in restored.by_tier.items() if v})
+        else:
+            r = Reuse(make_prompt_cache(self.lm.model), tokens, 0, None, 0, None, chunk, quarantined=quarantined)
         self.last_reuse = r
         return r
 
@@ -298,10 +323,33 @@ class Agent:
         return loaded
 
     def _start(self, prompt: str | Sequence[int]) -> tuple[Reuse, mx.array]:
-        r = self.caches_for(prompt, allow_empty_suffix=True)
-        logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size, quant=self.kv_quant) \
-            if r.suffix_tokens else r.logits
+        tokens = self._tokens(prompt)
+        r = self.caches_for(tokens, allow_empty_suffix=True)
+        if not r.suffix_tokens:
+            return r, r.logits
+        on_chunk = None
+        if self.cache is not None and self.cache.snap:  # state snapshots at the auto spacing inside long prompts
+            every = [None]
+
+            def on_chunk(done: int) -> None:
+                at = r.reused + done
+                every[0] = every[0] or auto_checkpoint_every(r.caches, self.cache.snap, r.chunk_size, self.kv_quant)
+                if done < len(r.suffix_tokens) and at % every[0] == 0:
+                    r.written.append(self.cache.save(tokens[:at], r.caches))
+        logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size, quant=self.kv_quant, on_chunk=on_chunk)
+        if self.cache is not None:
+            r.written.append(self.cache.save(tokens, r.caches))  # the prompt: what the next turn shares
         return r, logits
+
+    def _keep(self, prompt: list[int], generated: list[int], r: Reuse) -> dict:
+        """After decoding: keep the conversation so far (the last token was never run) in the prefix cache;
+        what this prompt wrote there, in all."""
+        if self.cache is None:
+            return {}
+        if len(generated) >= 2:
+            r.written.append(self.cache.save(prompt + generated[:-1], r.caches))
+        return {"records": sum(w.records for w in r.written), "bytes": sum(w.bytes for w in r.written),
+                "tokens": sum(w.tokens for w in r.written), "seconds": sum(w.seconds for w in r.written)}
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -322,26 +370,34 @@ class Agent:
         gen = decode_timed(self.lm, r.caches, logits, max_tokens, started=t0, reused=r.reused,
                            prefilled=len(r.suffix_tokens), stop_at_eos=stop_at_eos, on_token=on_token,
                            keep_logits=keep_logits, quant=self.kv_quant)
+        written = self._keep(prompt, gen.tokens, r)
         return AgentGeneration(
             tokens=gen.tokens, text=self.lm.tokenizer.decode(gen.tokens), prompt_tokens=n, reused_tokens=r.reused,
             prefilled_tokens=len(r.suffix_tokens), key=r.key, artifact=str(r.entry.path) if r.entry else None,
             first_token_seconds=gen.first_token_seconds, total_seconds=gen.total_seconds,
             load_seconds=r.load_seconds, chunk_size=r.chunk_size,
             artifact_bytes=r.entry.file_bytes if r.entry else 0, logits=gen.logits, quarantined=r.quarantined,
+            tiers=r.tiers, cache_written=written,
         )
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                stop_at_eos: bool = True) -> Iterator[int]:
         """Yield greedy token ids one by one; `agent.last_reuse` says what was reused."""
-        r, logits = self._start(prompt)
+        tokens = self._tokens(prompt)
+        r, logits = self._start(tokens)
         eos = set(self.lm.tokenizer.eos_token_ids) if stop_at_eos else set()
-        for i in range(max_tokens):
-            token = int(mx.argmax(logits).item())
-            yield token
-            if token in eos or i + 1 == max_tokens:
-                return
-            logits = self.lm.model(mx.array([[token]]), cache=r.caches)[0, -1]
-            apply_quantization(self.kv_quant, r.caches)
+        out: list[int] = []
+        try:
+            for i in range(max_tokens):
+                token = int(mx.argmax(logits).item())
+                out.append(token)
+                yield token
+                if token in eos or i + 1 == max_tokens:
+                    return
+                logits = self.lm.model(mx.array([[token]]), cache=r.caches)[0, -1]
+                apply_quantization(self.kv_quant, r.caches)
+        finally:  # also when the caller stops early: what was computed is kept
+            self._keep(tokens, out, r)
 
     def verify(
         self,

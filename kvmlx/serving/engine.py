@@ -48,7 +48,8 @@ from ..caches import KVQuantization
 from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
 from ..runtime.agent import MAX_LOAD_ATTEMPTS, Agent
-from ..runtime.publish import DEFAULT_CHUNK, prefill
+from ..runtime.prefix import PrefixCache
+from ..runtime.publish import DEFAULT_CHUNK, auto_checkpoint_every, prefill
 from ..runtime.resident import ResidentKV, resident_from_loaded
 from ..runtime.store import BLOCK, Store
 from .sampling import Params, logprob_info, make_request_processors, make_request_sampler, sample_first
@@ -125,6 +126,7 @@ class _Prefill:
     pos: int = 0
     chunk: int = DEFAULT_CHUNK
     logits: mx.array | None = None  # the stored logits when the whole prompt is the document
+    reused: int = 0  # prompt tokens whose KV came from published or cached KV
 
 
 @dataclass
@@ -133,6 +135,7 @@ class _Decode:
     logprobs: bool
     top: int
     started: bool = False  # its first token came out of the batch
+    generated: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -181,11 +184,15 @@ class Engine:
                  min_reuse_tokens: int = BLOCK, verify_digests: bool = True, allow_lossy: bool = False,
                  max_batch: int = DEFAULT_MAX_BATCH, max_queued: int = DEFAULT_MAX_QUEUED,
                  request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, prefill_chunk: int = DEFAULT_CHUNK,
-                 kv_quant: KVQuantization | None = None):
+                 kv_quant: KVQuantization | None = None, cache: PrefixCache | bool = True):
         self.lm = lm
         self.agent = Agent(lm, store, min_reuse_tokens=min_reuse_tokens, verify_digests=verify_digests,
-                           allow_lossy=allow_lossy, kv_quant=kv_quant)
+                           allow_lossy=allow_lossy, kv_quant=kv_quant, cache=cache)
         self.store = self.agent.store
+        self.cache = self.agent.cache  # the prefix cache (None: off); only the engine thread uses it
+        # caches that cannot be cut need a state snapshot at each prompt's end: such prompts are
+        # prefilled here to their end (not inside the BatchGenerator), then join the batch
+        self.own_prefill = self.cache is not None and bool(self.cache.snap)
         self.pool = KVPool(max_resident_bytes)
         self.eos = set(lm.tokenizer.eos_token_ids)
         self.max_batch, self.max_queued = max(1, max_batch), max(1, max_queued)
@@ -201,6 +208,7 @@ class Engine:
         self.docs: dict[str, DocStats] = {}
         self.totals = dict(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0, prompt_tokens=0,
                            cached_tokens=0, prefilled_tokens=0, completion_tokens=0)
+        self.tiers = {"published": 0, "memory": 0, "disk": 0}  # cached tokens by where they came from
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
         self.decode_steps = 0
@@ -297,9 +305,11 @@ class Engine:
         self.solo = [d for d in self.solo if not self._gone(d.job, queued=False)]
         gone = [uid for uid, d in self.decoding.items() if self._gone(d.job, queued=False)]
         if gone:
-            self.bg.remove(gone)
+            kept = self.bg.remove(gone, return_prompt_caches=self.cache is not None)
             for uid in gone:
                 del self.decoding[uid]
+            for caches, tokens in kept.values():  # a stop string or a disconnect: what was computed is kept
+                self._keep(list(tokens), caches)
 
     def _fail_all(self, message: str) -> None:
         """After an unexpected error: every request in flight gets it, and the batch starts afresh."""
@@ -339,6 +349,7 @@ class Engine:
                 d.job.emit("done", r.finish_reason)
                 del self.decoding[r.uid]
                 self._end(d.job, "completed", queued=False)
+                self._keep(list(r.all_tokens), r.prompt_cache)
 
     # -- prefilling --
 
@@ -364,7 +375,8 @@ class Engine:
                 if left == 0:  # the prompt is the document (or was prefilled here): sample from its logits
                     self._first_token(p)
                     continue
-                final = left <= p.chunk and self.batchable  # unbatched: every chunk runs here
+                # unbatched, or a prompt whose end needs a state snapshot: every chunk runs here
+                final = left <= p.chunk and self.batchable and not self.own_prefill
                 if not final and skip_long:
                     deferred.append(p)
                     self._skipped = True
@@ -386,8 +398,11 @@ class Engine:
                 with self._lock:
                     self.prefill_seconds += time.perf_counter() - t0
                 if p.pos < len(p.suffix):
+                    self._snapshot_inside(p)
                     unfinished.append(p)
                 else:
+                    if self.cache is not None:  # the prompt's end: what the next turn shares
+                        self.cache.save(p.job.tokens, p.caches)
                     self._first_token(p)
             except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
                 p.job.emit("error", f"{type(e).__name__}: {e}")
@@ -398,17 +413,40 @@ class Engine:
         self.prefilling.extend(unfinished)  # to the back: the others get their chunk first
 
     def _prepare(self, p: _Prefill) -> None:
-        caches, suffix, reused, key, logits, chunk = self.prepare(p.job.tokens)
-        p.caches, p.suffix, p.logits, p.chunk = caches, suffix, logits, chunk
+        caches, suffix, reused, key, logits, chunk, tiers = self.prepare(p.job.tokens)
+        p.caches, p.suffix, p.logits, p.chunk, p.reused = caches, suffix, logits, chunk, reused
         with self._lock:
             self.totals["prompt_tokens"] += len(p.job.tokens)
             self.totals["cached_tokens"] += reused
+            for tier, n in tiers.items():
+                self.tiers[tier] += n
             if key is not None:
                 d = self.docs.setdefault(key, DocStats(reused))
                 d.requests += 1
                 d.tokens_saved += reused
-        p.job.emit("start", {"prompt_tokens": len(p.job.tokens), "cached_tokens": reused,
+        p.job.emit("start", {"prompt_tokens": len(p.job.tokens), "cached_tokens": reused, "cached_by_tier": tiers,
                              "prefilled_tokens": len(suffix), "key": key, "chunk_size": chunk})
+
+    def _snapshot_inside(self, p: _Prefill) -> None:
+        """Inside a long prompt prefilled here: a state snapshot at the `auto` checkpoint spacing."""
+        if not self.own_prefill:
+            return
+        at = p.reused + p.pos
+        every = auto_checkpoint_every(p.caches, self.cache.snap, p.chunk, self.agent.kv_quant)
+        if at % every == 0:
+            self.cache.save(p.job.tokens[:at], p.caches)
+
+    def _keep(self, tokens: list[int], caches: list) -> None:
+        """A request's KV when it leaves the batch (finished or cancelled): its prompt and the tokens
+        generated so far, as far as the caches hold them, go into the prefix cache."""
+        if self.cache is None or not caches or not self.cache.cut:
+            return  # (a model with no cuttable layer: snapshots are taken at prompt ends only)
+        n = caches[self.cache.cut[0]].offset
+        try:
+            self.cache.save(tokens[:n], caches)
+        except Exception as e:  # never fail a finished request over its cache write
+            self.cache.counters.write_errors += 1
+            self.cache.counters.extra["last_write_error"] = f"{type(e).__name__}: {e}"
 
     def _first_token(self, p: _Prefill) -> None:
         """The first token from the stored logits (no model call) or this engine's prefill, then the
@@ -456,6 +494,7 @@ class Engine:
                 d.job.emit("done", finish)
                 self.solo.remove(d)
                 self._end(d.job, "completed", queued=False)
+                self._keep(d.context, d.caches)
 
     def _enter_batch(self, p: _Prefill, prompt: list[int], context: list[int], max_tokens: int | None = None,
                      sampler=None, processors=None) -> None:
@@ -472,13 +511,16 @@ class Engine:
             self._queued -= 1
 
     def prepare(self, tokens: list[int]):
-        """(caches, suffix, reused, key, logits or None, chunk size): the agent runtime's matching rules."""
+        """(caches, suffix, reused, key, logits or None, chunk size, reused tokens by tier): the agent
+        runtime's matching rules, with the resident pool for published KV; the prefix cache when it
+        holds a deeper prefix."""
         n = len(tokens)
         excluded: list[str] = []
         agent = self.agent
+        cached = self.cache.match(tokens[: n - 1]) if self.cache is not None else 0  # reads no record
         for _ in range(MAX_LOAD_ATTEMPTS):
             match = agent.match(tokens, excluded)
-            if match is None:
+            if match is None or match[2] <= cached:
                 break
             entry, _, reuse = match
             resident = self.pool.get(entry.key)
@@ -498,8 +540,13 @@ class Engine:
                     d.load_seconds += resident.load_seconds
             self.store.touch(entry.key)
             logits = resident.logits if reuse == n else None
-            return resident.request_caches(reuse), tokens[reuse:], reuse, entry.key, logits, resident.chunk_size
-        return make_prompt_cache(self.lm.model), tokens, 0, None, None, self.prefill_chunk
+            return (resident.request_caches(reuse), tokens[reuse:], reuse, entry.key, logits, resident.chunk_size,
+                    {"published": reuse})
+        restored = self.cache.fetch(tokens, limit=n - 1, min_tokens=agent.min_reuse_tokens) if cached else None
+        if restored is not None:
+            tiers = {k: v for k, v in restored.by_tier.items() if v}
+            return restored.caches, tokens[restored.tokens:], restored.tokens, None, None, self.prefill_chunk, tiers
+        return make_prompt_cache(self.lm.model), tokens, 0, None, None, self.prefill_chunk, {}
 
     # -- counters --
 
@@ -510,6 +557,7 @@ class Engine:
             docs = {k: DocStats(**vars(d)) for k, d in self.docs.items()}
             queued = self._queued
             decode_s, steps = self.decode_seconds, self.decode_steps
+            tiers = dict(self.tiers)
         decoding = len(self.decoding) + len(self.solo)
         speed = prefilled / prefill_s if prefill_s > 0 and prefilled else None
         resident = dict(self.pool.items)
@@ -532,44 +580,6 @@ class Engine:
             "compute_seconds_saved": (totals["cached_tokens"] / speed) if speed else None,
             "resident_bytes": sum(r.nbytes for r in resident.values()), "resident_documents": len(resident),
             "max_resident_bytes": self.pool.max_bytes, "documents": documents,
+            "cached_tokens_by_tier": tiers,
+            "prefix_cache": self.cache.stats() if self.cache is not None else {"off": self.agent.cache_off or "disabled"},
         }
-
-
-def prometheus(stats: dict) -> str:
-    """The stats as Prometheus text exposition (version 0.0.4)."""
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float | None]]) -> None:
-        lines.append(f"# HELP kvmlx_{name} {help_}")
-        lines.append(f"# TYPE kvmlx_{name} {kind}")
-        for labels, value in samples:
-            if value is None:
-                continue
-            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"kvmlx_{name}{{{lab}}} {value}" if lab else f"kvmlx_{name} {value}")
-
-    for name, help_ in [("requests", "Requests received."), ("completed", "Requests completed."),
-                        ("cancelled", "Requests stopped early (client disconnected, or a stop string matched)."),
-                        ("errors", "Requests failed."), ("rejected", "Requests refused with 429 (queue full)."),
-                        ("timeouts", "Requests dropped at their deadline."),
-                        ("prompt_tokens", "Prompt tokens."), ("cached_tokens", "Prompt tokens served from published KV."),
-                        ("prefilled_tokens", "Prompt tokens prefilled."), ("completion_tokens", "Tokens generated.")]:
-        metric(f"{name}_total", "counter", help_, [({}, stats[name])])
-    metric("prefill_seconds_total", "counter", "Seconds spent prefilling.", [({}, stats["prefill_seconds"])])
-    metric("decode_seconds_total", "counter", "Seconds spent in batched decode steps.", [({}, stats["decode_seconds"])])
-    metric("active_requests", "gauge", "Requests in progress.", [({}, stats["active_requests"])])
-    metric("queued_requests", "gauge", "Requests waiting or prefilling.", [({}, stats["queued_requests"])])
-    metric("decoding_requests", "gauge", "Requests in the decode batch.", [({}, stats["decoding_requests"])])
-    metric("resident_bytes", "gauge", "Bytes of published KV held in memory.", [({}, stats["resident_bytes"])])
-    docs = stats["documents"]
-    lab = [{"key": d["key"]} for d in docs]
-    metric("document_loads_total", "counter", "Loads of a published document.", [(l, d["loads"]) for l, d in zip(lab, docs)])
-    metric("document_requests_total", "counter", "Requests reusing a published document.",
-           [(l, d["requests"]) for l, d in zip(lab, docs)])
-    metric("document_tokens_saved_total", "counter", "Prompt tokens not prefilled thanks to a published document.",
-           [(l, d["tokens_saved"]) for l, d in zip(lab, docs)])
-    metric("document_compute_seconds_saved", "gauge", "Prefill seconds saved (estimated from measured prefill speed).",
-           [(l, d["compute_seconds_saved"]) for l, d in zip(lab, docs)])
-    metric("document_resident", "gauge", "1 while the document's KV is in memory.",
-           [(l, int(d["resident"])) for l, d in zip(lab, docs)])
-    return "\n".join(lines) + "\n"

@@ -30,8 +30,8 @@ from .engine import (
     Engine,
     Job,
     QueueFull,
-    prometheus,
 )
+from .metrics import prometheus
 from .requests import BadRequest, parse_body
 from .sampling import Params
 
@@ -345,16 +345,19 @@ def serve(lm: LoadedModel, store: Store | str | None = None, *, host: str = DEFA
           max_batch: int = DEFAULT_MAX_BATCH, max_queued: int = DEFAULT_MAX_QUEUED,
           max_prompt_tokens: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, log_level: str = "warning",
-          on_ready: Callable[[str], None] | None = None, kv_quant=None, engine_class: type[Engine] = Engine) -> None:
+          on_ready: Callable[[str], None] | None = None, kv_quant=None, engine_class: type[Engine] = Engine,
+          cache=True) -> None:
     """Run the server until interrupted (uvicorn; one engine thread does all model work). `kv_quant`:
-    mlx-lm's --kv-bits settings (`kvmlx.caches.KVQuantization`) the engine runs with.
+    mlx-lm's --kv-bits settings (`kvmlx.caches.KVQuantization`) the engine runs with. `cache`: the
+    prefix cache (a `kvmlx.runtime.prefix.PrefixCache`, True for one with its defaults, False for none).
 
     Under mlx.launch use `kvmlx.serving.sharded.serve_sharded`: rank 0 runs this with a `ShardedEngine`."""
     import uvicorn
 
     engine = engine_class(lm, store, max_resident_bytes=max_resident_bytes, min_reuse_tokens=min_reuse_tokens,
                           verify_digests=verify_digests, allow_lossy=allow_lossy, max_batch=max_batch,
-                          max_queued=max_queued, request_timeout=request_timeout, kv_quant=kv_quant).start()
+                          max_queued=max_queued, request_timeout=request_timeout, kv_quant=kv_quant,
+                          cache=cache).start()
     server = Server(engine, model_name, aliases=aliases, max_body_bytes=max_body_bytes,
                     max_prompt_tokens=max_prompt_tokens)
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="off")

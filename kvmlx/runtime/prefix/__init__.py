@@ -9,6 +9,7 @@ from .cache import (  # noqa: F401
     Saved,
     default_disk_bytes,
     default_ram_bytes,
+    evict_to,
     purge,
     summary,
 )

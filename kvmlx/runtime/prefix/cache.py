@@ -177,6 +177,8 @@ class PrefixCache:
         self.mem_bytes = 0
         self.counters = Counters()
         self.mutex = threading.RLock()
+        if persist and self.index.total_bytes() > self.disk_bytes:
+            self.trim()  # a budget smaller than what an earlier run left: hold it from the start
 
     def close(self) -> None:
         self.index.close()
@@ -586,6 +588,50 @@ def purge(root: str | os.PathLike) -> dict:
         shutil.rmtree(cache / "records", ignore_errors=True)
         shutil.rmtree(cache / "tmp", ignore_errors=True)
     return {"records": totals["records"], "bytes": totals["bytes"]}
+
+
+def evict_to(root: str | os.PathLike, max_bytes: int, *, stale_seconds: float = 3600.0) -> dict:
+    """`store gc` for the prefix cache (every model): least recently used leaves out until the records
+    total at most `max_bytes`; rows whose parent is gone and writers' temp files older than
+    `stale_seconds` removed. Returns what it freed."""
+    cache = Path(root) / "cache"
+    out = {"evicted": 0, "freed_bytes": 0, "temp_removed": 0}
+    if not (cache / "index.sqlite").exists():
+        return out
+    with StoreLock(cache / "lock"):
+        index = CacheIndex(cache / "index.sqlite")
+        try:
+            def drop(row: Row) -> None:
+                index.drop([row.key])
+                (cache / "records" / row.key[:2] / f"{row.key}.kvblk").unlink(missing_ok=True)
+                out["evicted"] += 1
+                out["freed_bytes"] += row.file_bytes
+
+            for key in index.orphans(set()):
+                row = index.get(key)
+                if row is not None:
+                    drop(row)
+            total = index.total_bytes()
+            while total > max_bytes:
+                leaves = index.leaves(64)
+                if not leaves:
+                    break
+                for row in leaves:
+                    drop(row)
+                    total -= row.file_bytes
+                    if total <= max_bytes:
+                        break
+        finally:
+            index.close()
+        now = time.time()
+        for p in (cache / "tmp").glob(".record.*"):
+            try:
+                if now - p.stat().st_mtime > stale_seconds:
+                    p.unlink()
+                    out["temp_removed"] += 1
+            except OSError:
+                pass
+    return out
 
 
 def summary(root: str | os.PathLike) -> dict:
