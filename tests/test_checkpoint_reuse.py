@@ -49,7 +49,7 @@ def test_the_serving_engine_reuses_the_checkpoint_exactly(setup):
     lm, store, agent, doc, prompt = setup
     engine = Engine(lm, store, cache=False)
     for _ in range(2):  # the second request gets fresh caches from the resident copy
-        caches, suffix, reused, key, logits, chunk, _ = engine.prepare(list(prompt))
+        caches, suffix, reused, key, logits, chunk, *_ = engine.prepare(list(prompt))
         assert reused == 128 and suffix == prompt[128:] and chunk == CHUNK
         logits = prefill(lm.model, suffix, caches, chunk)
         got = []

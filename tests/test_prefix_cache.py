@@ -230,7 +230,7 @@ def test_budgets_and_eviction_order(tiny, toks, tmp_path):
     keys = set(cache.index.keys())
     for key in keys:
         row = cache.index.get(key)
-        assert row.parent == cache.identity or row.parent in keys
+        assert row.parent == row.root or row.parent in keys
 
 
 def test_tampered_record_is_quarantined(tiny, toks, tmp_path):
@@ -374,3 +374,27 @@ def test_quantized_kv_cached_exactly(tiny, toks, tmp_path):
     again = b.generate(prompt, max_tokens=4, stop_at_eos=False, keep_logits=True)
     assert kept.reused_tokens == again.reused_tokens == 63 and again.tiers == {"disk": 63}
     assert kept.tokens == again.tokens and all(np.array_equal(x, y) for x, y in zip(kept.logits, again.logits))
+
+
+@pytest.mark.parametrize("family", ["plain", "hybrid"])
+def test_continuation_of_a_published_document(tiny, preset, toks, tmp_path, family):
+    """A conversation that starts with a published document caches only what follows it (published KV
+    is never stored twice); after a restart, the agent and the server reuse the document and the cached
+    continuation together, bit-exactly against prefilling the same split from scratch."""
+    lm = tiny if family == "plain" else preset("hybrid")
+    root = tmp_path / "s"
+    store = Store(root)
+    store.publish(lm, toks[:64], chunk_size=16)
+    first = Agent(lm, store, cache=cache_for(lm, root)).generate(toks[:64] + toks[100:120], max_tokens=4,
+                                                                 stop_at_eos=False)
+    assert first.tiers == {"published": 64} and first.cache_written["tokens"] == 20 + 3
+    prompt = toks[:64] + toks[100:120] + first.tokens + toks[200:220]
+    again = Agent(lm, store, cache=cache_for(lm, root)).generate(prompt, max_tokens=4, stop_at_eos=False,
+                                                                 keep_logits=True)
+    assert again.reused_tokens == 87 and again.tiers == {"published": 64, "disk": 23}
+    ref = from_scratch(lm, prompt[:87], prompt[87:], chunk_size=again.chunk_size, max_tokens=4, stop_at_eos=False,
+                       keep_logits=True)
+    assert again.tokens == ref.tokens and all(np.array_equal(x, y) for x, y in zip(again.logits, ref.logits))
+    eng = Engine(lm, store, cache=cache_for(lm, root))
+    caches, suffix, reused, key, _, _, tiers, base = eng.prepare(list(prompt))
+    assert reused >= 87 and tiers["published"] == 64 and base[1] == 64 and key == base[0]

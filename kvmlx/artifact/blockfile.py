@@ -151,7 +151,7 @@ def _check_header(header, data_bytes: int, where: str) -> dict[str, RecordTensor
         raise bad("not a record header")
     if header.get("kind") not in KINDS:
         raise bad("kind")
-    for k in ("key", "parent", "identity"):
+    for k in ("key", "parent", "identity", "root"):
         if not isinstance(header.get(k), str) or len(header[k]) != 64:
             raise bad(k)
     start, tokens = header.get("start"), header.get("tokens")

@@ -40,6 +40,12 @@ def _lengths_option(ctx, param, value):
 @click.option("--answer-tokens", default=16, show_default=True, type=click.IntRange(1), help="--serve: max_tokens per request.")
 @click.option("--long-tokens", default=0, show_default=True, type=click.IntRange(0),
               help="--serve: also send a prompt this long, then a 2-token request 2 s later (0: skip).")
+@click.option("--agent", "agent_mode", is_flag=True,
+              help="Instead: one agent's multi-turn chat (system prompt, a published document, tool outputs) against "
+                   "kvmlx serve and mlx_lm.server, in one server lifetime and restarted before every turn.")
+@click.option("--turns", default=5, show_default=True, type=click.IntRange(1), help="--agent: conversation turns.")
+@click.option("--tool-tokens", default=150, show_default=True, type=click.IntRange(1),
+              help="--agent: tokens of tool output each turn adds.")
 @click.option("--families", is_flag=True,
               help="Instead: every cache family's bytes per token, checkpoints, load vs mlx-lm and exactness, one row per "
                    "built-in family preset (also what --model runs for a model with sliding-window or recurrent caches).")
@@ -54,8 +60,14 @@ def _lengths_option(ctx, param, value):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
 def bench(model, dtype, lengths, runs, shape, compression, serve_mode, concurrency, doc_tokens, rounds, answer_tokens,
-          long_tokens, families, parallel, directory, chunk_size, no_cold, as_json, plot_path) -> None:
+          long_tokens, agent_mode, turns, tool_tokens, families, parallel, directory, chunk_size, no_cold, as_json,
+          plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
+    if agent_mode:
+        if shape or compression or families or parallel or serve_mode:
+            raise click.UsageError("--agent is a mode of its own: drop --shape/--compression/--families/--parallel/--serve")
+        _bench_agent(model, turns, doc_tokens, tool_tokens, answer_tokens, as_json, plot_path)
+        return
     if serve_mode:
         if shape or compression or families or parallel:
             raise click.UsageError("--serve is a mode of its own: drop --shape/--compression/--families/--parallel")
@@ -127,6 +139,20 @@ def _bench_serve(model, runs, concurrency, doc_tokens, rounds, answer_tokens, lo
                                            rounds=rounds, max_tokens=answer_tokens, repeats=runs,
                                            long_tokens=long_tokens, progress=lambda d, t, _w: bar(d, t))
     _show(result, as_json, plot_path, bench_api.plot_serve, bench_api.format_serve_table)
+
+
+def _bench_agent(model, turns, doc_tokens, tool_tokens, answer_tokens, as_json, plot_path) -> None:
+    from ..measure.bench import agent as agent_bench
+
+    try:
+        import openai  # noqa: F401  (the official client drives both servers)
+    except ImportError:
+        raise click.ClickException("kvmlx bench --agent needs the openai package: pip install 'kvmlx[bench]'") from None
+    with Progress("agent bench", as_json, unit="turn") as bar:
+        result = agent_bench.run_agent_bench(model or "builtin:small", turns=turns, doc_tokens=doc_tokens,
+                                             tool_tokens=tool_tokens, answer_tokens=answer_tokens,
+                                             progress=lambda d, t, _w: bar(d, t))
+    _show(result, as_json, plot_path, agent_bench.plot_agent, agent_bench.format_agent_table)
 
 
 @main.command("cost")

@@ -81,6 +81,7 @@ class Reuse:
     quarantined: list[dict] = field(default_factory=list)  # entries that failed to load: {"key", "reason", "path"}
     tiers: dict = field(default_factory=dict)  # reused tokens by where they came from: published, memory, disk
     written: list = field(default_factory=list)  # prefix-cache writes of this prompt (kvmlx.runtime.prefix.Saved)
+    base: tuple | None = None  # (key, tokens) of the published entry the prompt's cached KV continues
 
     def __iter__(self):
         return iter((self.caches, self.suffix_tokens, self.reused))
@@ -248,9 +249,14 @@ class Agent:
         cached = self.cache.match(tokens[: n - 1]) if self.cache else 0  # reads no record
         for _ in range(MAX_LOAD_ATTEMPTS):
             match = self.match(tokens, excluded, allow_empty_suffix=allow_empty_suffix)
-            if match is None or match[2] <= cached:
-                break  # the prefix cache goes at least as deep: use it
+            if match is None:
+                break
             entry, matched, reuse = match
+            # what this prompt computed after a whole published document is cached as its continuation
+            base = (entry.key, reuse) if self.cache and reuse == entry.num_tokens and reuse < n else None
+            more = self.cache.match(tokens[: n - 1], base) if base else 0
+            if max(reuse, more) <= cached:
+                break  # the prefix cache alone goes at least as deep: use it
             loaded = self.load_entry(entry, tokens, reuse, quarantined=quarantined)
             if loaded is None:
                 excluded.append(entry.key)
@@ -259,8 +265,15 @@ class Agent:
             # trimming only moves each cache's offset back (the overlap path's layers may still be arriving);
             # caches that cannot be trimmed come from the state checkpoint at `reuse`
             caches = caches_at(loaded, reuse, copy=False)
-            r = Reuse(caches, tokens[reuse:], reuse, entry, matched, loaded.logits if reuse == n else None,
-                      entry.chunk_size, loaded.load_seconds, loaded.load_path, quarantined, {"published": reuse})
+            total, tiers, seconds = reuse, {"published": reuse}, loaded.load_seconds
+            if more > reuse:
+                loaded.wait()
+                restored = self.cache.fetch(tokens, limit=n - 1, base=base, base_caches=caches)
+                if restored is not None:
+                    caches, total, seconds = restored.caches, restored.tokens, seconds + restored.seconds
+                    tiers.update({k: v for k, v in restored.by_tier.items() if v})
+            r = Reuse(caches, tokens[total:], total, entry, matched, loaded.logits if total == n else None,
+                      entry.chunk_size, seconds, loaded.load_path, quarantined, tiers, base=base)
             self.last_reuse = r
             return r
         chunk = self.chunk_size or DEFAULT_CHUNK
@@ -335,10 +348,10 @@ class Agent:
                 at = r.reused + done
                 every[0] = every[0] or auto_checkpoint_every(r.caches, self.cache.snap, r.chunk_size, self.kv_quant)
                 if done < len(r.suffix_tokens) and at % every[0] == 0:
-                    r.written.append(self.cache.save(tokens[:at], r.caches))
+                    r.written.append(self.cache.save(tokens[:at], r.caches, base=r.base))
         logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size, quant=self.kv_quant, on_chunk=on_chunk)
         if self.cache is not None:
-            r.written.append(self.cache.save(tokens, r.caches))  # the prompt: what the next turn shares
+            r.written.append(self.cache.save(tokens, r.caches, base=r.base))  # the prompt: what the next turn shares
         return r, logits
 
     def _keep(self, prompt: list[int], generated: list[int], r: Reuse) -> dict:
@@ -347,7 +360,7 @@ class Agent:
         if self.cache is None:
             return {}
         if len(generated) >= 2:
-            r.written.append(self.cache.save(prompt + generated[:-1], r.caches))
+            r.written.append(self.cache.save(prompt + generated[:-1], r.caches, base=r.base))
         return {"records": sum(w.records for w in r.written), "bytes": sum(w.bytes for w in r.written),
                 "tokens": sum(w.tokens for w in r.written), "seconds": sum(w.seconds for w in r.written)}
 

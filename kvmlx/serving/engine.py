@@ -127,6 +127,7 @@ class _Prefill:
     chunk: int = DEFAULT_CHUNK
     logits: mx.array | None = None  # the stored logits when the whole prompt is the document
     reused: int = 0  # prompt tokens whose KV came from published or cached KV
+    base: tuple | None = None  # the published entry (key, tokens) its cached KV continues
 
 
 @dataclass
@@ -135,7 +136,7 @@ class _Decode:
     logprobs: bool
     top: int
     started: bool = False  # its first token came out of the batch
-    generated: list[int] = field(default_factory=list)
+    base: tuple | None = None  # (as _Prefill.base)
 
 
 @dataclass
@@ -148,6 +149,7 @@ class _Solo:
     processors: list
     context: list[int]
     count: int
+    base: tuple | None = None
 
 
 @dataclass
@@ -306,10 +308,9 @@ class Engine:
         gone = [uid for uid, d in self.decoding.items() if self._gone(d.job, queued=False)]
         if gone:
             kept = self.bg.remove(gone, return_prompt_caches=self.cache is not None)
-            for uid in gone:
-                del self.decoding[uid]
-            for caches, tokens in kept.values():  # a stop string or a disconnect: what was computed is kept
-                self._keep(list(tokens), caches)
+            bases = {uid: self.decoding.pop(uid).base for uid in gone}
+            for uid, (caches, tokens) in kept.items():  # a stop string or a disconnect: what was computed is kept
+                self._keep(list(tokens), caches, bases.get(uid))
 
     def _fail_all(self, message: str) -> None:
         """After an unexpected error: every request in flight gets it, and the batch starts afresh."""
@@ -349,7 +350,7 @@ class Engine:
                 d.job.emit("done", r.finish_reason)
                 del self.decoding[r.uid]
                 self._end(d.job, "completed", queued=False)
-                self._keep(list(r.all_tokens), r.prompt_cache)
+                self._keep(list(r.all_tokens), r.prompt_cache, d.base)
 
     # -- prefilling --
 
@@ -402,7 +403,7 @@ class Engine:
                     unfinished.append(p)
                 else:
                     if self.cache is not None:  # the prompt's end: what the next turn shares
-                        self.cache.save(p.job.tokens, p.caches)
+                        self.cache.save(p.job.tokens, p.caches, base=p.base)
                     self._first_token(p)
             except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
                 p.job.emit("error", f"{type(e).__name__}: {e}")
@@ -413,8 +414,8 @@ class Engine:
         self.prefilling.extend(unfinished)  # to the back: the others get their chunk first
 
     def _prepare(self, p: _Prefill) -> None:
-        caches, suffix, reused, key, logits, chunk, tiers = self.prepare(p.job.tokens)
-        p.caches, p.suffix, p.logits, p.chunk, p.reused = caches, suffix, logits, chunk, reused
+        caches, suffix, reused, key, logits, chunk, tiers, base = self.prepare(p.job.tokens)
+        p.caches, p.suffix, p.logits, p.chunk, p.reused, p.base = caches, suffix, logits, chunk, reused, base
         with self._lock:
             self.totals["prompt_tokens"] += len(p.job.tokens)
             self.totals["cached_tokens"] += reused
@@ -434,16 +435,16 @@ class Engine:
         at = p.reused + p.pos
         every = auto_checkpoint_every(p.caches, self.cache.snap, p.chunk, self.agent.kv_quant)
         if at % every == 0:
-            self.cache.save(p.job.tokens[:at], p.caches)
+            self.cache.save(p.job.tokens[:at], p.caches, base=p.base)
 
-    def _keep(self, tokens: list[int], caches: list) -> None:
+    def _keep(self, tokens: list[int], caches: list, base: tuple | None = None) -> None:
         """A request's KV when it leaves the batch (finished or cancelled): its prompt and the tokens
         generated so far, as far as the caches hold them, go into the prefix cache."""
         if self.cache is None or not caches or not self.cache.cut:
             return  # (a model with no cuttable layer: snapshots are taken at prompt ends only)
         n = caches[self.cache.cut[0]].offset
         try:
-            self.cache.save(tokens[:n], caches)
+            self.cache.save(tokens[:n], caches, base=base)
         except Exception as e:  # never fail a finished request over its cache write
             self.cache.counters.write_errors += 1
             self.cache.counters.extra["last_write_error"] = f"{type(e).__name__}: {e}"
@@ -466,7 +467,7 @@ class Engine:
             self._enter_batch(p, [token], job.tokens, params.max_tokens - 1, sampler, processors)
             return
         else:
-            self.solo.append(_Solo(job, p.caches, sampler, processors, list(job.tokens) + [token], 1))
+            self.solo.append(_Solo(job, p.caches, sampler, processors, list(job.tokens) + [token], 1, p.base))
             with self._lock:
                 self._queued -= 1
             return
@@ -494,7 +495,7 @@ class Engine:
                 d.job.emit("done", finish)
                 self.solo.remove(d)
                 self._end(d.job, "completed", queued=False)
-                self._keep(d.context, d.caches)
+                self._keep(d.context, d.caches, d.base)
 
     def _enter_batch(self, p: _Prefill, prompt: list[int], context: list[int], max_tokens: int | None = None,
                      sampler=None, processors=None) -> None:
@@ -506,23 +507,27 @@ class Engine:
         (uid,) = self.bg.insert([list(prompt)], max_tokens=[max_tokens or params.max_tokens], caches=[p.caches],
                                 all_tokens=[list(context)], samplers=[sampler], logits_processors=[processors],
                                 stop_sequences=[StopSequences()] if params.ignore_eos else None)
-        self.decoding[uid] = _Decode(p.job, params.logprobs, params.top_logprobs)
+        self.decoding[uid] = _Decode(p.job, params.logprobs, params.top_logprobs, base=p.base)
         with self._lock:
             self._queued -= 1
 
     def prepare(self, tokens: list[int]):
-        """(caches, suffix, reused, key, logits or None, chunk size, reused tokens by tier): the agent
-        runtime's matching rules, with the resident pool for published KV; the prefix cache when it
-        holds a deeper prefix."""
+        """(caches, suffix, reused, key, logits or None, chunk size, reused tokens by tier, base): the
+        agent runtime's matching rules, with the resident pool for published KV; the prefix cache when it
+        holds a deeper prefix, or a continuation of the published one (`base`: that entry's key and length)."""
         n = len(tokens)
         excluded: list[str] = []
         agent = self.agent
         cached = self.cache.match(tokens[: n - 1]) if self.cache is not None else 0  # reads no record
         for _ in range(MAX_LOAD_ATTEMPTS):
             match = agent.match(tokens, excluded)
-            if match is None or match[2] <= cached:
+            if match is None:
                 break
             entry, _, reuse = match
+            base = (entry.key, reuse) if self.cache is not None and reuse == entry.num_tokens and reuse < n else None
+            more = self.cache.match(tokens[: n - 1], base) if base else 0
+            if max(reuse, more) <= cached:
+                break
             resident = self.pool.get(entry.key)
             if resident is None:
                 # the shared copy must be complete before requests slice it: never the overlap path
@@ -539,14 +544,20 @@ class Engine:
                     d.loads += 1
                     d.load_seconds += resident.load_seconds
             self.store.touch(entry.key)
-            logits = resident.logits if reuse == n else None
-            return (resident.request_caches(reuse), tokens[reuse:], reuse, entry.key, logits, resident.chunk_size,
-                    {"published": reuse})
+            caches, total, tiers = resident.request_caches(reuse), reuse, {"published": reuse}
+            if more > reuse:  # the published document, then what earlier requests computed after it
+                restored = self.cache.fetch(tokens, limit=n - 1, base=base, base_caches=caches)
+                if restored is not None:
+                    caches, total = restored.caches, restored.tokens
+                    tiers.update({k: v for k, v in restored.by_tier.items() if v})
+            logits = resident.logits if total == n else None
+            return caches, tokens[total:], total, entry.key, logits, resident.chunk_size, tiers, base
         restored = self.cache.fetch(tokens, limit=n - 1, min_tokens=agent.min_reuse_tokens) if cached else None
         if restored is not None:
             tiers = {k: v for k, v in restored.by_tier.items() if v}
-            return restored.caches, tokens[restored.tokens:], restored.tokens, None, None, self.prefill_chunk, tiers
-        return make_prompt_cache(self.lm.model), tokens, 0, None, None, self.prefill_chunk, {}
+            return (restored.caches, tokens[restored.tokens:], restored.tokens, None, None, self.prefill_chunk, tiers,
+                    None)
+        return make_prompt_cache(self.lm.model), tokens, 0, None, None, self.prefill_chunk, {}, None
 
     # -- counters --
 

@@ -48,11 +48,14 @@ def _port() -> int:
 
 
 @contextmanager
-def _server(kind: str, model: str, path, store: Store, log_dir: str):
-    """A fresh server process on a free port: yields (base url, model name to send, start-up seconds)."""
+def _server(kind: str, model: str, path, store: Store, log_dir: str, extra: tuple[str, ...] = (),
+            info: dict | None = None):
+    """A fresh server process on a free port: yields (base url, model name to send, start-up seconds).
+    `extra`: more `kvmlx serve` options; `info` (if given) gets the process id as "pid"."""
     port = _port()
     if kind == "kvmlx":
-        cmd = [sys.executable, "-m", "kvmlx", "serve", "--model", model, "--store", str(store.root), "--port", str(port)]
+        cmd = [sys.executable, "-m", "kvmlx", "serve", "--model", model, "--store", str(store.root), "--port", str(port),
+               *extra]
         name = model
     else:
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port", str(port)]
@@ -61,6 +64,8 @@ def _server(kind: str, model: str, path, store: Store, log_dir: str):
     log = open(os.path.join(log_dir, f"{kind}-{port}.log"), "wb")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if info is not None:
+        info["pid"] = proc.pid
     base = f"http://127.0.0.1:{port}"
     try:
         while True:

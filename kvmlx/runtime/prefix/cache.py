@@ -101,11 +101,15 @@ class Saved:
     seconds: float = 0.0
 
 
+Base = tuple  # (published entry key, its number of tokens): the chain continues that entry
+
+
 @dataclass
 class _Hit:
     tokens: int
     chain: list[tuple[Row, int]]  # (segment, tokens of it used)
     snapshot: Row | None
+    first: int = 0  # tokens the published base supplies
 
 
 @dataclass
@@ -186,9 +190,11 @@ class PrefixCache:
     # ---- lookup and restore ---------------------------------------------------------------------
 
     def fetch(self, tokens: Sequence[int], *, limit: int | None = None, min_tokens: int = 1,
-              headroom: int = HEADROOM) -> Restored | None:
+              headroom: int = HEADROOM, base: Base | None = None, base_caches: list | None = None) -> Restored | None:
         """Caches holding the longest cached prefix of `tokens[:limit]` (at least `min_tokens`), or None.
 
+        With `base` (a published entry's key and length, whose caches `base_caches` hold its tokens), only
+        prefixes that continue that entry are looked for, and the result is its KV followed by theirs.
         A record that disappeared meanwhile (evicted by another process) or fails its digest
         (quarantined) is left out and the lookup is tried again."""
         tokens = [int(t) for t in tokens[: len(tokens) if limit is None else limit]]
@@ -196,12 +202,12 @@ class PrefixCache:
             self.counters.lookups += 1
             excluded: set[str] = set()
             for _ in range(MAX_ATTEMPTS):
-                hit = self._lookup(tokens, excluded)
+                hit = self._lookup(tokens, excluded, base)
                 if hit is None or hit.tokens < min_tokens:
                     return None
                 t0 = time.perf_counter()
                 try:
-                    caches, by_tier = self._restore(hit, headroom)
+                    caches, by_tier = self._restore(hit, headroom, base_caches)
                 except _Unreadable as e:
                     excluded.add(e.key)
                     continue
@@ -215,14 +221,23 @@ class PrefixCache:
                 return Restored(caches, hit.tokens, by_tier, len(hit.chain) + bool(hit.snapshot), seconds)
         return None
 
-    def match(self, tokens: Sequence[int]) -> int:
-        """How many leading tokens of `tokens` a fetch would restore (0: none); reads no record."""
+    def match(self, tokens: Sequence[int], base: Base | None = None) -> int:
+        """How many leading tokens of `tokens` a fetch would restore (0: none; with `base`, counting the
+        published entry's own); reads no record."""
         with self.mutex:
-            hit = self._lookup([int(t) for t in tokens], set())
+            hit = self._lookup([int(t) for t in tokens], set(), base)
             return hit.tokens if hit else 0
 
-    def _walk(self, tokens: list[int], excluded: set[str]) -> list[tuple[Row, int]]:
-        chain, parent, pos = [], self.identity, 0
+    def chain_root(self, base: Base | None) -> str:
+        """Where a chain starts: the identity's root, or the end of a published entry (its key)."""
+        if base is None:
+            return self.identity
+        return blake3.blake3(b"kvmlx-published\0" + bytes.fromhex(self.identity) + base[0].encode()).hexdigest()
+
+    def _walk(self, tokens: list[int], excluded: set[str], base: Base | None) -> list[tuple[Row, int]]:
+        chain, parent, pos = [], self.chain_root(base), base[1] if base else 0
+        if base is not None and len(tokens) < pos:
+            return []
         while pos < len(tokens):
             best, best_m = None, 0
             for row in self.index.children(parent, pos):
@@ -237,9 +252,10 @@ class PrefixCache:
             parent, pos = best.key, pos + best_m
         return chain
 
-    def _lookup(self, tokens: list[int], excluded: set[str]) -> _Hit | None:
-        chain = self._walk(tokens, excluded)
-        pos = sum(m for _, m in chain)
+    def _lookup(self, tokens: list[int], excluded: set[str], base: Base | None) -> _Hit | None:
+        chain = self._walk(tokens, excluded, base)
+        first = base[1] if base else 0
+        pos = first + sum(m for _, m in chain)
         snapshot = None
         if self.snap:  # the deepest state snapshot along the matched chain
             ends = {r.key: (r.start, r.start + m) for r, m in chain}
@@ -250,23 +266,27 @@ class PrefixCache:
         if self.kv_quant is not None and pos < self.kv_quant.start and \
                 any(r.family == "quantized" and r.start < pos for r, _ in chain):
             pos = 0  # quantized KV cannot be taken back to full precision below `start`
-        if pos <= 0:
+        if pos <= first:
             return None
-        cut, left = [], pos
+        cut, left = [], pos - first
         for r, m in chain:
             if left <= 0:
                 break
             cut.append((r, min(m, left)))
             left -= min(m, left)
-        return _Hit(pos, cut, snapshot)
+        return _Hit(pos, cut, snapshot, first)
 
-    def _restore(self, hit: _Hit, headroom: int) -> tuple[list, dict[str, int]]:
+    def _restore(self, hit: _Hit, headroom: int, base_caches: list | None) -> tuple[list, dict[str, int]]:
         by_tier = {"memory": 0, "disk": 0}
         parts = []
+        if hit.first:
+            if base_caches is None:
+                raise KvmlxError("prefix cache: a continuation of a published entry needs that entry's caches")
+            parts.append(_base_part(base_caches, self.cut, hit.first))
         for row, used in hit.chain:
             mem, tier = self._arrays(row)
             by_tier[tier] += used
-            parts.append((row, used, mem))
+            parts.append((row.family, used, mem.arrays))
         caches: list = [None] * self.num_layers
         quantize = self.kv_quant is not None and hit.tokens >= self.kv_quant.start
         for i in self.cut:
@@ -279,12 +299,13 @@ class PrefixCache:
         return caches, by_tier
 
     def _join(self, i: int, parts, n: int, headroom: int, quantize: bool):
+        """Layer i's cache over `parts` ((family, tokens used, arrays by name) in order), with headroom."""
         q = self.kv_quant
         names = ("keys", "values")
         if not quantize:
             out = []
             for name in names:
-                pieces = [mem.arrays[f"{i}.{name}"][..., :used, :] for _, used, mem in parts]
+                pieces = [arrays[f"{i}.{name}"][..., :used, :] for _, used, arrays in parts]
                 shape = list(pieces[0].shape)
                 shape[2] = headroom
                 out.append(mx.concatenate(pieces + [mx.zeros(shape, pieces[0].dtype)], axis=2))
@@ -292,11 +313,11 @@ class PrefixCache:
         cache = QuantizedKVCache(group_size=q.group_size, bits=q.bits)
         for name in names:
             triples = []
-            for row, used, mem in parts:
-                if row.family == "quantized":
-                    triples.append([mem.arrays[f"{i}.{name}.{p}"][..., :used, :] for p in ("q", "scales", "biases")])
+            for family, used, arrays in parts:
+                if family == "quantized":
+                    triples.append([arrays[f"{i}.{name}.{p}"][..., :used, :] for p in ("q", "scales", "biases")])
                 else:
-                    x = mem.arrays[f"{i}.{name}"][..., :used, :]
+                    x = arrays[f"{i}.{name}"][..., :used, :]
                     triples.append(list(mx.quantize(x, group_size=q.group_size, bits=q.bits)))
             joined = []
             for j in range(3):
@@ -321,7 +342,8 @@ class PrefixCache:
             known = row.verified == _file_id(st)
             rec = read_record(path, verify=not known)
             h = rec.header
-            if h["key"] != row.key or h["identity"] != self.identity or h["parent"] != row.parent \
+            if h["key"] != row.key or h["identity"] != self.identity or h.get("root") != row.root \
+                    or h["parent"] != row.parent \
                     or h["start"] != row.start or tuple(h["tokens"]) != row.tokens:
                 raise ArtifactError(f"{path.name}: the record does not match its index row")
             if not known:
@@ -338,9 +360,11 @@ class PrefixCache:
 
     # ---- saving ---------------------------------------------------------------------------------
 
-    def save(self, tokens: Sequence[int], caches: list, *, snapshot: bool = True) -> Saved:
+    def save(self, tokens: Sequence[int], caches: list, *, snapshot: bool = True, base: Base | None = None) -> Saved:
         """Keep the KV of `tokens` held by `caches` (exactly those tokens): the segments not stored
-        yet, and with `snapshot` the state of the layers that cannot be cut, at the end."""
+        yet, and with `snapshot` the state of the layers that cannot be cut, at the end. With `base`
+        (a published entry's key and length, a prefix of `tokens`), only what follows the entry is
+        written, as its continuation: published KV is never stored twice."""
         tokens = [int(t) for t in tokens]
         n = len(tokens)
         out = Saved()
@@ -349,10 +373,12 @@ class PrefixCache:
         for i in self.cut:
             if caches[i].offset != n:
                 raise KvmlxError(f"prefix cache: layer {i} holds {caches[i].offset} tokens, not {n}")
+        if base is not None and base[1] >= n:
+            return out
         t0 = time.perf_counter()
         with self.mutex:
-            chain = self._walk(tokens, set())
-            parent, pos = self.identity, 0
+            chain = self._walk(tokens, set(), base)
+            parent, pos = self.chain_root(base), base[1] if base else 0
             if chain:
                 last, m = chain[-1]
                 parent, pos = last.key, last.start + m
@@ -362,7 +388,7 @@ class PrefixCache:
                     end = min(n, (pos // self.block + 1) * self.block)
                     key = _segment_key(parent, pos, tokens[pos:end])
                     family, header_layers, tensors = self._segment(caches, pos, end)
-                    row = Row(key, self.identity, parent, "segment", pos, end, tuple(tokens[pos:end]), family, 0)
+                    row = Row(key, self.chain_root(base), parent, "segment", pos, end, tuple(tokens[pos:end]), family, 0)
                     nbytes = self._write(row, header_layers, tensors, protect)
                     out.records, out.bytes, out.tokens = out.records + 1, out.bytes + nbytes, out.tokens + end - pos
                     protect.add(key)
@@ -371,7 +397,7 @@ class PrefixCache:
                     key = _snapshot_key(parent, n)
                     if self.index.get(key) is None and key not in self.mem:
                         layers, tensors = self._snapshot(caches)
-                        row = Row(key, self.identity, parent, "snapshot", n, n, (), "state", 0)
+                        row = Row(key, self.chain_root(base), parent, "snapshot", n, n, (), "state", 0)
                         out.bytes += self._write(row, layers, tensors, protect)
                         out.records += 1
                         out.snapshot = True
@@ -419,8 +445,9 @@ class PrefixCache:
         mem = _Mem(tensors, layers, sum(x.nbytes for x in tensors.values()))
         nbytes = 0
         if self.persist:
-            header = {"key": row.key, "identity": self.identity, "parent": row.parent, "kind": row.kind,
-                      "start": row.start, "tokens": list(row.tokens), "layers": layers, "block": self.block}
+            header = {"key": row.key, "identity": self.identity, "root": row.root, "parent": row.parent,
+                      "kind": row.kind, "start": row.start, "tokens": list(row.tokens), "layers": layers,
+                      "block": self.block}
             data = [(name, str(x.dtype).split(".")[-1], tuple(x.shape), memoryview(x)) for name, x in tensors.items()]
             with self._lock:
                 if self.index.get(row.key) is not None:
@@ -501,7 +528,7 @@ class PrefixCache:
                 pass
             finally:
                 self.disk_bytes = saved
-            for key in self.index.orphans({self.identity}):
+            for key in self.index.orphans():
                 row = self.index.get(key)
                 if row is not None:
                     self._evict(row)
@@ -543,6 +570,20 @@ class PrefixCache:
                 "quarantined": c.quarantined, "write_errors": c.write_errors,
                 "write_seconds": c.write_seconds, "restore_seconds": c.restore_seconds,
             }
+
+
+def _base_part(caches: list, cut: Sequence[int], n: int):
+    """A published entry's caches as the first part of a join: (family, tokens, arrays by name)."""
+    arrays, family = {}, "kv"
+    for i in cut:
+        c = caches[i]
+        if isinstance(c, QuantizedKVCache):
+            family = "quantized"
+            for name, parts in (("keys", c.keys), ("values", c.values)):
+                arrays.update({f"{i}.{name}.{p}": x for p, x in zip(("q", "scales", "biases"), parts)})
+        else:
+            arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys, c.values
+    return family, n, arrays
 
 
 class _Unreadable(Exception):
@@ -607,7 +648,7 @@ def evict_to(root: str | os.PathLike, max_bytes: int, *, stale_seconds: float = 
                 out["evicted"] += 1
                 out["freed_bytes"] += row.file_bytes
 
-            for key in index.orphans(set()):
+            for key in index.orphans():
                 row = index.get(key)
                 if row is not None:
                     drop(row)

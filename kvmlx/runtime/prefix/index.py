@@ -1,7 +1,7 @@
 """The prefix cache's index: one SQLite row per record (segment or snapshot), a trie by (parent, start).
 
 A segment row holds its token ids, where it starts and its parent (the previous segment of the same
-prefix, or the identity's root); children of a row that start at position p continue a prefix that
+prefix, or its chain's root: the identity's, or the end of a published entry it continues); children of a row that start at position p continue a prefix that
 shares the row's tokens up to p. A snapshot row hangs off the segment it follows, at the position its
 state belongs to. Rows appear only after their file is in place, and go before their file does, so a
 reader that finds a row and no file is looking at an eviction in progress (a miss, never an error).
@@ -22,7 +22,7 @@ import numpy as np
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-    key TEXT PRIMARY KEY, identity TEXT NOT NULL, parent TEXT NOT NULL, kind TEXT NOT NULL,
+    key TEXT PRIMARY KEY, root TEXT NOT NULL, parent TEXT NOT NULL, kind TEXT NOT NULL,
     start INTEGER NOT NULL, end INTEGER NOT NULL, tokens BLOB NOT NULL, family TEXT NOT NULL,
     file_bytes INTEGER NOT NULL, created REAL NOT NULL, last_used REAL NOT NULL,
     verified TEXT
@@ -35,7 +35,7 @@ CREATE INDEX IF NOT EXISTS records_lru ON records (last_used);
 @dataclass(frozen=True)
 class Row:
     key: str
-    identity: str
+    root: str  # where its chain starts: the cache identity's root, or a published entry's end
     parent: str
     kind: str  # "segment" or "snapshot"
     start: int
@@ -56,7 +56,7 @@ def _row(r) -> Row:
                r[9], r[10])
 
 
-_COLS = "key, identity, parent, kind, start, end, tokens, family, file_bytes, last_used, verified"
+_COLS = "key, root, parent, kind, start, end, tokens, family, file_bytes, last_used, verified"
 
 
 class CacheIndex:
@@ -101,7 +101,7 @@ class CacheIndex:
         with self.mutex:
             cur = self._conn.execute(
                 "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (row.key, row.identity, row.parent, row.kind, row.start, row.end,
+                (row.key, row.root, row.parent, row.kind, row.start, row.end,
                  np.asarray(row.tokens, dtype="<u4").tobytes(), row.family, row.file_bytes, when, when, row.verified))
             return cur.rowcount == 1
 
@@ -119,20 +119,16 @@ class CacheIndex:
         with self.mutex:
             self._conn.executemany("DELETE FROM records WHERE key = ?", [(k,) for k in keys])
 
-    def leaves(self, limit: int = 64, identity: str | None = None) -> list[Row]:
+    def leaves(self, limit: int = 64) -> list[Row]:
         """Rows no other row hangs off, least recently used first (what eviction takes)."""
-        where = "AND r.identity = ?" if identity else ""
-        args = (identity, limit) if identity else (limit,)
         return [_row(r) for r in self._q(
             f"SELECT {', '.join('r.' + c.strip() for c in _COLS.split(','))} FROM records r "
-            f"WHERE NOT EXISTS (SELECT 1 FROM records c WHERE c.parent = r.key) {where} "
-            "ORDER BY r.last_used LIMIT ?", args)]
+            "WHERE NOT EXISTS (SELECT 1 FROM records c WHERE c.parent = r.key) ORDER BY r.last_used LIMIT ?", (limit,))]
 
-    def orphans(self, roots: set[str]) -> list[str]:
-        """Keys whose parent is neither a row nor an identity root (left by an eviction racing a write)."""
-        rows = self._q("SELECT r.key, r.parent, r.identity FROM records r "
-                       "WHERE NOT EXISTS (SELECT 1 FROM records p WHERE p.key = r.parent)")
-        return [k for k, parent, identity in rows if parent != identity and parent not in roots]
+    def orphans(self) -> list[str]:
+        """Keys whose parent is neither a row nor their chain's root (left by an eviction racing a write)."""
+        return [r[0] for r in self._q("SELECT r.key FROM records r WHERE r.parent != r.root "
+                                      "AND NOT EXISTS (SELECT 1 FROM records p WHERE p.key = r.parent)")]
 
     def totals(self) -> dict:
         (n, nbytes, seg, snap, tokens), = self._q(
