@@ -25,7 +25,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ...models import load_model
 from ...runtime import prefix
-from ...runtime.agent import chat_prefix_tokens
+from ...runtime.agent import _render, chat_prefix_tokens
 from ...runtime.store import Store
 from .machine import machine_info
 from .serving import SERVERS, _client, _server, document_text
@@ -59,7 +59,7 @@ def _peak_rss(pid: int) -> int | None:
 
 def _turn(base: str, name: str, messages: list[dict], max_tokens: int) -> dict:
     t0 = time.perf_counter()
-    first, text, usage = None, [], None
+    first, text, usage, ids = None, [], None, None
     stream = _client(base).chat.completions.create(model=name, messages=messages, max_tokens=max_tokens,
                                                    temperature=0.0, stream=True,
                                                    stream_options={"include_usage": True})
@@ -70,12 +70,24 @@ def _turn(base: str, name: str, messages: list[dict], max_tokens: int) -> dict:
             text.append(ch.choices[0].delta.content)
         if ch.usage is not None:
             usage = ch.usage
+        ext = (getattr(ch, "model_extra", None) or {}).get("kvmlx")
+        if isinstance(ext, dict) and isinstance(ext.get("tokens"), list):
+            ids = ext["tokens"]  # kvmlx's final chunk names the generated token ids
     total = time.perf_counter() - t0
     details = getattr(usage, "prompt_tokens_details", None) if usage else None
-    return {"ttft": first if first is not None else total, "seconds": total, "text": "".join(text),
+    return {"ttft": first if first is not None else total, "seconds": total, "text": "".join(text), "ids": ids,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "cached_tokens": (getattr(details, "cached_tokens", None) or 0) if details else 0}
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _kvmlx_stats(base: str) -> dict:
@@ -104,7 +116,7 @@ def run_agent_bench(model: str = "builtin:small", *, turns: int = 5, doc_tokens:
                 messages = [{"role": "system", "content": SYSTEM},
                             {"role": "user", "content": document + "\n\nQuestion 1: what is this document about?"}]
                 rows: list[dict] = []
-                server = None
+                server, computed = None, []
                 try:
                     for k in range(turns):
                         if server is None or mode == "restart":
@@ -116,6 +128,10 @@ def run_agent_bench(model: str = "builtin:small", *, turns: int = 5, doc_tokens:
                         before = _kvmlx_stats(base) if kind == "kvmlx" else None
                         row = _turn(base, name, messages, answer_tokens)
                         row["turn"] = k + 1
+                        prompt_ids = _render(lm, messages)
+                        # what this prompt repeats of what the server computed last turn (prompt + answer)
+                        row["reusable"] = _common(computed, prompt_ids)
+                        computed = prompt_ids + (row.pop("ids") or [])
                         if kind == "kvmlx":
                             after = _kvmlx_stats(base)
                             pc, pc0 = after.get("prefix_cache", {}), before.get("prefix_cache", {})
@@ -163,7 +179,9 @@ def summarize_agent(result: dict) -> dict:
     rows = runs.get("lifetime", {}).get("kvmlx") or runs.get("restart", {}).get("kvmlx")
     if rows:
         # every turn reuses all the previous turn computed: its prompt and its answer
-        reuse = [r["cached_tokens"] >= p["prompt_tokens"] + p["completion_tokens"] - 1 for p, r in zip(rows, rows[1:])]
+        # (every token of its prompt that repeats, position for position, a token computed last turn;
+        # the last answer token may not have run: it is not counted)
+        reuse = [r["cached_tokens"] >= min(r["reusable"], r["prompt_tokens"] - 1) - 1 for r in rows[1:]]
         distinct = rows[-1]["prompt_tokens"] + rows[-1]["completion_tokens"] - cfg["published_prefix_tokens"]
         written = sum(r.get("bytes_written", 0) for r in rows)
         kv = distinct * cfg["kv_bytes_per_token"]
@@ -193,14 +211,15 @@ def format_agent_table(result: dict) -> str:
     for mode, by_kind in runs.items():
         lines.append(f"\n{mode}: TTFT s (prompt tokens / cached tokens)")
         kinds = list(by_kind)
-        lines.append("turn  " + "".join(f"{k:>28}" for k in kinds) + ("   kvmlx wrote" if "kvmlx" in kinds else ""))
+        lines.append("turn  reusable" + "".join(f"{k:>28}" for k in kinds) + ("   kvmlx wrote" if "kvmlx" in kinds else ""))
         for i in range(max(len(v) for v in by_kind.values())):
             cells = []
             for k in kinds:
                 r = by_kind[k][i] if i < len(by_kind[k]) else None
                 cells.append(f"{r['ttft']:8.2f} ({r['prompt_tokens']:>5} / {r['cached_tokens']:>5})" if r else "")
+            reusable = by_kind[kinds[0]][i]["reusable"]
             wrote = by_kind.get("kvmlx", [])[i].get("bytes_written") if "kvmlx" in kinds else None
-            lines.append(f"{i + 1:>4}  " + "".join(f"{c:>28}" for c in cells)
+            lines.append(f"{i + 1:>4}  {reusable:>8}" + "".join(f"{c:>28}" for c in cells)
                          + (f"   {wrote / 1e6:8.2f} MB" if wrote is not None else ""))
         m = s.get(mode, {})
         if m.get("speedup"):
@@ -230,6 +249,7 @@ def plot_agent(result: dict, path) -> str:
                     alpha=1.0 if mode == "lifetime" else 0.55,
                     label=f"{'kvmlx serve' if kind == 'kvmlx' else 'mlx_lm.server'}, {mode}")
     ax.set_yscale("log")
+    ax.set_xticks(range(1, result["config"]["turns"] + 1))
     ax.set_xlabel("turn")
     ax.set_ylabel("time to first token (s)")
     cfg = result["config"]
