@@ -398,3 +398,20 @@ def test_continuation_of_a_published_document(tiny, preset, toks, tmp_path, fami
     eng = Engine(lm, store, cache=cache_for(lm, root))
     caches, suffix, reused, key, _, _, tiers, base = eng.prepare(list(prompt))
     assert reused >= 87 and tiers["published"] == 64 and base[1] == 64 and key == base[0]
+
+
+def test_snapshots_inside_long_prompts(preset, toks, tmp_path):
+    """A long prompt of a hybrid model leaves state snapshots at the auto spacing inside it, so a later
+    prompt sharing only its first part restores from the deepest one below the divergence, exactly."""
+    lm = preset("hybrid")
+    root = tmp_path / "s"
+    cache = cache_for(lm, root)
+    Agent(lm, Store(root), chunk_size=16, cache=cache).generate(toks[:480], max_tokens=2)
+    assert cache.stats()["snapshots_written"] >= 3  # inside (every 432 tokens here), the prompt's end, the finish
+    other = toks[:450] + toks[500:530]
+    g = Agent(lm, Store(root), chunk_size=16, cache=cache_for(lm, root)).generate(other, max_tokens=4,
+                                                                                 stop_at_eos=False, keep_logits=True)
+    assert 400 <= g.reused_tokens <= 450 and g.tiers == {"disk": g.reused_tokens}
+    k = g.reused_tokens
+    ref = from_scratch(lm, other[:k], other[k:], chunk_size=16, max_tokens=4, stop_at_eos=False, keep_logits=True)
+    assert g.tokens == ref.tokens and all(np.array_equal(x, y) for x, y in zip(g.logits, ref.logits))

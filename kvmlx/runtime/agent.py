@@ -342,24 +342,28 @@ class Agent:
             return r, r.logits
         on_chunk = None
         if self.cache is not None and self.cache.snap:  # state snapshots at the auto spacing inside long prompts
-            every = [None]
+            every, last = [None], [r.reused]
 
             def on_chunk(done: int) -> None:
                 at = r.reused + done
                 every[0] = every[0] or auto_checkpoint_every(r.caches, self.cache.snap, r.chunk_size, self.kv_quant)
-                if done < len(r.suffix_tokens) and at % every[0] == 0:
+                if done < len(r.suffix_tokens) and at - last[0] >= every[0]:
                     r.written.append(self.cache.save(tokens[:at], r.caches, base=r.base))
+                    last[0] = at
         logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size, quant=self.kv_quant, on_chunk=on_chunk)
-        if self.cache is not None:
-            r.written.append(self.cache.save(tokens, r.caches, base=r.base))  # the prompt: what the next turn shares
         return r, logits
+
+    def _save_prompt(self, tokens: list[int], r: Reuse) -> None:
+        """The prompt's KV (what the next turn shares), once its first token is out (not in its latency)."""
+        if self.cache is not None and r.suffix_tokens:
+            r.written.append(self.cache.save(tokens, r.caches, base=r.base))
 
     def _keep(self, prompt: list[int], generated: list[int], r: Reuse) -> dict:
         """After decoding: keep the conversation so far (the last token was never run) in the prefix cache;
         what this prompt wrote there, in all."""
         if self.cache is None:
             return {}
-        if len(generated) >= 2:
+        if r.suffix_tokens or generated[:-1]:  # (what is stored already is skipped: nothing is written twice)
             r.written.append(self.cache.save(prompt + generated[:-1], r.caches, base=r.base))
         return {"records": sum(w.records for w in r.written), "bytes": sum(w.bytes for w in r.written),
                 "tokens": sum(w.tokens for w in r.written), "seconds": sum(w.seconds for w in r.written)}
@@ -380,8 +384,17 @@ class Agent:
         prompt = self._tokens(prompt)
         n = len(prompt)
         r, logits = self._start(prompt)
+        first = [True]
+
+        def token(t: int) -> None:
+            if on_token:
+                on_token(t)
+            if first[0]:  # the caches still hold exactly the prompt
+                first[0] = False
+                self._save_prompt(prompt, r)
+
         gen = decode_timed(self.lm, r.caches, logits, max_tokens, started=t0, reused=r.reused,
-                           prefilled=len(r.suffix_tokens), stop_at_eos=stop_at_eos, on_token=on_token,
+                           prefilled=len(r.suffix_tokens), stop_at_eos=stop_at_eos, on_token=token,
                            keep_logits=keep_logits, quant=self.kv_quant)
         written = self._keep(prompt, gen.tokens, r)
         return AgentGeneration(
@@ -405,6 +418,8 @@ class Agent:
                 token = int(mx.argmax(logits).item())
                 out.append(token)
                 yield token
+                if i == 0:
+                    self._save_prompt(tokens, r)
                 if token in eos or i + 1 == max_tokens:
                     return
                 logits = self.lm.model(mx.array([[token]]), cache=r.caches)[0, -1]

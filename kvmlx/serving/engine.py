@@ -128,6 +128,7 @@ class _Prefill:
     logits: mx.array | None = None  # the stored logits when the whole prompt is the document
     reused: int = 0  # prompt tokens whose KV came from published or cached KV
     base: tuple | None = None  # the published entry (key, tokens) its cached KV continues
+    snapped: int = 0  # where the last state snapshot inside this prompt was taken
 
 
 @dataclass
@@ -402,9 +403,10 @@ class Engine:
                     self._snapshot_inside(p)
                     unfinished.append(p)
                 else:
-                    if self.cache is not None:  # the prompt's end: what the next turn shares
-                        self.cache.save(p.job.tokens, p.caches, base=p.base)
                     self._first_token(p)
+                    if self.cache is not None:  # the prompt's end (after its first token went out: its
+                        # caches join the batch, or decode alone, only from the next step on)
+                        self._keep(p.job.tokens, p.caches, p.base, prompt_end=True)
             except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
                 p.job.emit("error", f"{type(e).__name__}: {e}")
                 self._end(p.job, "errors", queued=True)
@@ -434,15 +436,22 @@ class Engine:
             return
         at = p.reused + p.pos
         every = auto_checkpoint_every(p.caches, self.cache.snap, p.chunk, self.agent.kv_quant)
-        if at % every == 0:
+        if at - max(p.snapped, p.reused) >= every:
             self.cache.save(p.job.tokens[:at], p.caches, base=p.base)
+            p.snapped = at
 
-    def _keep(self, tokens: list[int], caches: list, base: tuple | None = None) -> None:
-        """A request's KV when it leaves the batch (finished or cancelled): its prompt and the tokens
-        generated so far, as far as the caches hold them, go into the prefix cache."""
-        if self.cache is None or not caches or not self.cache.cut:
-            return  # (a model with no cuttable layer: snapshots are taken at prompt ends only)
-        n = caches[self.cache.cut[0]].offset
+    def _keep(self, tokens: list[int], caches: list, base: tuple | None = None, prompt_end: bool = False) -> None:
+        """A request's KV at its prompt's end (prefilled here), or when it leaves the batch (finished or
+        cancelled): its prompt and the tokens generated so far, as far as the caches hold them, go into
+        the prefix cache. A write that fails is counted, never passed on to the request."""
+        if self.cache is None or not caches:
+            return
+        if not self.cache.cut:  # no layer says how many tokens it holds: only prompt ends are known
+            if not prompt_end:
+                return
+            n = len(tokens)
+        else:
+            n = caches[self.cache.cut[0]].offset
         try:
             self.cache.save(tokens[:n], caches, base=base)
         except Exception as e:  # never fail a finished request over its cache write
