@@ -1,8 +1,8 @@
 """Resident published KV: one loaded document (its caches and state checkpoints, compacted: no load
 headroom) kept in memory and shared, read-only, by many requests, and `request_caches(resident, reuse)`,
 the one function a server calls to give a request its own mlx-lm caches holding the document's first
-`reuse` tokens. It delegates to `kvmlx.runtime.restore.caches_at`, where each cache family says how a
-prefix is restored (slices of trimmable caches, a state checkpoint for the others), so the serving
+`reuse` tokens (and `KVPool`, the least-recently-used set of them a server keeps within its budget).
+It delegates to `kvmlx.runtime.restore.caches_at`, where each cache family says how a prefix is restored (slices of trimmable caches, a state checkpoint for the others), so the serving
 layer (kvmlx.serving.engine) never touches cache internals.
 
 The request's caches are new cache objects over new array objects: mlx-lm's in-place
@@ -12,6 +12,7 @@ buffer of its own, so the shared arrays are never written (tests/test_server.py 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -49,3 +50,34 @@ def request_caches(resident: ResidentKV, reuse: int) -> list:
     length: see `kvmlx.runtime.restore.caches_at`); the shared caches are never modified by anything
     the request does with them."""
     return caches_at(resident.loaded, reuse)
+
+
+class KVPool:
+    """Loaded documents by store key, least recently used first out once over `max_bytes` (None: no limit)."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, ResidentKV] = OrderedDict()
+        self.evictions: dict[str, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.items.values())
+
+    def get(self, key: str) -> ResidentKV | None:
+        r = self.items.get(key)
+        if r is not None:
+            self.items.move_to_end(key)
+        return r
+
+    def put(self, r: ResidentKV) -> None:
+        """Keep `r` (most recent) and evict older entries over budget; a document larger than the whole
+        budget is not kept (the request holding it still uses it)."""
+        self.items[r.key] = r
+        self.items.move_to_end(r.key)
+        while self.max_bytes is not None and self.nbytes > self.max_bytes and self.items:
+            old, _ = self.items.popitem(last=False)
+            self.evictions[old] = self.evictions.get(old, 0) + 1
+
+    def discard(self, key: str) -> None:
+        self.items.pop(key, None)

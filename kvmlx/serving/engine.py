@@ -36,7 +36,7 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -50,7 +50,7 @@ from ..models import LoadedModel
 from ..runtime.agent import MAX_LOAD_ATTEMPTS, Agent
 from ..runtime.prefix import PrefixCache
 from ..runtime.publish import DEFAULT_CHUNK, auto_checkpoint_every, prefill
-from ..runtime.resident import ResidentKV, resident_from_loaded
+from ..runtime.resident import KVPool, ResidentKV, resident_from_loaded  # noqa: F401 (re-exported)
 from ..runtime.store import BLOCK, Store
 from .sampling import Params, logprob_info, make_request_processors, make_request_sampler, sample_first
 
@@ -66,40 +66,6 @@ class QueueFull(Exception):
     def __init__(self, retry_after: int):
         super().__init__(f"server busy: too many queued requests; retry after {retry_after} s")
         self.retry_after = retry_after
-
-
-# ---- the resident pool ------------------------------------------------------------------------
-
-
-class KVPool:
-    """Loaded documents by store key, least recently used first out once over `max_bytes` (None: no limit)."""
-
-    def __init__(self, max_bytes: int | None = None):
-        self.max_bytes = max_bytes
-        self.items: OrderedDict[str, ResidentKV] = OrderedDict()
-        self.evictions: dict[str, int] = {}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.items.values())
-
-    def get(self, key: str) -> ResidentKV | None:
-        r = self.items.get(key)
-        if r is not None:
-            self.items.move_to_end(key)
-        return r
-
-    def put(self, r: ResidentKV) -> None:
-        """Keep `r` (most recent) and evict older entries over budget; a document larger than the whole
-        budget is not kept (the request holding it still uses it)."""
-        self.items[r.key] = r
-        self.items.move_to_end(r.key)
-        while self.max_bytes is not None and self.nbytes > self.max_bytes and self.items:
-            old, _ = self.items.popitem(last=False)
-            self.evictions[old] = self.evictions.get(old, 0) + 1
-
-    def discard(self, key: str) -> None:
-        self.items.pop(key, None)
 
 
 # ---- jobs -------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The prefix cache: every prefix kvmlx computes, block-addressed, in memory and on disk (cache.py),
-its SQLite index (index.py); the record files are `kvmlx.artifact.blockfile`."""
+its SQLite index (index.py), how caches become records and back (layers.py), and what `kvmlx store`
+does to it without a model (maintenance.py); the record files are `kvmlx.artifact.blockfile`."""
 
 from .cache import (  # noqa: F401
     DEFAULT_BLOCK,
@@ -9,7 +10,5 @@ from .cache import (  # noqa: F401
     Saved,
     default_disk_bytes,
     default_ram_bytes,
-    evict_to,
-    purge,
-    summary,
 )
+from .maintenance import evict_to, purge, summary  # noqa: F401

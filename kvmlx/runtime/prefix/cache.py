@@ -41,17 +41,16 @@ from typing import Sequence
 import blake3
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from ...artifact.blockfile import read_record, write_record
 from ...artifact.format import canonical_json, fsync_dir
 from ...artifact.identity import model_fingerprint, tokenizer_fingerprint
-from ...caches import KVQuantization, load_layer, model_specs, save_layer
-from ...caches.kv import from_arrays
+from ...caches import KVQuantization, load_layer, model_specs
 from ...errors import ArtifactError, KvmlxError
 from ..store.keys import kv_variant
 from ..store.lock import StoreLock
 from .index import CacheIndex, Row
+from .layers import base_part, join_layer, segment_arrays, snapshot_arrays
 
 DEFAULT_BLOCK = 256
 HEADROOM = 256  # free slots after a restored prefix: the suffix's first appends do not re-allocate
@@ -282,52 +281,21 @@ class PrefixCache:
         if hit.first:
             if base_caches is None:
                 raise KvmlxError("prefix cache: a continuation of a published entry needs that entry's caches")
-            parts.append(_base_part(base_caches, self.cut, hit.first))
+            parts.append(base_part(base_caches, self.cut, hit.first))
         for row, used in hit.chain:
             mem, tier = self._arrays(row)
             by_tier[tier] += used
             parts.append((row.family, used, mem.arrays))
         caches: list = [None] * self.num_layers
-        quantize = self.kv_quant is not None and hit.tokens >= self.kv_quant.start
+        quant = self.kv_quant if self.kv_quant is not None and hit.tokens >= self.kv_quant.start else None
         for i in self.cut:
-            caches[i] = self._join(i, parts, hit.tokens, headroom, quantize)
+            caches[i] = join_layer(i, parts, hit.tokens, headroom, quant)
         if self.snap:
             mem, _ = self._arrays(hit.snapshot)
             for i in self.snap:
                 caches[i] = load_layer(mem.meta[str(i)], lambda t, i=i: mem.arrays[f"{i}.{t}"][...])
         mx.eval([c.state for c in caches])
         return caches, by_tier
-
-    def _join(self, i: int, parts, n: int, headroom: int, quantize: bool):
-        """Layer i's cache over `parts` ((family, tokens used, arrays by name) in order), with headroom."""
-        q = self.kv_quant
-        names = ("keys", "values")
-        if not quantize:
-            out = []
-            for name in names:
-                pieces = [arrays[f"{i}.{name}"][..., :used, :] for _, used, arrays in parts]
-                shape = list(pieces[0].shape)
-                shape[2] = headroom
-                out.append(mx.concatenate(pieces + [mx.zeros(shape, pieces[0].dtype)], axis=2))
-            return from_arrays(out, n)[0]
-        cache = QuantizedKVCache(group_size=q.group_size, bits=q.bits)
-        for name in names:
-            triples = []
-            for family, used, arrays in parts:
-                if family == "quantized":
-                    triples.append([arrays[f"{i}.{name}.{p}"][..., :used, :] for p in ("q", "scales", "biases")])
-                else:
-                    x = arrays[f"{i}.{name}"][..., :used, :]
-                    triples.append(list(mx.quantize(x, group_size=q.group_size, bits=q.bits)))
-            joined = []
-            for j in range(3):
-                pieces = [t[j] for t in triples]
-                shape = list(pieces[0].shape)
-                shape[2] = headroom
-                joined.append(mx.concatenate(pieces + [mx.zeros(shape, pieces[0].dtype)], axis=2))
-            setattr(cache, name, tuple(joined))
-        cache.offset = n
-        return cache
 
     def _arrays(self, row: Row) -> tuple[_Mem, str]:
         mem = self.mem.get(row.key)
@@ -387,7 +355,7 @@ class PrefixCache:
                 while pos < n:
                     end = min(n, (pos // self.block + 1) * self.block)
                     key = _segment_key(parent, pos, tokens[pos:end])
-                    family, header_layers, tensors = self._segment(caches, pos, end)
+                    family, header_layers, tensors = segment_arrays(caches, self.cut, pos, end)
                     row = Row(key, self.chain_root(base), parent, "segment", pos, end, tuple(tokens[pos:end]), family, 0)
                     nbytes = self._write(row, header_layers, tensors, protect)
                     out.records, out.bytes, out.tokens = out.records + 1, out.bytes + nbytes, out.tokens + end - pos
@@ -396,7 +364,7 @@ class PrefixCache:
                 if snapshot and self.snap:
                     key = _snapshot_key(parent, n)
                     if self.index.get(key) is None and key not in self.mem:
-                        layers, tensors = self._snapshot(caches)
+                        layers, tensors = snapshot_arrays(caches, self.snap)
                         row = Row(key, self.chain_root(base), parent, "snapshot", n, n, (), "state", 0)
                         out.bytes += self._write(row, layers, tensors, protect)
                         out.records += 1
@@ -412,30 +380,6 @@ class PrefixCache:
             c.snapshots_written += out.snapshot
             c.write_seconds += out.seconds
         return out
-
-    def _segment(self, caches: list, start: int, end: int):
-        layers, tensors, family = {}, {}, "kv"
-        for i in self.cut:
-            c = caches[i]
-            if isinstance(c, QuantizedKVCache):
-                family = "quantized"
-                layers[str(i)] = {"family": "quantized", "bits": int(c.bits), "group_size": int(c.group_size)}
-                for name, parts in (("keys", c.keys), ("values", c.values)):
-                    for p, x in zip(("q", "scales", "biases"), parts):
-                        tensors[f"{i}.{name}.{p}"] = mx.contiguous(x[..., start:end, :])
-            else:
-                layers[str(i)] = {"family": "kv"}
-                tensors[f"{i}.keys"] = mx.contiguous(c.keys[..., start:end, :])
-                tensors[f"{i}.values"] = mx.contiguous(c.values[..., start:end, :])
-        return family, layers, tensors
-
-    def _snapshot(self, caches: list):
-        layers, tensors = {}, {}
-        for i in self.snap:
-            meta, arrays = save_layer(caches[i])
-            layers[str(i)] = meta
-            tensors.update({f"{i}.{k}": mx.contiguous(x) for k, x in arrays.items()})
-        return layers, tensors
 
     def _write(self, row: Row, layers: dict, tensors: dict[str, mx.array], protect: set[str]) -> int:
         """Keep one record (memory tier, and disk unless `persist` is off); the bytes written to disk."""
@@ -572,20 +516,6 @@ class PrefixCache:
             }
 
 
-def _base_part(caches: list, cut: Sequence[int], n: int):
-    """A published entry's caches as the first part of a join: (family, tokens, arrays by name)."""
-    arrays, family = {}, "kv"
-    for i in cut:
-        c = caches[i]
-        if isinstance(c, QuantizedKVCache):
-            family = "quantized"
-            for name, parts in (("keys", c.keys), ("values", c.values)):
-                arrays.update({f"{i}.{name}.{p}": x for p, x in zip(("q", "scales", "biases"), parts)})
-        else:
-            arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys, c.values
-    return family, n, arrays
-
-
 class _Unreadable(Exception):
     def __init__(self, key: str):
         super().__init__(key)
@@ -612,78 +542,3 @@ def _snapshot_key(parent: str, position: int) -> str:
 
 def _file_id(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-
-
-def purge(root: str | os.PathLike) -> dict:
-    """Remove every cached record of a store (all models), under the cache lock. Published artifacts stay."""
-    cache = Path(root) / "cache"
-    if not cache.exists():
-        return {"records": 0, "bytes": 0}
-    with StoreLock(cache / "lock"):
-        index = CacheIndex(cache / "index.sqlite")
-        try:
-            totals = index.totals()
-            index.drop(index.keys())
-        finally:
-            index.close()
-        shutil.rmtree(cache / "records", ignore_errors=True)
-        shutil.rmtree(cache / "tmp", ignore_errors=True)
-    return {"records": totals["records"], "bytes": totals["bytes"]}
-
-
-def evict_to(root: str | os.PathLike, max_bytes: int, *, stale_seconds: float = 3600.0) -> dict:
-    """`store gc` for the prefix cache (every model): least recently used leaves out until the records
-    total at most `max_bytes`; rows whose parent is gone and writers' temp files older than
-    `stale_seconds` removed. Returns what it freed."""
-    cache = Path(root) / "cache"
-    out = {"evicted": 0, "freed_bytes": 0, "temp_removed": 0}
-    if not (cache / "index.sqlite").exists():
-        return out
-    with StoreLock(cache / "lock"):
-        index = CacheIndex(cache / "index.sqlite")
-        try:
-            def drop(row: Row) -> None:
-                index.drop([row.key])
-                (cache / "records" / row.key[:2] / f"{row.key}.kvblk").unlink(missing_ok=True)
-                out["evicted"] += 1
-                out["freed_bytes"] += row.file_bytes
-
-            for key in index.orphans():
-                row = index.get(key)
-                if row is not None:
-                    drop(row)
-            total = index.total_bytes()
-            while total > max_bytes:
-                leaves = index.leaves(64)
-                if not leaves:
-                    break
-                for row in leaves:
-                    drop(row)
-                    total -= row.file_bytes
-                    if total <= max_bytes:
-                        break
-        finally:
-            index.close()
-        now = time.time()
-        for p in (cache / "tmp").glob(".record.*"):
-            try:
-                if now - p.stat().st_mtime > stale_seconds:
-                    p.unlink()
-                    out["temp_removed"] += 1
-            except OSError:
-                pass
-    return out
-
-
-def summary(root: str | os.PathLike) -> dict:
-    """What a store's prefix cache holds on disk (every model), without loading any model."""
-    path = Path(root) / "cache" / "index.sqlite"
-    if not path.exists():
-        return {"records": 0, "bytes": 0, "segments": 0, "snapshots": 0, "tokens": 0}
-    index = CacheIndex(path)
-    try:
-        return index.totals()
-    finally:
-        index.close()
-
-
