@@ -415,3 +415,46 @@ def test_snapshots_inside_long_prompts(preset, toks, tmp_path):
     k = g.reused_tokens
     ref = from_scratch(lm, other[:k], other[k:], chunk_size=16, max_tokens=4, stop_at_eos=False, keep_logits=True)
     assert g.tokens == ref.tokens and all(np.array_equal(x, y) for x, y in zip(g.logits, ref.logits))
+
+
+def chat_turns(lm, root, toks, *, restart: bool):
+    """A 4-turn chat over HTTP, streamed and not in turn; the generated ids and their logprobs per turn."""
+    make = lambda: Engine(lm, Store(root), cache=cache_for(lm, root)).start()  # noqa: E731
+    eng = make()
+    messages = [{"role": "system", "content": "You answer briefly. " * 6},
+                {"role": "user", "content": lm.tokenizer.decode(toks[:70])}]
+    out = []
+    try:
+        for k in range(TURNS):
+            if restart and k:
+                eng.stop()
+                eng = make()
+            body = {"model": "builtin:tiny", "messages": messages, "max_tokens": ANSWER, "temperature": 0,
+                    "logprobs": True, "ignore_eos": True, "stream": k % 2 == 1}
+            with TestClient(Server(eng).app) as client:
+                r = client.post("/v1/chat/completions", json=body)
+            if body["stream"]:
+                events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+                ext = [e["kvmlx"] for e in events if "kvmlx" in e][0]
+                lps = [c["logprob"] for e in events for ch in e["choices"] if ch.get("logprobs")
+                       for c in ch["logprobs"]["content"]]
+                text = "".join(ch["delta"].get("content") or "" for e in events for ch in e["choices"])
+            else:
+                data = r.json()
+                ext, text = data["kvmlx"], data["choices"][0]["message"]["content"]
+                lps = [c["logprob"] for c in data["choices"][0]["logprobs"]["content"]]
+            out.append((ext["tokens"], lps, ext["cached_tokens"]))
+            messages = messages + [{"role": "assistant", "content": text},
+                                   {"role": "user", "content": lm.tokenizer.decode(toks[100 + 20 * k: 120 + 20 * k])}]
+    finally:
+        eng.stop()
+    return out
+
+
+def test_http_chat_exact_across_restart_stream_and_not(tiny, toks, tmp_path):
+    """Over the OpenAI API, streamed and non-streamed turns of one chat: a server restarted before every
+    turn gives the same ids and logprobs, and reuses the same cached tokens, as one that kept running."""
+    kept = chat_turns(tiny, tmp_path / "a", toks, restart=False)
+    fresh = chat_turns(tiny, tmp_path / "b", toks, restart=True)
+    assert kept == fresh
+    assert all(cached > 0 for _, _, cached in kept[1:])
