@@ -458,3 +458,37 @@ def test_http_chat_exact_across_restart_stream_and_not(tiny, toks, tmp_path):
     fresh = chat_turns(tiny, tmp_path / "b", toks, restart=True)
     assert kept == fresh
     assert all(cached > 0 for _, _, cached in kept[1:])
+
+
+def test_record_reader_refuses_hostile_files(tmp_path):
+    """Truncated, re-typed, altered or out-of-bounds record files get a typed one-line error."""
+    import blake3
+
+    from kvmlx.errors import ArtifactError, IntegrityError
+
+    data = np.arange(64, dtype=np.float32)
+    path = tmp_path / "r.kvblk"
+    header = {"key": "a" * 64, "parent": "b" * 64, "identity": "c" * 64, "root": "c" * 64, "kind": "segment",
+              "start": 0, "tokens": [1, 2], "layers": {}}
+    blockfile.write_record(path, header, [("0.keys", "float32", (1, 64), memoryview(data))], tmp_path)
+    good = path.read_bytes()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert np.array_equal(np.frombuffer(blockfile.read_record(path).raw("0.keys"), np.float32), data)
+    hlen, off = blockfile.PREAMBLE.unpack(good[:64])[3:5]
+
+    def refused(raw, kind=ArtifactError):
+        path.write_bytes(raw)
+        with pytest.raises(kind) as e:
+            blockfile.read_record(path)
+        assert "\n" not in str(e.value)
+
+    refused(good[:40])
+    refused(b"X" + good[1:])
+    refused(good[: len(good) - 10])
+    body = good[64:64 + hlen].replace(b'"nbytes":256', b'"nbytes":999')
+    refused(good[:64] + body + good[64 + hlen:], IntegrityError)  # the header digest no longer matches
+    pre = blockfile.PREAMBLE.pack(blockfile.RECORD_MAGIC, 1, 0, hlen, off, blake3.blake3(body).digest())
+    refused(pre + body + good[64 + hlen:])  # re-digested, but the tensor runs past the file
+    flipped = bytearray(good)
+    flipped[off + 8] ^= 1
+    refused(bytes(flipped), IntegrityError)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,24 +33,13 @@ import blake3
 import numpy as np
 
 from ..errors import ArtifactError, IntegrityError, UnsupportedVersionError
-from .format import TENSOR_DTYPES, canonical_json, fsync_dir
+from .format import PREAMBLE, TENSOR_DTYPES, TensorEntry, canonical_json, fsync_dir
 
 RECORD_MAGIC = b"\x89KVBLK\r\n"
 RECORD_VERSION = 1
 RECORD_ALIGN = 64
-PREAMBLE = struct.Struct("<8sIIQQ32s")
 MAX_RECORD_HEADER = 16 << 20
 KINDS = ("segment", "snapshot")
-
-
-@dataclass(frozen=True)
-class RecordTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    digest: str
 
 
 def _align(n: int) -> int:
@@ -96,7 +84,7 @@ class Record:
     """A record read into memory: its header, tensors (as numpy byte views of one buffer), file size."""
 
     header: dict
-    tensors: dict[str, RecordTensor]
+    tensors: dict[str, TensorEntry]
     buffer: np.ndarray  # the data region, uint8
     file_bytes: int
 
@@ -143,7 +131,7 @@ def read_record(path: Path, *, verify: bool = True) -> Record:
     return rec
 
 
-def _check_header(header, data_bytes: int, where: str) -> dict[str, RecordTensor]:
+def _check_header(header, data_bytes: int, where: str) -> dict[str, TensorEntry]:
     def bad(what: str):
         return ArtifactError(f"{where}: malformed cache record header ({what})")
 
@@ -160,11 +148,11 @@ def _check_header(header, data_bytes: int, where: str) -> dict[str, RecordTensor
         raise bad("start or tokens")
     if not isinstance(header.get("layers"), dict):
         raise bad("layers")
-    out: dict[str, RecordTensor] = {}
+    out: dict[str, TensorEntry] = {}
     end = 0
     for e in header.get("tensors", None) or []:
         try:
-            t = RecordTensor(str(e["name"]), str(e["dtype"]), tuple(int(s) for s in e["shape"]), int(e["offset"]),
+            t = TensorEntry(str(e["name"]), str(e["dtype"]), tuple(int(s) for s in e["shape"]), int(e["offset"]),
                              int(e["nbytes"]), str(e["digest"]))
         except (KeyError, TypeError, ValueError):
             raise bad("tensor entry") from None
