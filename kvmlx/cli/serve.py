@@ -69,4 +69,11 @@ def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tok
               model_name=names[0] if names else None, aliases=[lm.model_id] + names[1:], max_batch=max_batch,
               max_queued=max_queued, max_prompt_tokens=max_prompt_tokens, max_body_bytes=body_bytes,
               request_timeout=request_timeout,
-              on_ready=lambda url: click.echo(f"kvmlx serve: {lm.model_id} at {url}", err=True))
+              on_ready=lambda url: click.echo(f"kvmlx serve: {lm.model_id} at {url}" + _cache_words(cache), err=True))
+
+
+def _cache_words(cache) -> str:
+    if not cache:
+        return "; prefix cache off"
+    where = f"{cache.disk_bytes / 1e9:.1f} GB on disk in {cache.root}" if cache.persist else "not persisted"
+    return f"; prefix cache: {cache.ram_bytes / 1e9:.1f} GB in memory, {where}"

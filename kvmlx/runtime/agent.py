@@ -16,6 +16,11 @@ the artifact's chunk size and decode greedily. At least one prompt token is alwa
 when the prompt *is* an artifact's whole document: then the artifact's stored last logits give the
 first token with no model call. Without a match the whole prompt is prefilled.
 
+Everything the agent computes (each prompt, each continuation it decodes) goes into the store's prefix
+cache (`kvmlx.runtime.prefix`, docs/STORE.md): the next prompt reuses the deeper of the published match
+and the cached prefix, so a conversation's next turn prefills only the new turn, in this process or
+any other.
+
 Chat: `chat_prefix_tokens(lm, document, system)` is the token prefix of a templated conversation
 [system?, user: document + "\\n\\n" + question] that does not depend on the question; publish it
 (`agent.publish(document, chat=True)`) and any `chat_prompt_tokens(lm, document, question)` reuses it.
