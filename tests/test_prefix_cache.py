@@ -268,6 +268,16 @@ def test_file_modes_and_not_published(tiny, toks, tmp_path):
     st = json.loads(runner.invoke(main, ["store", "--dir", str(root), "stats", "--json"]).output)
     assert st["published"]["entries"] == 0 and st["cached"]["records"] == len(files)
     assert "cached (prefix cache, not published)" in runner.invoke(main, ["store", "--dir", str(root), "ls"]).output
+    ok = runner.invoke(main, ["store", "--dir", str(root), "verify", "--cached", "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output) == {"ok": len(files), "bad": []}
+    victim = files[0]
+    data = bytearray(victim.read_bytes())
+    tensor = next(iter(blockfile.read_record(victim).tensors.values()))
+    data[blockfile.PREAMBLE.unpack(bytes(data[:64]))[4] + tensor.offset] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    bad = runner.invoke(main, ["store", "--dir", str(root), "verify", "--cached"])
+    assert bad.exit_code == 1 and "BAD  cached" in bad.output and not victim.exists()
+    files = files[1:]
     r = runner.invoke(main, ["store", "--dir", str(root), "purge", "--cached", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["records"] == len(files)
     assert not list((root / "cache").rglob("*.kvblk"))

@@ -155,14 +155,28 @@ def store_reindex(store_dir, as_json) -> None:
 
 @store_group.command("verify")
 @click.argument("keys", nargs=-1)
+@click.option("--cached", is_flag=True, help="Scrub the prefix cache's records instead (every model).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per entry.")
 @click.pass_obj
-def store_verify(store_dir, keys, as_json) -> None:
+def store_verify(store_dir, keys, cached, as_json) -> None:
     """Scrub: re-hash every tensor of every entry (or of KEYS), quarantine bad ones, one line each.
 
     Good entries get their verified identity recorded, so loads in new processes hash nothing.
     Exits 1 when any entry was bad (and quarantined)."""
     store = Store(store_dir)
+    if cached:
+        if keys:
+            raise click.UsageError("--cached scrubs every cached record: give no KEYS")
+        result = prefix.verify(store.root)
+        if as_json:
+            emit(result)
+        else:
+            for b in result["bad"]:
+                click.echo(f"BAD  cached {b['key'][:16]}  {b['reason']}; quarantined as {b['quarantined']}")
+            click.echo(f"{result['ok']} cached records ok, {len(result['bad'])} bad", err=True)
+        if result["bad"]:
+            sys.exit(1)
+        return
 
     def line(r) -> None:
         if as_json:

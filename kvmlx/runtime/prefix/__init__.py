@@ -11,4 +11,4 @@ from .cache import (  # noqa: F401
     default_disk_bytes,
     default_ram_bytes,
 )
-from .maintenance import evict_to, purge, summary  # noqa: F401
+from .maintenance import evict_to, purge, summary, verify  # noqa: F401

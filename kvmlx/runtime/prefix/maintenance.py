@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from ...artifact.blockfile import read_record
+from ...errors import KvmlxError
 from ..store.lock import StoreLock
 from .index import CacheIndex, Row
 
@@ -88,3 +90,38 @@ def summary(root: str | os.PathLike) -> dict:
         return index.totals()
     finally:
         index.close()
+
+
+def verify(root: str | os.PathLike) -> dict:
+    """`store verify --cached`: re-hash every cached record; one that fails (or whose header names
+    another key) loses its row and moves to quarantine/ with a reason, as a failed read does."""
+    cache = Path(root) / "cache"
+    out = {"ok": 0, "bad": []}
+    if not (cache / "index.sqlite").exists():
+        return out
+    index = CacheIndex(cache / "index.sqlite")
+    try:
+        for key in index.keys():
+            path = cache / "records" / key[:2] / f"{key}.kvblk"
+            try:
+                if read_record(path).header["key"] != key:
+                    raise KvmlxError(f"{path.name}: its header names another record")
+                out["ok"] += 1
+            except FileNotFoundError:
+                continue  # evicted meanwhile
+            except (KvmlxError, OSError) as e:
+                reason = f"verify failed: {e}"
+                with StoreLock(cache / "lock"):
+                    index.drop([key])
+                    quarantine = Path(root) / "quarantine"
+                    quarantine.mkdir(mode=0o700, exist_ok=True)
+                    dest = quarantine / f"cache-{key}.kvblk"
+                    try:
+                        os.replace(path, dest)
+                        (quarantine / f"cache-{key}.reason.txt").write_text(reason + "\n")
+                    except OSError:
+                        path.unlink(missing_ok=True)
+                out["bad"].append({"key": key, "reason": reason, "quarantined": str(dest)})
+    finally:
+        index.close()
+    return out
