@@ -426,6 +426,7 @@ def test_gc_removes_parts_no_manifest_lists(published, tmp_path):
     assert sorted(p.name for p in store.objects.iterdir() if ".rank" in p.name) == listed and key in store
 
 
+@pytest.mark.slow  # a whole bench mode (3 layouts, 2 launches): .ci/run's slow step
 def test_bench_parallel_reports_every_rank(kvmlx_home, tmp_path):
     """`kvmlx bench --parallel`: one process, then 2 ranks at TP 2 and PP 2, each rank's bytes and times."""
     plot = tmp_path / "parallel.png"
