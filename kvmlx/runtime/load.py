@@ -8,12 +8,13 @@ Two ways in, and `LoadedKV.load_path` says which ran:
   at memory bandwidth, inside the first step), because a mapped file has no room after each head.
 - ``copy`` (everywhere else, and the fallback). Each layer's keys and values are read once, with one
   `preadv` per tensor, from the file straight into an MLX-owned buffer [1, heads, capacity, head_dim]
-  whose first L slots per head hold the document and whose `headroom` slots are free, so the suffix's
-  first appends write in place (mlx-lm's `KVCache` re-allocates and concatenates the whole prefix when
-  an append exceeds its capacity; the spare slots are zeroed). Buffers come uninitialised from
-  MLX's cache (`_uninitialized`); the main thread allocates the next layers while worker threads
-  (started once per process) read and verify the ones before (preadv and BLAKE3 release the GIL); a
-  small re-load (nothing to hash) is read on the calling thread. No memory map is made here.
+  whose first L slots per head hold the document and whose spare slots (`spare_slots`: up to 256, at
+  most L/8) are free, so the suffix's first appends write in place (mlx-lm's `KVCache` re-allocates
+  and concatenates the whole prefix when an append exceeds its capacity; the spare slots are zeroed).
+  Buffers come uninitialised from MLX's cache (`_uninitialized`); the main thread allocates the next
+  layers while worker threads (started once per process) read and verify the ones before (preadv and
+  BLAKE3 release the GIL); a small re-load (nothing to hash) is read on the calling thread. No memory
+  map is made here.
 
 Digests are hashed once per file per process: a re-load of the same unchanged file only re-checks
 its identity (`Artifact.verified_before`, docs/FORMAT.md).
@@ -53,7 +54,8 @@ from .distributed import check_parallel_support, open_part, read_bytes
 from .restore import build_states, state_tensor_names
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
-DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
+DEFAULT_HEADROOM = 256  # at most one mlx-lm KVCache step of spare slots (`spare_slots`)
+MIN_HEADROOM = 16  # spare slots even for a tiny document: the first decode steps append in place
 LOAD_PATHS = ("auto", "copy", "zero-copy", "overlap")
 ALLOC_LAYERS = 8  # layers allocated per `mx.load` call: few calls, yet the first reads start early
 SMALL_BUFFER = 4 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
@@ -93,7 +95,7 @@ def load_artifact(
     lm: LoadedModel,
     *,
     verify_digests: bool = True,
-    headroom: int = DEFAULT_HEADROOM,
+    headroom: int | None = None,
     load_path: str = "auto",
     require_exact: bool = False,
     require_signed: bool = False,
@@ -250,7 +252,7 @@ def read_caches(
     art: Artifact,
     *,
     verify_digests: bool = True,
-    headroom: int = DEFAULT_HEADROOM,
+    headroom: int | None = None,
     load_path: str = "auto",
     threads: int | None = None,
 ) -> tuple[list[KVCache], mx.array, str]:
@@ -279,7 +281,7 @@ def read_caches(
         mx.eval(logits, arrays)
         _finish(art, hashed, recheck)
         return from_arrays(arrays, n), logits, used
-    capacity = -(-(n + headroom) // KVCache.step) * KVCache.step
+    capacity = n + (spare_slots(n) if headroom is None else headroom)
     mx.eval(logits)
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
     # hash (a cold first load of 557 MB here: 656 -> 573 ms; warm loads unchanged)
@@ -318,6 +320,18 @@ def read_caches(
 
     threading.Thread(target=close_when_done, name="kvmlx-load-close", daemon=True).start()
     return [StreamedKVCache(k, v, n, f) for k, v, f in zip(arrays[::2], arrays[1::2], futures)], logits, used
+
+
+def spare_slots(n: int) -> int:
+    """Free slots after an `n`-token document in each loaded KV buffer (the copy path's default headroom).
+
+    They let the suffix and the first decode steps append without mlx-lm's grow-and-copy of the whole
+    cache, but every load pays for them (allocation, zeroing: `_copy_heads`). At most n/8 of them, so
+    they never add more than 1/8 to a load's bytes, while an overflow costs a copy of all n slots: 8x
+    that; at most one mlx-lm step (256: a 3774-token document keeps room for a 256-token suffix), and
+    at least MIN_HEADROOM. 256 slots at any length made a 255-token load allocate twice the document.
+    """
+    return max(MIN_HEADROOM, min(DEFAULT_HEADROOM, n // 8))
 
 
 def _read_logits(art: Artifact, verify: bool) -> mx.array:
