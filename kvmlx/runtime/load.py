@@ -59,7 +59,9 @@ MIN_HEADROOM = 16  # spare slots even for a tiny document: the first decode step
 LOAD_PATHS = ("auto", "copy", "zero-copy", "overlap")
 ALLOC_LAYERS = 8  # layers allocated per `mx.load` call: few calls, yet the first reads start early
 SMALL_BUFFER = 4 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
+PAGE = 4096  # bytes: each head's row of a loaded KV buffer is a whole number of pages (`_page_rows`)
 SERIAL_BYTES = 32 << 20  # KV bytes: a re-load (nothing to hash) this small is read on the calling thread
+SMALL_READ = 4 << 20  # bytes: `read_tensors` reads (and hashes) this little on the calling thread (~1.5 ms of BLAKE3)
 
 
 @dataclass
@@ -122,13 +124,13 @@ def load_artifact(
     t0 = time.perf_counter()
     specs = model_specs(lm.model)
     check_parallel_support(lm, kv_quant=None if kv_quant == "artifact" else kv_quant, specs=specs)
-    model_fingerprint(lm), tokenizer_fingerprint(lm)  # computed (or remembered) before counting the artifact's bytes
+    fingerprints = model_fingerprint(lm), tokenizer_fingerprint(lm)  # before counting the artifact's bytes
     read0 = read_bytes()  # from here on, what this process reads is the artifact (LoadedKV.bytes_read)
     art = Artifact(path, populate=True, verified=verified)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
         art = open_part(art, lm)  # the same layout, or refused by name; under mlx.launch, this rank's part
-        check_binding(art.header, lm)
+        check_binding(art.header, lm, fingerprints=fingerprints)
         check_tokens_and_logits(art.header, lm)
         stored_quant = quantization_of(art.header)
         if kv_quant != "artifact":
@@ -207,7 +209,7 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
 
     total = sum(e.nbytes for e in raw)
     workers = threads or min(8, (os.cpu_count() or 1) * (2 if verify else 1))
-    if workers <= 1 or (not verify and total <= SERIAL_BYTES):
+    if workers <= 1 or total <= SMALL_READ or (not verify and total <= SERIAL_BYTES):
         read(raw)
     else:  # file order, in about 4 batches per worker: few hand-offs, yet balanced
         batches, batch, size, target = [], [], 0, max(total // (4 * workers), 1)
@@ -281,7 +283,7 @@ def read_caches(
         mx.eval(logits, arrays)
         _finish(art, hashed, recheck)
         return from_arrays(arrays, n), logits, used
-    capacity = n + (spare_slots(n) if headroom is None else headroom)
+    capacity = _page_rows(n + (spare_slots(n) if headroom is None else headroom), art.tensors[names[0]])
     mx.eval(logits)
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
     # hash (a cold first load of 557 MB here: 656 -> 573 ms; warm loads unchanged)
@@ -332,6 +334,15 @@ def spare_slots(n: int) -> int:
     at least MIN_HEADROOM. 256 slots at any length made a 255-token load allocate twice the document.
     """
     return max(MIN_HEADROOM, min(DEFAULT_HEADROOM, n // 8))
+
+
+def _page_rows(slots: int, entry) -> int:
+    """`slots` rounded up so that each head's row of a [1, H, slots, D] buffer is a whole number of
+    4 KiB pages: every head's `preadv` destination then starts at the same offset within a page
+    (3774 tokens: 4030 slots, rows 16 bytes off, read in 85 ms; 4032 slots in 55-64 ms)."""
+    row = entry.shape[3] * DTYPE_SIZES[entry.dtype]
+    unit = PAGE // math.gcd(PAGE, row) if row else 1
+    return -(-slots // unit) * unit
 
 
 def _read_logits(art: Artifact, verify: bool) -> mx.array:
