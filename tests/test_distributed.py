@@ -6,8 +6,9 @@ the layout the artifact was published in; each rank reads about its share of the
 kernel, /proc/self/io); another layout, including one process, is refused by name; a part alone or a
 tampered part is refused; a rank killed mid-publish leaves nothing that loads and the other rank
 exits with a one-line error instead of hanging. Each launch costs seconds (two Python processes import
-mlx-lm): the refusals and faults under the launcher, and `bench --parallel`, are marked `slow` and run in
-CI's second step (.ci/run); one process's refusals of parallel artifacts run in the default suite.
+mlx-lm): the default suite launches only the two publishes and their `--verify` runs; the refusals and
+faults under the launcher, the store and `serve` under it, and `bench --parallel` are marked `slow` and run
+in CI's second step (.ci/run). One process's refusals of parallel artifacts run in the default suite.
 """
 
 from __future__ import annotations
@@ -312,6 +313,7 @@ def tp_store_verified(tp_store, kvmlx_home):
     return launch_json(kvmlx_home, "generate", "-m", MODEL, "--store", str(store), "-p", PROMPT, "-n", "8", "--verify")
 
 
+@pytest.mark.slow  # three launches to set up (publish twice, verify) plus its own: .ci/run's slow step
 def test_store_publish_and_reuse_under_the_launcher(tp_store, tp_store_verified, kvmlx_home):
     """`publish --store-dir` and `generate --store` (no artifact named) under the launcher: the second
     publish finds the key on every rank; reuse is token-exact; one process does not reuse that KV."""
@@ -325,6 +327,7 @@ def test_store_publish_and_reuse_under_the_launcher(tp_store, tp_store_verified,
     assert one.returncode == 0 and json.loads(one.stdout)["reused_tokens"] == 0, one.stderr
 
 
+@pytest.mark.slow  # three launches to set up (publish twice, verify) plus its own: .ci/run's slow step
 def test_serve_under_the_launcher_answers_from_the_sharded_store(tp_store, tp_store_verified, kvmlx_home):
     """`kvmlx serve` under mlx.launch: rank 0 answers HTTP, both ranks run the shards; the completion
     reuses the tensor-parallel store entry and its greedy tokens equal `generate --store` under the launcher."""
