@@ -59,3 +59,17 @@ def preset(kvmlx_home):
         return loaded[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def settle_instantly():
+    """Files count as settled at once (artifact.verified.SETTLED_SECONDS = 0): a bench run remembers
+    the artifact it just wrote instead of sleeping two seconds per length before its re-loads. The
+    rule itself is tested in test_format.py and test_fingerprints.py."""
+    from kvmlx.artifact import verified
+    from kvmlx.measure.bench import harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(verified, "SETTLED_SECONDS", 0.0)
+        mp.setattr(harness, "SETTLED_SECONDS", 0.0)
+        yield

@@ -32,6 +32,8 @@ from kvmlx.measure.cost import ratio_from_bench
 from kvmlx.artifact.format import Artifact, TensorData, write_artifact
 from kvmlx.runtime.load import LOAD_PATHS, read_caches
 
+pytestmark = pytest.mark.usefixtures("settle_instantly")
+
 TINY_SHAPE = KVShape("tiny-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", vocab_size=64)
 
 

@@ -155,3 +155,54 @@ def test_generate_json_reports_where_the_time_goes(runner, published, tmp_path):
     res = runner.invoke(main, ["generate", "--store", str(store), "--prompt", doc.read_text() + " More", "-n", "2", "--json"])
     assert res.exit_code == 0, res.output
     assert set(json.loads(res.stdout)["timings"]) == keys
+
+
+class _EosAtStep:
+    """A model whose `step`-th call (counting the suffix prefill) puts all its weight on the EOS id."""
+
+    def __init__(self, model, eos: int, step: int):
+        self._model, self._eos, self._step, self._calls = model, eos, step, 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        import mlx.core as mx
+
+        out = self._model(*args, **kwargs)
+        self._calls += 1
+        if self._calls == self._step:
+            bump = mx.zeros((out.shape[-1],), dtype=out.dtype).at[self._eos].add(1e4)
+            out = out + bump
+        return out
+
+
+def test_generate_stops_at_eos_without_printing_it(runner, published, monkeypatch):
+    """As `mlx_lm.generate`: the text ends at the end-of-sequence token and never shows its marker
+    (streamed and --json); the token ids keep it."""
+    import dataclasses
+
+    import kvmlx.cli.artifact as cli_artifact
+
+    path, _ = published
+    real = cli_artifact.load_model
+    eos_ids = []
+
+    def forced(*args, **kwargs):
+        lm = real(*args, **kwargs)
+        eos = min(lm.tokenizer.eos_token_ids)
+        eos_ids.append(eos)
+        return dataclasses.replace(lm, model=_EosAtStep(lm.model, eos, step=3))
+
+    monkeypatch.setattr(cli_artifact, "load_model", forced)
+    args = ["generate", str(path), "--prompt", " Next:", "-n", "8"]
+    out = json.loads(runner.invoke(main, [*args, "--json"]).output)
+    marker = real("builtin:tiny").tokenizer.convert_ids_to_tokens(eos_ids[0])
+    assert marker == "<|im_end|>"
+    assert len(out["tokens"]) == 3 and out["tokens"][-1] == eos_ids[0]  # stopped at EOS, id kept
+    assert marker not in out["text"] and out["text"] == real("builtin:tiny").tokenizer.decode(out["tokens"][:2])
+    streamed = runner.invoke(main, args)
+    assert streamed.exit_code == 0, streamed.output
+    assert marker not in streamed.output and streamed.output == out["text"] + "\n"
+    verified = json.loads(runner.invoke(main, [*args, "--verify", "--json"]).output)
+    assert marker not in verified["text"] and len(verified["tokens"]) == 8  # verify decodes through EOS

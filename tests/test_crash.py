@@ -24,6 +24,8 @@ import pytest
 from kvmlx.errors import ArtifactError, KvmlxError
 from kvmlx.artifact.format import Artifact, read_header
 
+pytestmark = pytest.mark.slow  # random SIGKILL loops: CI runs them in their own step (.ci/run)
+
 LONG = os.environ.get("KVMLX_FUZZ") == "long"
 SCALE = 5 if LONG else 1
 

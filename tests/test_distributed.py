@@ -5,7 +5,10 @@ What is proven through the saved files: `generate --verify` is token-exact (bit-
 the layout the artifact was published in; each rank reads about its share of the bytes (counted by the
 kernel, /proc/self/io); another layout, including one process, is refused by name; a part alone or a
 tampered part is refused; a rank killed mid-publish leaves nothing that loads and the other rank
-exits with a one-line error instead of hanging.
+exits with a one-line error instead of hanging. Each launch costs seconds (two Python processes import
+mlx-lm): the default suite launches only the two publishes and their `--verify` runs; the refusals and
+faults under the launcher, the store and `serve` under it, and `bench --parallel` are marked `slow` and run
+in CI's second step (.ci/run). One process's refusals of parallel artifacts run in the default suite.
 """
 
 from __future__ import annotations
@@ -172,6 +175,7 @@ def test_a_part_alone_is_refused(published, single):
             load_artifact(part, single[0])
 
 
+@pytest.mark.slow  # a refusal or fault injected under the launcher (one launch each): .ci/run's slow step
 def test_the_other_layout_is_refused_under_the_launcher(tensor_parallel, kvmlx_home):
     """A tensor-parallel artifact loaded in pipeline stages (the other direction is the same check)."""
     _, out, _, _ = tensor_parallel
@@ -182,6 +186,7 @@ def test_the_other_layout_is_refused_under_the_launcher(tensor_parallel, kvmlx_h
     assert "tensor-parallel 2" in lines[0] and "2 pipeline stages" in lines[0]
 
 
+@pytest.mark.slow  # a refusal or fault injected under the launcher (one launch each): .ci/run's slow step
 def test_a_tampered_part_is_refused_by_its_rank(pipeline_parallel, kvmlx_home, tmp_path):
     """One byte of rank 1's part flipped: rank 1 refuses its digest (rank 0's part is intact)."""
     _, out, flags, _ = pipeline_parallel
@@ -218,6 +223,7 @@ CRASH_RANK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a refusal or fault injected under the launcher (one launch each): .ci/run's slow step
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 def test_a_rank_killed_mid_publish_leaves_nothing_that_loads(mode, kvmlx_home, doc_file, single, tmp_path):
     out_dir = tmp_path / "out"
@@ -307,6 +313,7 @@ def tp_store_verified(tp_store, kvmlx_home):
     return launch_json(kvmlx_home, "generate", "-m", MODEL, "--store", str(store), "-p", PROMPT, "-n", "8", "--verify")
 
 
+@pytest.mark.slow  # three launches to set up (publish twice, verify) plus its own: .ci/run's slow step
 def test_store_publish_and_reuse_under_the_launcher(tp_store, tp_store_verified, kvmlx_home):
     """`publish --store-dir` and `generate --store` (no artifact named) under the launcher: the second
     publish finds the key on every rank; reuse is token-exact; one process does not reuse that KV."""
@@ -320,6 +327,7 @@ def test_store_publish_and_reuse_under_the_launcher(tp_store, tp_store_verified,
     assert one.returncode == 0 and json.loads(one.stdout)["reused_tokens"] == 0, one.stderr
 
 
+@pytest.mark.slow  # three launches to set up (publish twice, verify) plus its own: .ci/run's slow step
 def test_serve_under_the_launcher_answers_from_the_sharded_store(tp_store, tp_store_verified, kvmlx_home):
     """`kvmlx serve` under mlx.launch: rank 0 answers HTTP, both ranks run the shards; the completion
     reuses the tensor-parallel store entry and its greedy tokens equal `generate --store` under the launcher."""
@@ -426,6 +434,7 @@ def test_gc_removes_parts_no_manifest_lists(published, tmp_path):
     assert sorted(p.name for p in store.objects.iterdir() if ".rank" in p.name) == listed and key in store
 
 
+@pytest.mark.slow  # a whole bench mode (3 layouts, 2 launches): .ci/run's slow step
 def test_bench_parallel_reports_every_rank(kvmlx_home, tmp_path):
     """`kvmlx bench --parallel`: one process, then 2 ranks at TP 2 and PP 2, each rank's bytes and times."""
     plot = tmp_path / "parallel.png"
@@ -448,6 +457,7 @@ def test_bench_parallel_reports_every_rank(kvmlx_home, tmp_path):
     assert "TP 2, rank 1" in format_parallel_table(result) and "PP 2, rank 0" in format_parallel_table(result)
 
 
+@pytest.mark.slow  # a refusal or fault injected under the launcher (one launch each): .ci/run's slow step
 def test_kv_bits_under_the_launcher_is_a_one_line_refusal(doc_file, tmp_path, kvmlx_home):
     """Parallel artifacts hold plain KV: --kv-bits under mlx.launch is refused on every rank, naming both
     (tests/test_parallel_families.py covers the other cache families and the API)."""

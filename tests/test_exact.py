@@ -115,15 +115,22 @@ def test_loaded_caches_work_in_mlx_lm_generate(tmp_path, tiny, document):
 
 
 def test_first_append_does_not_reallocate(tmp_path, tiny, document):
-    """The loaded cache has spare capacity: the suffix and first decode steps write in place."""
-    doc = doc_tokens(tiny, document, 40)
+    """The loaded cache has spare capacity (`spare_slots`: 16 to 256, at most 1/8 of the document beyond
+    16): a suffix and first decode steps that fit write in place; one that does not grows it as mlx-lm does."""
+    from kvmlx.runtime.load import spare_slots
+
+    assert [spare_slots(n) for n in (1, 40, 255, 945, 2048, 3774)] == [16, 16, 31, 118, 256, 256]
+    doc = doc_tokens(tiny, document, 200)
     path = tmp_path / "doc.kvmlx"
     publish(tiny, doc, path, chunk_size=CHUNK)
     loaded = load_artifact(path, tiny)
     capacity = loaded.caches[0].keys.shape[2]
-    assert capacity >= 40 + 256
-    continue_from(tiny, loaded, doc[:20], max_tokens=8, stop_at_eos=False)
-    assert all(c.keys.shape[2] == capacity and c.offset == 40 + 20 + 7 for c in loaded.caches)
+    assert capacity == 256  # 200 + 25, rounded up to whole 4 KiB rows (tiny's head_dim 32 x bf16: 64 slots)
+    continue_from(tiny, loaded, doc[:17], max_tokens=8, stop_at_eos=False)
+    assert all(c.keys.shape[2] == capacity and c.offset == 200 + 17 + 7 for c in loaded.caches)
+    again = load_artifact(path, tiny)
+    continue_from(tiny, again, doc[:60], max_tokens=2, stop_at_eos=False)
+    assert all(c.keys.shape[2] > capacity and c.offset == 200 + 60 + 1 for c in again.caches)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

@@ -86,6 +86,31 @@ def test_truncation_is_refused(tmp_path, cut):
         read_header(path)
 
 
+def test_a_header_checked_before_is_checked_again_beside_another_file_size(tmp_path):
+    """Re-opening a file skips re-validating a header this process validated (same digest, file size,
+    data offset and version), but the same header bytes in a file of another size are checked again."""
+    from kvmlx.artifact import format as fmt
+
+    path, _ = synthetic(tmp_path)
+    first = read_header(path)
+    assert read_header(path) == first and read_header(path) is not first  # a fresh dict every time
+    data = path.read_bytes()
+    for size in (len(data) - ALIGN, len(data) + ALIGN):
+        bad = tmp_path / f"{size}.kvmlx"
+        bad.write_bytes(data[:size] + bytes(max(size - len(data), 0)))
+        with pytest.raises(ArtifactError, match="truncated|padded"):
+            read_header(bad)
+    calls = []
+    real = fmt._validate
+    fmt._VALID_HEADERS.clear()
+    try:
+        fmt._validate = lambda *a, **k: calls.append(1) or real(*a, **k)
+        read_header(path), read_header(path)
+    finally:
+        fmt._validate = real
+    assert calls == [1]
+
+
 def _xor(offset, mask):
     def patch(data):
         data[offset] ^= mask

@@ -173,17 +173,28 @@ def test_cli_import_errors_are_one_line(tiny, cached, tmp_path):
     assert not (tmp_path / "x.kvmlx").exists()
 
 
-def test_bench_cli_script_compares_the_two_commands():
-    """scripts/bench_cli.py: kvmlx generate and mlx_lm.generate --prompt-cache-file, same text, measured."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_cli.py"
-    r = subprocess.run([sys.executable, str(script), "--model", "builtin:tiny", "--tokens", "60", "--runs", "1", "--json"],
+def test_bench_cli_compares_the_two_commands(tmp_path):
+    """`kvmlx bench --cli`: kvmlx generate and mlx_lm.generate --prompt-cache-file, same text, measured."""
+    r = subprocess.run([sys.executable, "-m", "kvmlx", "bench", "--cli", "--model", "builtin:tiny", "--doc-tokens", "60",
+                        "--runs", "1", "--answer-tokens", "8", "--dir", str(tmp_path), "--json"],
                        capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert out["same_text"] is True
+    assert out["mode"] == "cli" and out["tokens"] == 60 and out["same_text"] is True, out["texts"]
     for side in ("kvmlx", "mlx_lm"):
         assert out["first_run"][side]["wall_s"] > 0 and out["first_run"][side]["peak_rss_bytes"] > 10_000_000
     assert {"import", "model_load", "fingerprints", "kv_load", "suffix_prefill", "decode"} <= set(out["kvmlx_timings_last_run"])
+    assert [t["target"] for t in out["targets"]] == ["wall_ratio <= 1.0", "rss_ratio <= 1.05"]
+    assert list(tmp_path.iterdir()) == []  # the temporary artifacts are gone
+
+
+def test_bench_cli_refuses_other_modes():
+    from click.testing import CliRunner
+
+    from kvmlx.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--cli", "--shape", "qwen3-4b"])
+    assert r.exit_code == 2 and "--cli is a mode of its own" in r.output
 
 
 def test_interop_is_plain_kv_only_and_says_so(preset, cached, tmp_path):

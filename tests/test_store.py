@@ -347,6 +347,7 @@ ADD_CHILD = """
 """
 
 
+@pytest.mark.slow  # racing processes: a stress run (.ci/run's slow step)
 def test_processes_racing_on_one_key_leave_one_valid_artifact(tmp_path, tiny, toks, artifacts):
     root, go = tmp_path / "fresh-store", tmp_path / "go"  # the store does not exist yet: creation races too
     src, tokens = artifacts["b100"]
@@ -381,6 +382,7 @@ PUBLISH_CHILD = """
 """
 
 
+@pytest.mark.slow  # racing processes: a stress run (.ci/run's slow step)
 def test_concurrent_publishers_and_readers(tmp_path, tiny, document):
     """Two processes publish the same document while this one keeps listing and loading: every
     entry a reader ever sees loads with valid digests, and the store ends with one entry."""

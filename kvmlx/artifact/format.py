@@ -448,17 +448,32 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
         header = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise ArtifactError(f"{name}: header is not valid JSON ({type(e).__name__})") from None
-    try:
-        canonical = canonical_json(header) == body
-    except (ValueError, RecursionError):  # 1e999 parses as inf, which canonical JSON cannot hold
-        canonical = False
-    if not canonical:
-        raise ArtifactError(f"{name}: header is not canonical JSON (duplicate keys, non-finite or non-canonical numbers, whitespace)")
-    _validate(header, size, data_offset, name, version)
-    if header.get("version") != version:
-        raise ArtifactError(f"{name}: invalid header: version {header.get('version')!r} differs from the preamble's {version}")
+    checked = (header_digest, size, data_offset, version)  # the checks below depend on nothing else
+    if checked not in _VALID_HEADERS:
+        try:
+            canonical = canonical_json(header) == body
+        except (ValueError, RecursionError):  # 1e999 parses as inf, which canonical JSON cannot hold
+            canonical = False
+        if not canonical:
+            raise ArtifactError(f"{name}: header is not canonical JSON (duplicate keys, non-finite or non-canonical numbers, whitespace)")
+        _validate(header, size, data_offset, name, version)
+        if header.get("version") != version:
+            raise ArtifactError(f"{name}: invalid header: version {header.get('version')!r} differs from the preamble's {version}")
+        with _VALID_LOCK:
+            if len(_VALID_HEADERS) >= _MAX_VALID_HEADERS:
+                del _VALID_HEADERS[next(iter(_VALID_HEADERS))]
+            _VALID_HEADERS[checked] = None
     signature = SIGNATURE_BLOCK.unpack(block) if flags & FLAG_SIGNED else None
     return header, data_offset, header_digest, signature
+
+
+# Headers that passed the canonical-JSON and structural checks in this process, by (header digest, file
+# size, data offset, version): those checks are a pure function of the header's bytes (which match the
+# digest just recomputed) and of these numbers, so a re-load skips them (0.5-1 ms a load; the JSON is
+# still parsed afresh, so no caller shares a header dict). Bounded; the oldest entry goes first.
+_VALID_HEADERS: dict[tuple, None] = {}
+_MAX_VALID_HEADERS = 4096
+_VALID_LOCK = threading.Lock()
 
 
 def _reject_constant(token: str) -> None:

@@ -147,8 +147,11 @@ def rope_settings(config: dict) -> dict:
     return {k: config[k] for k in ROPE_KEYS if k in config}
 
 
-def check_binding(header: dict, lm: "LoadedModel") -> None:
-    """Raise the most specific mismatch error between an artifact's header and the model `lm`."""
+def check_binding(header: dict, lm: "LoadedModel", *, fingerprints: tuple[str, str] | None = None) -> None:
+    """Raise the most specific mismatch error between an artifact's header and the model `lm`.
+
+    `fingerprints`: (model_fingerprint(lm), tokenizer_fingerprint(lm)) if the caller just computed them
+    (each lookup re-checks the model directory's files: ~0.1 ms a call)."""
     m, kv = header["model"], header["kv"]
     if kv["dtype"] != lm.dtype:
         raise DtypeMismatchError(f"artifact KV is {kv['dtype']} but the model runs in {lm.dtype}; load the model with dtype={kv['dtype']}")
@@ -159,10 +162,11 @@ def check_binding(header: dict, lm: "LoadedModel") -> None:
             f"artifact KV geometry (layers={got.num_layers}, kv_heads={got.num_kv_heads}, head_dim={got.head_dim}) "
             f"does not fit this model (layers={geometry.num_layers}, kv_heads={geometry.num_kv_heads}, head_dim={geometry.head_dim})"
         )
-    model_fp = legacy_model_fingerprint(lm) if m["fingerprint"].startswith("blake3:") else model_fingerprint(lm)
+    model_fp = (legacy_model_fingerprint(lm) if m["fingerprint"].startswith("blake3:")
+                else fingerprints[0] if fingerprints else model_fingerprint(lm))
     if m["fingerprint"] != model_fp:
         raise ModelMismatchError(f"artifact was computed by another model ({m['id']}, {_short(m['fingerprint'])}) than this one ({_short(model_fp)})")
-    tokenizer_fp = tokenizer_fingerprint(lm)
+    tokenizer_fp = fingerprints[1] if fingerprints else tokenizer_fingerprint(lm)
     if header["tokenizer"]["fingerprint"] != tokenizer_fp:
         raise TokenizerMismatchError(
             f"artifact tokens come from another tokenizer ({_short(header['tokenizer']['fingerprint'])}) than this model's ({_short(tokenizer_fp)})"

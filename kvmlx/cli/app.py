@@ -199,13 +199,23 @@ def emit(obj: Any) -> None:
 
 
 def stream_printer(lm, enabled: bool):
-    """Print tokens as they arrive (plain text on stdout) unless output is JSON."""
+    """Print tokens as they arrive (plain text on stdout) unless output is JSON; like `mlx_lm.generate`,
+    the text stops at the first end-of-sequence token, whose marker is not printed."""
     detok = lm.tokenizer.detokenizer
+    detok.reset()
+    eos = set(lm.tokenizer.eos_token_ids)
+    ended = False
 
     def on_token(token: int) -> None:
-        if enabled:
+        nonlocal ended
+        if not enabled or ended:
+            return
+        if token in eos:
+            ended = True
+            detok.finalize()
+        else:
             detok.add_token(token)
-            click.echo(detok.last_segment, nl=False)
+        click.echo(detok.last_segment, nl=False)
 
     return on_token
 

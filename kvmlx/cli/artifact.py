@@ -20,7 +20,7 @@ from ..errors import BadSignatureError, TrustListError
 from ..models import load_model
 from ..runtime.distributed import per_rank, running_layout
 from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
-from ..runtime.generate import DEFAULT_MAX_TOKENS
+from ..runtime.generate import DEFAULT_MAX_TOKENS, visible_text
 from ..runtime.generate import generate as generate_api
 from ..runtime.generate import verify as verify_api
 from ..runtime.publish import DEFAULT_CHUNK
@@ -220,7 +220,7 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     ranks = _load_ranks(lm, loaded.load_seconds, loaded.bytes_read, loaded.header["file_bytes"])
     if as_json:
         emit({**ranks,
-            "text": lm.tokenizer.decode(gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,
+            "text": visible_text(lm.tokenizer, gen.tokens), "tokens": gen.tokens, "reused_tokens": gen.reused_tokens,
             "prefilled_tokens": gen.prefilled_tokens, "load_seconds": loaded.load_seconds,
             "reuse_first_token_seconds": gen.first_token_seconds, "total_seconds": gen.total_seconds,
             "load_path": loaded.load_path, "artifact_bytes": loaded.header["file_bytes"],
@@ -279,7 +279,7 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
     gen = agent.generate(tokens, max_tokens=max_tokens, on_token=printer)
     _warn_quarantined(gen.quarantined)
     if as_json:
-        emit({**gen.to_json(), "timings": _phases(timings, gen.load_seconds, gen.first_token_seconds, gen.total_seconds)})
+        emit({**gen.to_json(), "text": visible_text(lm.tokenizer, gen.tokens), "timings": _phases(timings, gen.load_seconds, gen.first_token_seconds, gen.total_seconds)})
         return
     click.echo()
     source = f"store entry {gen.key[:12]}" if gen.key else (
@@ -312,7 +312,7 @@ def _finish_verification(lm, report, as_json: bool, *, lead: str = "", extra: di
     """Print a verification's result (`extra` fields join the JSON; `lead` precedes the words) and
     exit with EXIT_NOT_EXACT when reuse diverged."""
     if as_json:
-        emit({**report.to_json(), **(extra or {}), "text": lm.tokenizer.decode(report.reuse.tokens)})
+        emit({**report.to_json(), **(extra or {}), "text": visible_text(lm.tokenizer, report.reuse.tokens)})
     else:
         click.echo()
         click.echo(lead + _verification_words(report))

@@ -34,10 +34,13 @@ def _lengths_option(ctx, param, value):
 @click.option("--compression", is_flag=True, help="Instead: compare every KV encoding (size, speed, tokens, logits).")
 @click.option("--serve", "serve_mode", is_flag=True,
               help="Instead: kvmlx serve vs mlx_lm.server under concurrent streaming clients (openai client).")
+@click.option("--cli", "cli_mode", is_flag=True,
+              help="Instead: the whole command, `kvmlx generate` vs `mlx_lm.generate --prompt-cache-file` on the same "
+                   "cache tokens (wall time, peak RSS; --doc-tokens, --answer-tokens, --runs).  [model: builtin:small]")
 @click.option("--concurrency", default="1,4,8,16", show_default=True, help="--serve: clients at once, comma-separated.")
-@click.option("--doc-tokens", default=1024, show_default=True, type=click.IntRange(16), help="--serve: document length.")
+@click.option("--doc-tokens", default=1024, show_default=True, type=click.IntRange(16), help="--serve, --cli: document length.")
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(1), help="--serve: requests per client.")
-@click.option("--answer-tokens", default=16, show_default=True, type=click.IntRange(1), help="--serve: max_tokens per request.")
+@click.option("--answer-tokens", default=16, show_default=True, type=click.IntRange(1), help="--serve, --cli: greedy tokens per request.")
 @click.option("--long-tokens", default=0, show_default=True, type=click.IntRange(0),
               help="--serve: also send a prompt this long, then a 2-token request 2 s later (0: skip).")
 @click.option("--agent", "agent_mode", is_flag=True,
@@ -59,14 +62,24 @@ def _lengths_option(ctx, param, value):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (machine, config, roofline, results, targets).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
-def bench(model, dtype, lengths, runs, shape, compression, serve_mode, concurrency, doc_tokens, rounds, answer_tokens,
-          long_tokens, agent_mode, turns, tool_tokens, families, parallel, directory, chunk_size, no_cold, as_json,
-          plot_path) -> None:
+def bench(model, dtype, lengths, runs, shape, compression, serve_mode, cli_mode, concurrency, doc_tokens, rounds,
+          answer_tokens, long_tokens, agent_mode, turns, tool_tokens, families, parallel, directory, chunk_size, no_cold,
+          as_json, plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
     if agent_mode:
-        if shape or compression or families or parallel or serve_mode:
-            raise click.UsageError("--agent is a mode of its own: drop --shape/--compression/--families/--parallel/--serve")
+        if shape or compression or families or parallel or serve_mode or cli_mode:
+            raise click.UsageError("--agent is a mode of its own: drop --shape/--compression/--families/--parallel/"
+                                   "--serve/--cli")
         _bench_agent(model, turns, doc_tokens, tool_tokens, answer_tokens, as_json, plot_path)
+        return
+    if cli_mode:
+        if shape or compression or families or parallel or serve_mode or dtype or plot_path:
+            raise click.UsageError("--cli is a mode of its own: drop --shape/--compression/--families/--parallel/"
+                                   "--serve/--dtype/--plot")
+        with Progress("cli bench", as_json, unit="run") as bar:
+            result = bench_api.run_cli_bench(model or "builtin:small", doc_tokens, runs, max_tokens=answer_tokens,
+                                             directory=directory, progress=lambda d, t, _w: bar(d, t))
+        emit(result) if as_json else click.echo(bench_api.format_cli_table(result))
         return
     if serve_mode:
         if shape or compression or families or parallel:

@@ -181,6 +181,14 @@ def decode_timed(
     return Generation(tokens, reused, prefilled, first[0] if first else 0.0, time.perf_counter() - t0, rows)
 
 
+def visible_text(tokenizer, tokens: Sequence[int]) -> str:
+    """The text of generated tokens as `mlx_lm.generate` prints it: up to the first end-of-sequence
+    token, without its marker (the token ids keep it)."""
+    eos = set(tokenizer.eos_token_ids)
+    end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+    return tokenizer.decode(list(tokens[:end]))
+
+
 def encode_continuation(lm: LoadedModel, prompt: str) -> list[int]:
     """Token ids of text that continues a document (no BOS or other special tokens added)."""
     return list(lm.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []

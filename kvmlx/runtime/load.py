@@ -8,12 +8,13 @@ Two ways in, and `LoadedKV.load_path` says which ran:
   at memory bandwidth, inside the first step), because a mapped file has no room after each head.
 - ``copy`` (everywhere else, and the fallback). Each layer's keys and values are read once, with one
   `preadv` per tensor, from the file straight into an MLX-owned buffer [1, heads, capacity, head_dim]
-  whose first L slots per head hold the document and whose `headroom` slots are free, so the suffix's
-  first appends write in place (mlx-lm's `KVCache` re-allocates and concatenates the whole prefix when
-  an append exceeds its capacity; the spare slots are zeroed). Buffers come uninitialised from
-  MLX's cache (`_uninitialized`); the main thread allocates the next layers while worker threads
-  (started once per process) read and verify the ones before (preadv and BLAKE3 release the GIL); a
-  small re-load (nothing to hash) is read on the calling thread. No memory map is made here.
+  whose first L slots per head hold the document and whose spare slots (`spare_slots`: up to 256, at
+  most L/8) are free, so the suffix's first appends write in place (mlx-lm's `KVCache` re-allocates
+  and concatenates the whole prefix when an append exceeds its capacity; the spare slots are zeroed).
+  Buffers come uninitialised from MLX's cache (`_uninitialized`); the main thread allocates the next
+  layers while worker threads (started once per process) read and verify the ones before (preadv and
+  BLAKE3 release the GIL); a small re-load (nothing to hash) is read on the calling thread. No memory
+  map is made here.
 
 Digests are hashed once per file per process: a re-load of the same unchanged file only re-checks
 its identity (`Artifact.verified_before`, docs/FORMAT.md).
@@ -43,21 +44,24 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..artifact.encodings import decode
-from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, VerifiedIdentity, header_kv_names
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, TENSOR_DTYPES, Artifact, VerifiedIdentity, header_kv_names
 from ..artifact.identity import check_binding, model_fingerprint, tokenizer_fingerprint
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import KVQuantization, StreamedKVCache, check_model, from_arrays, model_specs, quantization_of
 from ..errors import KVQuantizationMismatchError, LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from ..models import LoadedModel
 from .distributed import check_parallel_support, open_part, read_bytes
-from .restore import read_states
+from .restore import build_states, state_tensor_names
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-DEFAULT_HEADROOM = 256  # one mlx-lm KVCache step: the suffix and first decode steps append without a copy
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
+DEFAULT_HEADROOM = 256  # at most one mlx-lm KVCache step of spare slots (`spare_slots`)
+MIN_HEADROOM = 16  # spare slots even for a tiny document: the first decode steps append in place
 LOAD_PATHS = ("auto", "copy", "zero-copy", "overlap")
-ALLOC_LAYERS = 8  # layers allocated per `mx.load` call: few calls, yet the first reads start early
+ALLOC_LAYERS = 4  # layers allocated per `mx.load` call: few calls, yet the first reads start early (3774 tokens: 8 -> 4 layers, 64 -> 44 ms)
 SMALL_BUFFER = 4 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
+PAGE = 4096  # bytes: each head's row of a loaded KV buffer is a whole number of pages (`_page_rows`)
 SERIAL_BYTES = 32 << 20  # KV bytes: a re-load (nothing to hash) this small is read on the calling thread
+SMALL_READ = 4 << 20  # bytes: `read_tensors` reads (and hashes) this little on the calling thread (~1.5 ms of BLAKE3)
 
 
 @dataclass
@@ -93,7 +97,7 @@ def load_artifact(
     lm: LoadedModel,
     *,
     verify_digests: bool = True,
-    headroom: int = DEFAULT_HEADROOM,
+    headroom: int | None = None,
     load_path: str = "auto",
     require_exact: bool = False,
     require_signed: bool = False,
@@ -120,13 +124,13 @@ def load_artifact(
     t0 = time.perf_counter()
     specs = model_specs(lm.model)
     check_parallel_support(lm, kv_quant=None if kv_quant == "artifact" else kv_quant, specs=specs)
-    model_fingerprint(lm), tokenizer_fingerprint(lm)  # computed (or remembered) before counting the artifact's bytes
+    fingerprints = model_fingerprint(lm), tokenizer_fingerprint(lm)  # before counting the artifact's bytes
     read0 = read_bytes()  # from here on, what this process reads is the artifact (LoadedKV.bytes_read)
     art = Artifact(path, populate=True, verified=verified)  # the map is only made (and pre-faulted) for zero-copy or decoding
     try:
         signature = check_signature(art, require_signed, trust_list)
         art = open_part(art, lm)  # the same layout, or refused by name; under mlx.launch, this rank's part
-        check_binding(art.header, lm)
+        check_binding(art.header, lm, fingerprints=fingerprints)
         check_tokens_and_logits(art.header, lm)
         stored_quant = quantization_of(art.header)
         if kv_quant != "artifact":
@@ -175,14 +179,57 @@ def _plain_kv(header: dict) -> bool:
 
 
 def _read_v2(art: Artifact, verify_digests: bool, at: int | None):
-    """Every family's state (and checkpoints) of a version-2 artifact, one read per tensor; the last
+    """Every family's state (and checkpoints) of a version-2 artifact through `read_tensors`; the last
     item says whether every tensor was read (not so with `at` when the artifact has checkpoints)."""
     hashed = verify_digests and not art.verified_before
     whole = at is None or not art.header.get("checkpoints")
     logits = _read_logits(art, hashed)
-    caches, checkpoints = read_states(art, verify=hashed, at=at)
+    arrays = read_tensors(art, state_tensor_names(art.header, at), hashed)
+    caches, checkpoints = build_states(art.header, arrays, at=at)
     _finish(art, hashed and whole, verify_digests and not hashed)
     return caches, checkpoints, logits, "copy", whole
+
+
+def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: int | None = None) -> dict[str, mx.array]:
+    """Named tensors of an open artifact as evaluated MLX arrays of their stored shape and dtype: the
+    read path of every cache family (version-2 states and checkpoints: plain, quantized, rotating,
+    arrays). Destinations come from one `_uninitialized` call per dtype (no fill); each raw tensor is
+    read straight into its buffer with one `preadv` (its digest checked while the bytes are hot), on
+    the load pool unless the whole read is small and unhashed; encoded tensors are decoded."""
+    entries = [art.tensors[name] for name in names]
+    raw = [e for e in entries if e.encoding == "raw" and e.nbytes]
+    out: dict[str, mx.array] = {}
+    for dtype in dict.fromkeys(e.dtype for e in raw):
+        group = [e for e in raw if e.dtype == dtype]
+        out.update(zip((e.name for e in group), _uninitialized([e.shape for e in group], dtype)))
+
+    def read(batch: Sequence) -> None:
+        for e in batch:
+            art.read_into(e.name, [memoryview(out[e.name]).cast("B")], verify=verify)
+
+    total = sum(e.nbytes for e in raw)
+    workers = threads or min(8, (os.cpu_count() or 1) * (2 if verify else 1))
+    if workers <= 1 or total <= SMALL_READ or (not verify and total <= SERIAL_BYTES):
+        read(raw)
+    else:  # file order, in about 4 batches per worker: few hand-offs, yet balanced
+        batches, batch, size, target = [], [], 0, max(total // (4 * workers), 1)
+        for e in raw:
+            batch.append(e)
+            size += e.nbytes
+            if size >= target:
+                batches.append(batch)
+                batch, size = [], 0
+        for _ in _pool(workers).map(read, batches + [batch] if batch else batches):
+            pass
+    for e in entries:
+        if e.name in out:
+            continue
+        if e.nbytes == 0:
+            out[e.name] = mx.zeros(e.shape, DTYPES[e.dtype])
+            continue
+        data = decode(art.tensor_bytes(e.name, verify=verify), e.encoding, e.params, e.dtype, e.shape)
+        out[e.name] = mx.array(np.frombuffer(data, np.uint8)).view(DTYPES[e.dtype]).reshape(e.shape)
+    return out
 
 
 def check_tokens_and_logits(header: dict, lm: LoadedModel) -> None:
@@ -207,7 +254,7 @@ def read_caches(
     art: Artifact,
     *,
     verify_digests: bool = True,
-    headroom: int = DEFAULT_HEADROOM,
+    headroom: int | None = None,
     load_path: str = "auto",
     threads: int | None = None,
 ) -> tuple[list[KVCache], mx.array, str]:
@@ -236,7 +283,7 @@ def read_caches(
         mx.eval(logits, arrays)
         _finish(art, hashed, recheck)
         return from_arrays(arrays, n), logits, used
-    capacity = -(-(n + headroom) // KVCache.step) * KVCache.step
+    capacity = _page_rows(n + (spare_slots(n) if headroom is None else headroom), art.tensors[names[0]])
     mx.eval(logits)
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
     # hash (a cold first load of 557 MB here: 656 -> 573 ms; warm loads unchanged)
@@ -244,10 +291,10 @@ def read_caches(
     kv_bytes = sum(art.tensors[name].nbytes for name in names)
     if used == "copy" and not hashed and threads is None and kv_bytes <= SERIAL_BYTES:
         # a small re-load: handing layers to threads costs more than copying them here (~1 ms a MB)
-        arrays = _uninitialized([_with_capacity(art.tensors[name].shape, capacity) for name in names],
-                                art.tensors[names[0]].dtype)
+        arrays, zeroed = _destinations([_with_capacity(art.tensors[name].shape, capacity) for name in names],
+                                       art.tensors[names[0]].dtype)
         for i in range(0, len(names), 2):
-            _copy_layer(art, names[i : i + 2], arrays[i : i + 2], False, False)
+            _copy_layer(art, names[i : i + 2], arrays[i : i + 2], False, False, zeroed)
         _finish(art, False, recheck)
         return from_arrays(arrays, n), logits, used
     pool = _pool(workers)
@@ -256,10 +303,11 @@ def read_caches(
     for first in range(0, len(names), 2 * ALLOC_LAYERS):
         # allocate a few layers here while workers read the ones before: allocation and reads overlap
         group = names[first : first + 2 * ALLOC_LAYERS]
-        arrays += _uninitialized([_with_capacity(art.tensors[name].shape, capacity) for name in group],
-                                 art.tensors[group[0]].dtype)
+        fresh, zeroed = _destinations([_with_capacity(art.tensors[name].shape, capacity) for name in group],
+                                      art.tensors[group[0]].dtype)
+        arrays += fresh
         for i in range(first, first + len(group), 2):
-            futures.append(pool.submit(_copy_layer, art, names[i : i + 2], arrays[i : i + 2], hashed, recheck))
+            futures.append(pool.submit(_copy_layer, art, names[i : i + 2], arrays[i : i + 2], hashed, recheck, zeroed))
     if used == "copy":
         for f in futures:
             f.result()
@@ -276,6 +324,27 @@ def read_caches(
     return [StreamedKVCache(k, v, n, f) for k, v, f in zip(arrays[::2], arrays[1::2], futures)], logits, used
 
 
+def spare_slots(n: int) -> int:
+    """Free slots after an `n`-token document in each loaded KV buffer (the copy path's default headroom).
+
+    They let the suffix and the first decode steps append without mlx-lm's grow-and-copy of the whole
+    cache, but every load pays for them (allocation, zeroing: `_copy_heads`). At most n/8 of them, so
+    they never add more than 1/8 to a load's bytes, while an overflow costs a copy of all n slots: 8x
+    that; at most one mlx-lm step (256: a 3774-token document keeps room for a 256-token suffix), and
+    at least MIN_HEADROOM. 256 slots at any length made a 255-token load allocate twice the document.
+    """
+    return max(MIN_HEADROOM, min(DEFAULT_HEADROOM, n // 8))
+
+
+def _page_rows(slots: int, entry) -> int:
+    """`slots` rounded up so that each head's row of a [1, H, slots, D] buffer is a whole number of
+    4 KiB pages: every head's `preadv` destination then starts at the same offset within a page
+    (3774 tokens: 4030 slots, rows 16 bytes off, read in 85 ms; 4032 slots in 55-64 ms)."""
+    row = entry.shape[3] * DTYPE_SIZES[entry.dtype]
+    unit = PAGE // math.gcd(PAGE, row) if row else 1
+    return -(-slots // unit) * unit
+
+
 def _read_logits(art: Artifact, verify: bool) -> mx.array:
     """The stored logits row, read with `pread` (mapping a whole file to read 300 KB costs 40+ ms)."""
     entry = art.tensors["logits"]
@@ -284,9 +353,10 @@ def _read_logits(art: Artifact, verify: bool) -> mx.array:
     return mx.array(raw).view(DTYPES[entry.dtype]).reshape(entry.shape)
 
 
-def _copy_layer(art: Artifact, names: list[str], arrays: list[mx.array], hashed: bool, recheck: bool) -> None:
+def _copy_layer(art: Artifact, names: list[str], arrays: list[mx.array], hashed: bool, recheck: bool,
+                zeroed: bool = False) -> None:
     for name, dst in zip(names, arrays):
-        _copy_heads(art, name, dst, hashed)
+        _copy_heads(art, name, dst, hashed, zeroed)
     if recheck:  # hashing was skipped because this file was verified before: it must still be that file
         art.check_unchanged()
 
@@ -313,6 +383,11 @@ def _adopt(art: Artifact, name: str) -> mx.array:
 
 
 def _uninitialized(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[mx.array]:
+    """Evaluated MLX buffers of `shapes` with arbitrary contents (`_destinations` says more)."""
+    return _destinations(shapes, dtype)[0]
+
+
+def _destinations(shapes: Sequence[tuple[int, ...]], dtype: str) -> tuple[list[mx.array], bool]:
     """Evaluated MLX buffers with arbitrary contents, for the caller to overwrite entirely.
 
     MLX has no uninitialised allocation, and filling costs as much as the load itself (`mx.zeros`
@@ -323,26 +398,27 @@ def _uninitialized(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[mx.arr
     zeroing of the spare slots, `_copy_heads`: ~6% of them). Each buffer
     costs `mx.load` a hand-off to its I/O thread (~0.2 ms here), more than filling a small one, so
     buffers under `SMALL_BUFFER` on average are filled instead; so are all if `mx.load` ever fails.
+    The flag says whether they were zero-filled (then nothing needs zeroing again).
     """
-    if sum(math.prod(shape) for shape in shapes) * DTYPE_SIZES[dtype] >= len(shapes) * SMALL_BUFFER:
+    if sum(math.prod(shape) for shape in shapes) * TENSOR_DTYPES[dtype] >= len(shapes) * SMALL_BUFFER:
         try:
             arrays = mx.load(_BlankTensors(shapes, dtype), format="safetensors", stream=mx.cpu)
-            return [arrays[str(i)] for i in range(len(shapes))]
+            return [arrays[str(i)] for i in range(len(shapes))], False
         except Exception:  # noqa: BLE001 - any failure of the fast path just costs a fill
             pass
     out = [mx.zeros(shape, DTYPES[dtype]) for shape in shapes]
     mx.eval(out)
-    return out
+    return out, True
 
 
 class _BlankTensors:
     """A read-only file object holding a safetensors header for `shapes` and no data: reads of the
     data region return without writing, which leaves `mx.load`'s fresh buffers uninitialised."""
 
-    _SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+    _SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32"}
 
     def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: str):
-        itemsize, entries, end = DTYPE_SIZES[dtype], {}, 0
+        itemsize, entries, end = TENSOR_DTYPES[dtype], {}, 0
         for i, shape in enumerate(shapes):
             nbytes = int(np.prod(shape)) * itemsize
             entries[str(i)] = {"dtype": self._SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [end, end + nbytes]}
@@ -374,7 +450,7 @@ def _with_capacity(shape: Sequence[int], capacity: int) -> tuple[int, ...]:
     return (b, heads, capacity, head_dim)
 
 
-def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool) -> None:
+def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool, zeroed: bool = False) -> None:
     """Fill the first L slots of each head of `dst` [1, H, capacity, D] with one [1, H, L, D] tensor,
     and zero the rest.
 
@@ -382,7 +458,8 @@ def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool) -> None:
     copy); encoded ones are decoded from the map first. Digests are checked either way. The spare
     slots are zeroed because `dst` may be recycled memory (`_uninitialized`) and mlx-lm's
     `KVCache.state` hands out the whole buffer: `save_prompt_cache` of a loaded cache must not
-    write whatever this process held there before (another document's KV).
+    write whatever this process held there before (another document's KV). `zeroed`: `dst` was
+    zero-filled when it was made (`_destinations`), so the spare slots already are.
     """
     entry = art.tensors[name]
     heads = entry.shape[1]
@@ -390,7 +467,8 @@ def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool) -> None:
     out = memoryview(dst).cast("B")
     stride = out.nbytes // heads
     by_head = np.frombuffer(out, dtype=np.uint8).reshape(heads, stride)
-    by_head[:, per_head:] = 0
+    if not zeroed:
+        by_head[:, per_head:] = 0
     if entry.encoding == "raw":
         art.read_into(name, [out[h * stride : h * stride + per_head] for h in range(heads)], verify=verify)
         return

@@ -1,8 +1,8 @@
 """Version-2 artifacts -> mlx-lm caches, and a request's caches for any restorable reuse length.
 
-`read_states` reads an open version-2 artifact's final per-layer states and its state checkpoints
-(each tensor read once with `pread` straight into memory, its digest checked) into mlx-lm caches of
-every family (caches/). `caches_at(loaded, reuse)` is the one function that hands out caches holding
+`build_states` turns a version-2 artifact's final per-layer states and its state checkpoints (read by
+`kvmlx.runtime.load.read_tensors`, the one buffered read path, into MLX memory) into mlx-lm caches
+of every family (caches/); `state_tensor_names` says which tensors those are. `caches_at(loaded, reuse)` is the one function that hands out caches holding
 the first `reuse` tokens of a loaded document: trimmable caches (plain and quantized KV, a window
 that has not wrapped) are cut from the final state, the others (recurrent state, wrapped windows)
 come from the checkpoint at `reuse`. With `copy` (the default) every cache and array object is new,
@@ -13,45 +13,40 @@ the loaded caches themselves are trimmed in place (an agent that owns them).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Mapping
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
-from ..artifact.encodings import decode
-from ..artifact.format import Artifact
+from ..artifact.layers import tensor_names
 from ..caches import load_layer, restore_info, save_layer, trimmable_to
 from ..caches.quantized import KVQuantization
 from ..errors import KvmlxError
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
+def state_tensor_names(header: dict, at: int | None = None) -> list[str]:
+    """The tensors `build_states` needs, in file order: every layer's final state, and the state
+    checkpoints (with `at`, only the one at that position)."""
+    names = [f"layers.{i}.{t}" for i, m in enumerate(header["caches"]) for t in tensor_names(m)]
+    for k, cp in enumerate(header.get("checkpoints", [])):
+        if at is None or cp["tokens"] == at:
+            names += [f"checkpoints.{k}.layers.{i}.{t}" for i, m in cp["caches"].items() for t in tensor_names(m)]
+    return names
 
 
-def read_tensor(art: Artifact, name: str, verify: bool) -> mx.array:
-    """One tensor of an open artifact as an MLX array (one read from the page cache; digest checked)."""
-    entry = art.tensors[name]
-    raw = np.empty(entry.nbytes, dtype=np.uint8)
-    if entry.nbytes:
-        art.read_into(name, [memoryview(raw)], verify=verify)
-    if entry.encoding != "raw":
-        raw = np.frombuffer(decode(memoryview(raw), entry.encoding, entry.params, entry.dtype, entry.shape), np.uint8)
-    return mx.array(raw).view(DTYPES[entry.dtype]).reshape(entry.shape)
+def build_states(header: dict, arrays: Mapping[str, mx.array], *,
+                 at: int | None = None) -> tuple[list, dict[int, dict[int, Any]]]:
+    """(final caches, {checkpoint tokens: {layer: cache}}) of a version-2 header from its tensors
+    (`arrays`: name -> array, as `kvmlx.runtime.load.read_tensors` reads them), evaluated.
 
-
-def read_states(art: Artifact, *, verify: bool = True, at: int | None = None) -> tuple[list, dict[int, dict[int, Any]]]:
-    """(final caches, {checkpoint tokens: {layer: cache}}) of an open version-2 artifact, evaluated.
-
-    With `at`, only the checkpoint at that position is read (none when it is the document's end).
+    With `at`, only the checkpoint at that position is built (none when it is the document's end).
     """
-    h = art.header
-    caches = [load_layer(m, lambda t, i=i: read_tensor(art, f"layers.{i}.{t}", verify)) for i, m in enumerate(h["caches"])]
+    caches = [load_layer(m, lambda t, i=i: arrays[f"layers.{i}.{t}"]) for i, m in enumerate(header["caches"])]
     checkpoints: dict[int, dict[int, Any]] = {}
-    for k, cp in enumerate(h.get("checkpoints", [])):
+    for k, cp in enumerate(header.get("checkpoints", [])):
         if at is not None and cp["tokens"] != at:
             continue
         checkpoints[cp["tokens"]] = {
-            int(i): load_layer(m, lambda t, i=i, k=k: read_tensor(art, f"checkpoints.{k}.layers.{i}.{t}", verify))
+            int(i): load_layer(m, lambda t, i=i, k=k: arrays[f"checkpoints.{k}.layers.{i}.{t}"])
             for i, m in cp["caches"].items()}
     mx.eval([c.state for c in caches], [[c.state for c in cp.values()] for cp in checkpoints.values()])
     return caches, checkpoints

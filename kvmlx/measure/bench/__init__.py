@@ -44,6 +44,7 @@ from .report import (
     plot_serve,
 )
 from .serving import run_serve_bench
+from .command import format_cli_table, run_cli_bench
 
 __all__ = [
     "DEFAULT_LENGTHS",
@@ -62,6 +63,7 @@ __all__ = [
     "document_tokens",
     "evict",
     "format_compression_table",
+    "format_cli_table",
     "format_family_table",
     "format_serve_table",
     "format_table",
@@ -74,6 +76,7 @@ __all__ = [
     "roofline",
     "run_compression_bench",
     "run_families",
+    "run_cli_bench",
     "run_family_bench",
     "run_model_bench",
     "run_serve_bench",

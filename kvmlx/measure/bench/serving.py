@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from importlib import resources
 from typing import Callable
 
-import httpx
 import numpy as np
 
 from ...models import load_model
@@ -67,6 +66,8 @@ def _server(kind: str, model: str, path, store: Store, log_dir: str, extra: tupl
     if info is not None:
         info["pid"] = proc.pid
     base = f"http://127.0.0.1:{port}"
+    import httpx  # here, not at the top: every `kvmlx` command imports this module (30-40 ms)
+
     try:
         while True:
             if proc.poll() is not None:
@@ -180,6 +181,8 @@ def run_serve_bench(model: str = "builtin:small", *, doc_tokens: int = 1024,
                     servers: tuple[str, ...] = SERVERS,
                     progress: Callable[[int, int, str], None] | None = None) -> dict:
     """Run the comparison; a JSON-ready dict (machine, config, per-server runs, summary, targets)."""
+    import httpx
+
     lm = load_model(model)
     document = document_text(lm, doc_tokens)
     steps = repeats * len(servers) * (len(concurrency) + 2 + (1 if long_tokens else 0))
