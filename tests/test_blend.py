@@ -1,0 +1,161 @@
+"""Documents anywhere in the prompt: finding them by token ids, selective recompute, R = 1.0 exactness."""
+
+import numpy as np
+import pytest
+
+from kvmlx.runtime.blend import BlendSettings, BlendSettingsError, blend_prefill, prepare, select
+from kvmlx.runtime.blend_find import DocumentIndex, Span
+from kvmlx.runtime.generate import compare, decode_timed, from_scratch
+from kvmlx.runtime.store import Store
+
+CHUNK = 64
+
+
+def test_documents_are_found_at_any_offset():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(10, 1000, 100).tolist(), rng.integers(10, 1000, 70).tolist()
+    index = DocumentIndex({"a": a, "b": b})
+    for pad in (0, 1, 7, 15, 33):
+        prompt = [3] * pad + b + [5, 6, 7] + a + [9]
+        spans = index.find(prompt)
+        assert [(s.key, s.start, s.end, s.doc_start, s.doc_end) for s in spans] == [
+            ("b", pad, pad + 70, 0, 70), ("a", pad + 73, pad + 173, 0, 100)]
+
+
+def test_merged_edges_match_on_the_interior():
+    rng = np.random.default_rng(1)
+    doc = rng.integers(10, 1000, 90).tolist()
+    index = DocumentIndex({"d": doc})
+    # the document's first two and last token merged with the text around it (other ids in context)
+    prompt = [1, 2, 3, 4001] + doc[2:-1] + [4002, 8]
+    (s,) = index.find(prompt)
+    assert (s.start, s.end, s.doc_start, s.doc_end) == (4, 4 + 87, 2, 89)
+    assert prompt[s.start : s.end] == doc[s.doc_start : s.doc_end]
+
+
+def test_short_or_absent_matches_are_ignored():
+    rng = np.random.default_rng(2)
+    doc = rng.integers(10, 1000, 64).tolist()
+    index = DocumentIndex({"d": doc})
+    assert index.find([1, 2] + doc[:20] + [3]) == []  # shorter than min_tokens
+    assert index.find(rng.integers(1000, 2000, 200).tolist()) == []
+    assert index.find(doc + [1], limit=40) == [Span("d", 0, 40, 0, 40, 64)]  # never past the limit
+
+
+def test_select_rules():
+    reused = np.array([False] * 4 + [True] * 20 + [False] * 2 + [True] * 10 + [False])
+    spans = [Span("a", 4, 24, 0, 20, 20), Span("b", 26, 36, 0, 10, 10)]
+    dev = np.arange(len(reused), dtype=np.float64)  # later tokens deviate more
+    for rule in ("cacheblend", "epic", "anchored"):
+        assert not select(rule, 0.0, spans, dev, reused).any()
+        assert (select(rule, 1.0, spans, dev, reused) == reused).all()
+        chosen = select(rule, 0.3, spans, dev, reused)
+        assert not (chosen & ~reused).any()
+    assert np.flatnonzero(select("cacheblend", 0.3, spans, dev, reused)).tolist() == list(range(27, 36))
+    assert np.flatnonzero(select("epic", 0.3, spans, dev, reused)).tolist() == list(range(4, 10)) + list(range(26, 29))
+    anchored = np.flatnonzero(select("anchored", 0.3, spans, dev, reused)).tolist()
+    assert anchored[:2] == [4, 5] and 26 in anchored and len(anchored) == 9
+
+
+def test_settings_parse_and_refuse():
+    assert BlendSettings.of(None) is None and BlendSettings.of(False) is None
+    assert BlendSettings.of(0.3).r == 0.3 and BlendSettings.of("epic:0.05").rule == "epic"
+    assert BlendSettings.of("0.5").r == 0.5 and BlendSettings.of("cacheblend").rule == "cacheblend"
+    assert BlendSettings.of({"r": 1, "rule": "epic"}).r == 1
+    for bad in (1.5, -0.1, "nope", "epic:x", {"r": 0.1, "x": 1}, [0.1], True + 1.5):
+        with pytest.raises(BlendSettingsError):
+            BlendSettings.of(bad)
+
+
+@pytest.fixture(scope="module")
+def small(preset):
+    return preset("small")
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, small, document):
+    """Two documents published into a store, and a prompt holding both behind a system prompt."""
+    store = Store(tmp_path_factory.mktemp("blend-store"))
+    tok = small.tokenizer
+    words = document.split()
+    doc_a, doc_b = " ".join(words[:60]), " ".join(words[200:250])
+    for d in (doc_a, doc_b):
+        store.publish(small, d, chunk_size=CHUNK)
+    prompt = (tok.encode("System: answer from the documents.\n", add_special_tokens=False)
+              + tok.encode(doc_b) + tok.encode("\n\n") + tok.encode(doc_a)
+              + tok.encode("\nQuestion: what is it about?", add_special_tokens=False))
+    return store, prompt
+
+
+def _identity(lm):
+    from kvmlx.artifact.identity import model_fingerprint, tokenizer_fingerprint
+
+    return model_fingerprint(lm), tokenizer_fingerprint(lm), lm.dtype
+
+
+def _blend(small, store, prompt, settings):
+    b = prepare(small, store, prompt, settings, identity=_identity(small), chunk_size=CHUNK)
+    gen = decode_timed(small, b.caches, b.logits, 16, started=0.0, reused=0, prefilled=0, stop_at_eos=False,
+                       keep_logits=True)
+    return b, gen
+
+
+@pytest.mark.parametrize("rule", ["cacheblend", "epic", "anchored"])
+def test_r_one_is_bit_identical_to_full_prefill(small, published, rule):
+    store, prompt = published
+    b, gen = _blend(small, store, prompt, BlendSettings(1.0, rule))
+    ref = from_scratch(small, prompt, [], chunk_size=CHUNK, max_tokens=16, stop_at_eos=False, keep_logits=True)
+    assert len(b.stats.documents) == 2 and b.stats.recomputed_tokens > 100
+    assert b.stats.reused_tokens == 0 and not b.stats.approximate
+    report = compare(gen, ref)
+    assert report["token_exact"] and report["logits_identical"], report
+
+
+def test_partial_recompute_reports_what_it_reused(small, published):
+    store, prompt = published
+    b, gen = _blend(small, store, prompt, BlendSettings(0.15, "cacheblend"))
+    s = b.stats
+    assert s.approximate and s.reused_tokens > 0 and s.recomputed_tokens > 0
+    assert s.reused_tokens + s.recomputed_tokens + s.computed_tokens == len(prompt)
+    assert s.full_layers == 2 and s.gate["identity_exact"]
+    ref = from_scratch(small, prompt, [], chunk_size=CHUNK, max_tokens=16, stop_at_eos=False, keep_logits=True)
+    assert compare(gen, ref)["max_abs_logit_diff"] > 0  # approximate: stored KV was used
+
+
+def test_moving_keys_matters(small, published, monkeypatch):
+    """Reusing the stored keys at their old positions (no re-rotation) is further from full prefill
+    than moving them: the first logits row's distance to the reference."""
+    import kvmlx.runtime.blend as blend_mod
+
+    store, prompt = published
+    ref = from_scratch(small, prompt, [], chunk_size=CHUNK, max_tokens=1, stop_at_eos=False, keep_logits=True)
+    b, gen = _blend(small, store, prompt, BlendSettings(0.0, "epic"))
+    moved = float(np.abs(gen.logits[0] - ref.logits[0]).mean())
+    monkeypatch.setattr(blend_mod, "move_keys", lambda k, d, r: k)
+    b, gen = _blend(small, store, prompt, BlendSettings(0.0, "epic"))
+    unmoved = float(np.abs(gen.logits[0] - ref.logits[0]).mean())
+    assert moved < unmoved
+
+
+def test_no_documents_is_plain_prefill(small, published):
+    store, _ = published
+    prompt = small.tokenizer.encode("Nothing published here, only a question?")
+    b, gen = _blend(small, store, prompt, BlendSettings(0.0))
+    ref = from_scratch(small, prompt, [], chunk_size=CHUNK, max_tokens=16, stop_at_eos=False, keep_logits=True)
+    assert b.stats.documents == [] and not b.stats.approximate
+    assert compare(gen, ref)["logits_identical"]
+
+
+@pytest.mark.parametrize("rule,r", [("cacheblend", 0.3), ("epic", 0.1), ("anchored", 0.5)])
+def test_partial_path_is_right_where_stored_kv_is_exact(small, published, rule, r):
+    """A document at the prompt's start has exactly the KV a full prefill computes, so blending it at any R
+    must agree with full prefill up to rounding (this checks the recompute path's positions, mask and
+    scatter: a wrong one moves the logits far more)."""
+    store, _ = published
+    tok = small.tokenizer
+    prompt = store.tokens(store.ls()[-1].key) + tok.encode("\nQuestion: what is it about?", add_special_tokens=False)
+    b, gen = _blend(small, store, prompt, BlendSettings(r, rule))
+    assert b.stats.documents[0]["start"] == 0 and b.stats.recomputed_tokens > 0 and b.stats.reused_tokens > 0
+    ref = from_scratch(small, prompt, [], chunk_size=CHUNK, max_tokens=16, stop_at_eos=False, keep_logits=True)
+    spread = float(np.std(ref.logits[0]))
+    assert float(np.max(np.abs(gen.logits[0] - ref.logits[0]))) < 0.05 * spread
