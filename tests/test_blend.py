@@ -159,3 +159,52 @@ def test_partial_path_is_right_where_stored_kv_is_exact(small, published, rule, 
     ref = from_scratch(small, prompt, [], chunk_size=CHUNK, max_tokens=16, stop_at_eos=False, keep_logits=True)
     spread = float(np.std(ref.logits[0]))
     assert float(np.max(np.abs(gen.logits[0] - ref.logits[0]))) < 0.05 * spread
+
+
+def test_agent_blend_option(tmp_path, small, document):
+    from kvmlx.runtime.agent import Agent
+
+    agent = Agent(small, Store(tmp_path / "store"), chunk_size=CHUNK)
+    words = document.split()
+    doc_a, doc_b = " ".join(words[:50]), " ".join(words[300:340])
+    for d in (doc_a, doc_b):
+        agent.publish(d, chunk_size=CHUNK)
+    tok = small.tokenizer
+    prompt = (tok.encode("Tools: none.\n", add_special_tokens=False) + tok.encode(doc_a) + tok.encode(doc_b)
+              + tok.encode(" Answer:", add_special_tokens=False))
+    exact = agent.generate(prompt, max_tokens=8, stop_at_eos=False, keep_logits=True)  # off by default: exact path
+    assert not hasattr(exact, "approximate") and exact.reused_tokens == 0
+    full = agent.generate(prompt, max_tokens=8, stop_at_eos=False, keep_logits=True, blend=1.0)
+    assert full.tokens == exact.tokens and all((a == b).all() for a, b in zip(full.logits, exact.logits))
+    assert not full.approximate and full.recomputed_tokens > 60
+    blended = Agent(small, agent.store, chunk_size=CHUNK, blend="cacheblend:0.1").generate(prompt, max_tokens=8)
+    j = blended.to_json()
+    assert j["approximate"] and j["reused_tokens"] + j["recomputed_tokens"] + j["computed_tokens"] == len(prompt)
+    assert len(j["blend"]["documents"]) == 2 and j["blend"]["settings"]["rule"] == "cacheblend"
+
+
+def test_cli_generate_blend(tmp_path, tiny, document):
+    import json
+
+    from click.testing import CliRunner
+
+    from kvmlx.cli import main
+
+    store, words = tmp_path / "store", document.split()
+    docs = [" ".join(words[:60]), " ".join(words[100:150])]
+    for k, d in enumerate(docs):
+        (tmp_path / f"d{k}.txt").write_text(d, encoding="utf-8")
+        assert CliRunner().invoke(main, ["publish", str(tmp_path / f"d{k}.txt"), "--store-dir", str(store)]).exit_code == 0
+    prompt = "System: be brief.\n" + docs[1] + "\n" + docs[0] + "\nQ: what?"
+    r = CliRunner().invoke(main, ["generate", "--store", str(store), "--prompt", prompt, "-n", 4, "--blend", "0.2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["approximate"] and out["reused_tokens"] > 0 and len(out["blend"]["documents"]) == 2
+    assert out["reused_tokens"] + out["recomputed_tokens"] + out["computed_tokens"] == out["prompt_tokens"]
+    words_out = CliRunner().invoke(main, ["generate", "--store", str(store), "--prompt", prompt, "-n", 2, "--blend"])
+    assert words_out.exit_code == 0 and "approximate" in words_out.output and "recomputed" in words_out.output
+    bad = CliRunner().invoke(main, ["generate", "--store", str(store), "--prompt", prompt, "--blend", "2"])
+    assert bad.exit_code == 1 and "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
+    refused = CliRunner().invoke(main, ["generate", "-m", "builtin:hybrid", "--store", str(store), "--prompt", prompt,
+                                        "--blend", "0.1"])
+    assert refused.exit_code == 1 and "recurrent" in refused.output and len(refused.output.strip().splitlines()) == 1

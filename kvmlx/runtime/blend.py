@@ -50,6 +50,7 @@ from ..caches.rope import Rope, check_blend_support, gate, move_keys, rotate_at
 from ..errors import BlendUnsupportedError, KvmlxError
 from ..models import LoadedModel
 from .blend_find import BLOCK, MIN_TOKENS, DocumentIndex, Span
+from .generate import decode_timed
 from .load import LoadedKV, load_artifact
 from .publish import DEFAULT_CHUNK
 
@@ -132,6 +133,7 @@ class BlendStats:
     settings: dict = field(default_factory=dict)
     gate: dict = field(default_factory=dict)
     load_seconds: float = 0.0
+    chunk_size: int = DEFAULT_CHUNK
 
     @property
     def approximate(self) -> bool:
@@ -141,7 +143,8 @@ class BlendStats:
         return {"reused_tokens": self.reused_tokens, "recomputed_tokens": self.recomputed_tokens,
                 "computed_tokens": self.computed_tokens, "approximate": self.approximate,
                 "prompt_tokens": self.prompt_tokens, "full_layers": self.full_layers, "documents": self.documents,
-                "settings": self.settings, "gate": self.gate, "load_seconds": self.load_seconds}
+                "settings": self.settings, "gate": self.gate, "load_seconds": self.load_seconds,
+                "chunk_size": self.chunk_size}
 
 
 # ---- the model's pieces ------------------------------------------------------------------------
@@ -304,7 +307,7 @@ def blend_prefill(lm: LoadedModel, tokens: Sequence[int], spans: Sequence[Span],
     mx.eval(logits)
     n_chosen = int(chosen.sum())
     stats = BlendStats(n, int(reused.sum()) - n_chosen, n_chosen, int((~reused).sum()), full,
-                       [s.to_json() for s in spans], settings.to_json())
+                       [s.to_json() for s in spans], settings.to_json(), chunk_size=chunk_size)
     return caches, logits, stats
 
 
@@ -382,3 +385,72 @@ def prepare(lm: LoadedModel, store, tokens: Sequence[int], settings: BlendSettin
                                           chunk_size or (entries[spans[0].key].chunk_size if spans else DEFAULT_CHUNK))
     stats.gate, stats.load_seconds = report, load_seconds
     return Blended(caches, logits, stats, quarantined)
+
+
+# ---- generation (the agent's blended path) ----------------------------------------------------
+
+
+@dataclass
+class BlendGeneration:
+    """One greedy continuation of a blended prompt: the agent's fields, plus what blending did."""
+
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    reused_tokens: int  # reused stored KV (the tokens recomputed or computed are counted apart)
+    recomputed_tokens: int
+    computed_tokens: int
+    approximate: bool
+    first_token_seconds: float
+    total_seconds: float
+    load_seconds: float
+    chunk_size: int
+    blend: BlendStats
+    logits: list[np.ndarray] = field(default_factory=list, repr=False)
+    quarantined: list[dict] = field(default_factory=list)
+    key: str | None = None  # the first document reused (several may be: see blend.documents)
+    artifact: str | None = None
+    artifact_bytes: int = 0
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.recomputed_tokens + self.computed_tokens
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text, "tokens": self.tokens, "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens, "recomputed_tokens": self.recomputed_tokens,
+            "computed_tokens": self.computed_tokens, "prefilled_tokens": self.prefilled_tokens,
+            "approximate": self.approximate, "key": self.key, "artifact": self.artifact,
+            "artifact_bytes": self.artifact_bytes, "load_seconds": self.load_seconds,
+            "first_token_seconds": self.first_token_seconds, "total_seconds": self.total_seconds,
+            "chunk_size": self.chunk_size, "quarantined": self.quarantined, "blend": self.blend.to_json(),
+        }
+
+
+def blend_generate(agent, prompt, settings: BlendSettings, *, max_tokens: int, on_token=None, stop_at_eos: bool = True,
+                   keep_logits: bool = False) -> BlendGeneration:
+    """`Agent.generate` with documents reused anywhere in the prompt (`agent.generate(..., blend=R)`)."""
+    t0 = time.perf_counter()
+    tokens = agent._tokens(prompt)
+    lm = agent.lm
+
+    def discard(key: str, reason: str) -> None:
+        agent.store.discard(key, reason)
+
+    b = prepare(lm, agent.store, tokens, settings, identity=agent.identity, chunk_size=agent.chunk_size,
+                kv_quant=agent.kv_quant, verify_digests=agent.verify_digests, allow_lossy=agent.allow_lossy,
+                on_failed_load=discard)
+    s = b.stats
+    gen = decode_timed(lm, b.caches, b.logits, max_tokens, started=t0, reused=s.reused_tokens,
+                       prefilled=s.recomputed_tokens + s.computed_tokens, stop_at_eos=stop_at_eos, on_token=on_token,
+                       keep_logits=keep_logits)
+    first = s.documents[0]["key"] if s.documents else None
+    entry = agent.store.get(first) if first else None
+    return BlendGeneration(
+        tokens=gen.tokens, text=lm.tokenizer.decode(gen.tokens), prompt_tokens=len(tokens),
+        reused_tokens=s.reused_tokens, recomputed_tokens=s.recomputed_tokens, computed_tokens=s.computed_tokens,
+        approximate=s.approximate, first_token_seconds=gen.first_token_seconds, total_seconds=gen.total_seconds,
+        load_seconds=s.load_seconds, chunk_size=s.chunk_size, blend=s, logits=gen.logits,
+        quarantined=b.quarantined, key=first, artifact=str(entry.path) if entry else None,
+        artifact_bytes=entry.file_bytes if entry else 0)
