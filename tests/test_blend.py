@@ -208,3 +208,38 @@ def test_cli_generate_blend(tmp_path, tiny, document):
     refused = CliRunner().invoke(main, ["generate", "-m", "builtin:hybrid", "--store", str(store), "--prompt", prompt,
                                         "--blend", "0.1"])
     assert refused.exit_code == 1 and "recurrent" in refused.output and len(refused.output.strip().splitlines()) == 1
+
+
+def test_request_field():
+    from kvmlx.serving.requests import BadRequest, blend
+
+    server = BlendSettings(0.3, "epic")
+    assert blend({}, server) is server and blend({"blend": None}, None) is None
+    assert blend({"blend": False}, server) is None and blend({"blend": True}, None) == BlendSettings()
+    assert blend({"blend": True}, server) is server and blend({"blend": 0.05}, None).r == 0.05
+    assert blend({"blend": {"r": 1, "rule": "cacheblend"}}, None).rule == "cacheblend"
+    for bad in (2, "x:0.1", {"r": "a"}, [1], {"nope": 1}):
+        with pytest.raises(BadRequest) as e:
+            blend({"blend": bad}, None)
+        assert e.value.param == "blend" and "\n" not in str(e.value)
+
+
+def test_server_hook_leaves_the_last_token(small, published):
+    from kvmlx.runtime.blend import count, request_caches, usage_fields
+    from kvmlx.runtime.publish import prefill
+
+    store, prompt = published
+    caches, suffix, stats = request_caches(small, store, prompt, BlendSettings(1.0), identity=_identity(small),
+                                           chunk_size=CHUNK)
+    assert suffix == prompt[-1:] and caches[0].offset == len(prompt) - 1
+    assert stats.reused_tokens + stats.recomputed_tokens + stats.computed_tokens == len(prompt)
+    logits = prefill(small.model, suffix, caches, CHUNK)
+    ref = from_scratch(small, prompt[:-1], suffix, chunk_size=CHUNK, max_tokens=1, stop_at_eos=False, keep_logits=True)
+    import mlx.core as mx
+
+    assert (np.array(logits.astype(mx.float32)) == ref.logits[0]).all()
+    u = usage_fields(stats)
+    assert u["approximate"] is False and u["recomputed_tokens"] > 0
+    metrics = {}
+    count(metrics, stats)
+    assert metrics["kvmlx_blend_requests_total"] == 1 and metrics["kvmlx_blend_approximate_requests_total"] == 0

@@ -454,3 +454,39 @@ def blend_generate(agent, prompt, settings: BlendSettings, *, max_tokens: int, o
         load_seconds=s.load_seconds, chunk_size=s.chunk_size, blend=s, logits=gen.logits,
         quarantined=b.quarantined, key=first, artifact=str(entry.path) if entry else None,
         artifact_bytes=entry.file_bytes if entry else 0)
+
+
+# ---- serving (the engine's hook) --------------------------------------------------------------
+
+METRICS = ("kvmlx_blend_requests_total", "kvmlx_blend_approximate_requests_total", "kvmlx_blend_reused_tokens_total",
+           "kvmlx_blend_recomputed_tokens_total", "kvmlx_blend_computed_tokens_total")
+
+
+def request_caches(lm: LoadedModel, store, tokens: Sequence[int], settings: BlendSettings, *,
+                   identity: tuple[str, str, str], chunk_size: int | None = None,
+                   on_failed_load: Callable[[str, str], None] | None = None) -> tuple[list, list[int], BlendStats]:
+    """A server request's caches, blended: (caches holding `tokens[:-1]`, the suffix `tokens[-1:]` to prefill
+    as any other request's, stats). The caches are the request's own (nothing resident is shared)."""
+    tokens = [int(t) for t in tokens]
+    if len(tokens) < 2:
+        return make_prompt_cache(lm.model), tokens, BlendStats(len(tokens), 0, 0, len(tokens), 0)
+    b = prepare(lm, store, tokens[:-1], settings, identity=identity, chunk_size=chunk_size,
+                on_failed_load=on_failed_load)
+    s = b.stats
+    s.prompt_tokens, s.computed_tokens = s.prompt_tokens + 1, s.computed_tokens + 1
+    return b.caches, tokens[-1:], s
+
+
+def usage_fields(stats: BlendStats | None) -> dict:
+    """The fields a response's `usage` carries for a blended request (none for an exact one)."""
+    if stats is None:
+        return {}
+    return {"reused_tokens": stats.reused_tokens, "recomputed_tokens": stats.recomputed_tokens,
+            "computed_tokens": stats.computed_tokens, "approximate": stats.approximate}
+
+
+def count(metrics: dict, stats: BlendStats) -> None:
+    """Add one blended request to `metrics` ({name: number}, the names in METRICS)."""
+    for name, value in zip(METRICS, (1, int(stats.approximate), stats.reused_tokens, stats.recomputed_tokens,
+                                     stats.computed_tokens)):
+        metrics[name] = metrics.get(name, 0) + value
