@@ -243,3 +243,21 @@ def test_server_hook_leaves_the_last_token(small, published):
     metrics = {}
     count(metrics, stats)
     assert metrics["kvmlx_blend_requests_total"] == 1 and metrics["kvmlx_blend_approximate_requests_total"] == 0
+
+
+def test_bench_blend_small_run(tmp_path, tiny):
+    from kvmlx.measure.bench.blend import format_blend_table, load_rows, plot_blend, run_blend_bench, summarize_blend
+
+    rows = tmp_path / "rows.jsonl"
+    result = run_blend_bench(tiny, prompts=2, documents=4, per_prompt=(3, 3), doc_tokens=(40, 60), rs=(0.0, 1.0),
+                             rules=("cacheblend", "anchored"), answer_tokens=4, chunk_size=32, rows_path=rows)
+    assert len(result["rows"]) == 2 and all(len(r["runs"]) == 3 for r in result["rows"])
+    r1 = [x for r in result["rows"] for x in r["runs"] if x["r"] == 1.0]
+    assert all(x["identical"] and x["kl_first"] == 0.0 and not x["approximate"] for x in r1)
+    r0 = [x for r in result["rows"] for x in r["runs"] if x["r"] == 0.0]
+    assert all(x["documents_found"] == 3 and x["approximate"] and x["kl_first"] > 0 for x in r0)
+    assert result["targets"]["r1_identical_tokens"] is True
+    again = summarize_blend(load_rows(rows), rs=(0.0, 1.0), rules=("cacheblend", "anchored"))
+    assert again["summary"] == result["summary"]
+    assert "| anchored | 0 |" in format_blend_table(result)
+    assert plot_blend(result, tmp_path / "p.png").stat().st_size > 1000

@@ -12,7 +12,6 @@ from mlx_lm.models.rope_utils import (
     ProportionalRoPE,
     SuScaledRoPE,
     YarnRoPE,
-    initialize_rope,
 )
 
 from kvmlx.caches import KVQuantization
