@@ -261,3 +261,20 @@ def test_bench_blend_small_run(tmp_path, tiny):
     assert again["summary"] == result["summary"]
     assert "| anchored | 0 |" in format_blend_table(result)
     assert plot_blend(result, tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_merged_edge_in_a_real_prompt(small, published):
+    """The document after a space: its first word becomes " word" in context (other token ids), so the
+    document is matched on its interior, and the merged tokens are computed."""
+    store, _ = published
+    entry = max(store.ls(), key=lambda e: e.num_tokens)
+    doc = store.tokens(entry.key)
+    text = small.tokenizer.decode(doc)
+    prompt = small.tokenizer.encode("Intro: " + text + "tail? Answer:", add_special_tokens=False)
+    assert doc[:2] != prompt[3:5] and doc[:2] not in [prompt[i : i + 2] for i in range(8)]  # the edge did merge
+    b, gen = _blend(small, store, prompt, BlendSettings(0.15, "cacheblend"))
+    (span,) = b.stats.documents
+    assert span["doc_start"] > 0 and span["doc_end"] >= len(doc) - 2
+    assert prompt[span["start"] : span["end"]] == doc[span["doc_start"] : span["doc_end"]]
+    assert prompt[span["start"] - 1] != doc[span["doc_start"] - 1]  # the merged edge is not reused
+    assert b.stats.computed_tokens >= len(prompt) - (span["end"] - span["start"])
