@@ -82,6 +82,11 @@ class UnsupportedParallelError(UnsupportedModelError):
     process supports: caches other than plain KV (sliding windows, recurrent state) or --kv-bits KV."""
 
 
+class BlendUnsupportedError(UnsupportedModelError):
+    """Position-independent reuse (--blend) cannot move this model's stored KV to new positions exactly:
+    dynamic NTK, no RoPE, ALiBi, sliding-window or recurrent caches, --kv-bits KV, or a failed gate."""
+
+
 class ModelLoadError(KvmlxError):
     """The model could not be found or loaded."""
 

@@ -171,10 +171,13 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
 @kv_quant_options
 @PIPELINE_OPTION
 @cache_options()
+@click.option("--blend", "blend", is_flag=False, flag_value="default", default=None, metavar="[R|RULE:R]",
+              help="Without ARTIFACT: reuse published documents anywhere in the prompt, recomputing a fraction R of "
+                   "their tokens (rules cacheblend, epic, anchored); approximate unless R = 1. Off by default.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens,
              verify, single_pass, no_verify_digests, require_exact, require_signed, kv_bits, kv_group_size,
-             quantized_kv_start, pipeline, as_json, **cache_args) -> None:
+             quantized_kv_start, pipeline, blend, as_json, **cache_args) -> None:
     """Continue a prompt greedily without re-running the prefill of a published document.
 
     With ARTIFACT, the prompt continues that artifact's document. Without, the prompt is complete and
@@ -188,12 +191,13 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
     text = read_text(prompt_file, "prompt file", allow_empty=True) if prompt_file is not None else (prompt or "")
+    blend = _blend_settings(blend, artifact, verify)
     if artifact is None:
         if require_exact:
             raise click.UsageError("without ARTIFACT, reuse is exact unless --allow-lossy")
         _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
                              single_pass, no_verify_digests, as_json, require_signed, kv_quant, pipeline, timings,
-                             cache_args)
+                             cache_args, blend=blend)
         return
     kv = {"kv_quant": kv_quant if kv_bits is not None else "artifact"}
     if store_dir is not None or chat_document is not None or system is not None or allow_lossy:
@@ -234,6 +238,17 @@ def generate(artifact, prompt, prompt_file, store_dir, chat_document, system, al
             click.echo(_rank_words(ranks["parallel"], "bytes_read", "load_seconds", "read"))
 
 
+def _blend_settings(value, artifact, verify):
+    """--blend's value as settings (None: off); refused with ARTIFACT and with --verify."""
+    if value is None:
+        return None
+    if artifact is not None or verify:
+        raise click.UsageError("--blend is for prompts without ARTIFACT, and not with --verify (see kvmlx bench --blend)")
+    from ..runtime.blend import BlendSettings
+
+    return BlendSettings() if value == "default" else BlendSettings.of(value)
+
+
 def fingerprints(lm) -> None:
     """Compute (and memoise) the model's and tokenizer's fingerprints, for timing them apart."""
     from ..artifact.identity import model_fingerprint, tokenizer_fingerprint
@@ -252,7 +267,7 @@ def _phases(timings, load_s: float, first_token_s: float, total_s: float) -> dic
 
 def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, model, dtype, max_tokens, verify,
                          single_pass, no_verify_digests, as_json, require_signed=False, kv_quant=None,
-                         pipeline=False, timings=None, cache_args=None) -> None:
+                         pipeline=False, timings=None, cache_args=None, blend=None) -> None:
     """`generate` without ARTIFACT: the store finds the longest published (or cached) prefix of the prompt."""
     timings = timings or Timings()
     if system is not None and chat_document is None:
@@ -266,7 +281,7 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
     cache = cache_from(lm, store, kv_quant, **(cache_args or {"no_cache": True})) if lm.group is None else False
     agent = Agent(lm, store, verify_digests=not no_verify_digests, allow_lossy=allow_lossy,
                   require_signed=require_signed, trust_list=trust_api.TrustList.load() if require_signed else None,
-                  kv_quant=kv_quant, cache=cache)
+                  kv_quant=kv_quant, cache=cache, blend=blend)
     tokens = chat_prompt_tokens(lm, document, text, system) if chat_document is not None else agent.encode(text)
     if not tokens:
         raise click.UsageError("the prompt is empty: give --prompt or --prompt-file")
@@ -282,6 +297,11 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
         emit({**gen.to_json(), "text": visible_text(lm.tokenizer, gen.tokens), "timings": _phases(timings, gen.load_seconds, gen.first_token_seconds, gen.total_seconds)})
         return
     click.echo()
+    if blend is not None:
+        click.echo(f"blend ({blend.rule}, R={blend.r:g}): reused {gen.reused_tokens}, recomputed {gen.recomputed_tokens}, "
+                   f"computed {gen.computed_tokens} of {gen.prompt_tokens} prompt tokens from "
+                   f"{len(gen.blend.documents)} documents" + ("; approximate" if gen.approximate else ""), err=True)
+        return
     source = f"store entry {gen.key[:12]}" if gen.key else (
         "the prefix cache (" + ", ".join(f"{n} from {t}" for t, n in gen.tiers.items()) + ")" if gen.tiers
         else "the store (no match)")

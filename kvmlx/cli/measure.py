@@ -55,6 +55,17 @@ def _lengths_option(ctx, param, value):
 @click.option("--parallel", is_flag=True,
               help="Instead: publish and load one document (the longest of --lengths) in one process and at 2 ranks under "
                    "mlx.launch (tensor parallel, pipeline): each rank's bytes and load times.  [model: builtin:small-qwen2]")
+@click.option("--blend", "blend_mode", is_flag=True,
+              help="Instead: documents anywhere in chat prompts, blended (CacheBlend, EPIC, anchored at each R) vs full "
+                   "prefill: identical greedy answers, first divergence, KL of the first token, TTFT.  [model: builtin:small]")
+@click.option("--prompts", default=40, show_default=True, type=click.IntRange(0), help="--blend: prompts.")
+@click.option("--blend-documents", default=20, show_default=True, type=click.IntRange(3), help="--blend: documents published.")
+@click.option("--blend-doc-tokens", default="150,600", show_default=True, help="--blend: document length range in tokens.")
+@click.option("--blend-per-prompt", default="3,6", show_default=True, help="--blend: documents per prompt, a range.")
+@click.option("--blend-rs", default="0,0.05,0.15,0.3,1", show_default=True, help="--blend: R values, comma-separated.")
+@click.option("--blend-rows", type=click.Path(dir_okay=False), default=None,
+              help="--blend: append each prompt's row to this JSON-lines file as it finishes; with --prompts 0 "
+                   "nothing runs and the file is summarized.")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, writable=True), default=None,
               help="Parent of the temporary directory for artifacts (pick one on the disk you care about).  [default: the system's]")
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size, as in publish.")
@@ -63,14 +74,22 @@ def _lengths_option(ctx, param, value):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
 def bench(model, dtype, lengths, runs, shape, compression, serve_mode, cli_mode, concurrency, doc_tokens, rounds,
-          answer_tokens, long_tokens, agent_mode, turns, tool_tokens, families, parallel, directory, chunk_size, no_cold,
+          answer_tokens, long_tokens, agent_mode, turns, tool_tokens, families, parallel, blend_mode, prompts,
+          blend_documents, blend_doc_tokens, blend_per_prompt, blend_rs, blend_rows, directory, chunk_size, no_cold,
           as_json, plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
     if agent_mode:
-        if shape or compression or families or parallel or serve_mode or cli_mode:
+        if shape or compression or families or parallel or serve_mode or cli_mode or blend_mode:
             raise click.UsageError("--agent is a mode of its own: drop --shape/--compression/--families/--parallel/"
-                                   "--serve/--cli")
+                                   "--serve/--cli/--blend")
         _bench_agent(model, turns, doc_tokens, tool_tokens, answer_tokens, as_json, plot_path)
+        return
+    if blend_mode:
+        if shape or compression or families or parallel or serve_mode or cli_mode:
+            raise click.UsageError("--blend is a mode of its own: drop --shape/--compression/--families/--parallel/"
+                                   "--serve/--cli")
+        _bench_blend(model, dtype, prompts, blend_documents, blend_doc_tokens, blend_per_prompt, blend_rs, blend_rows,
+                     answer_tokens, chunk_size, directory, as_json, plot_path)
         return
     if cli_mode:
         if shape or compression or families or parallel or serve_mode or dtype or plot_path:
@@ -112,6 +131,43 @@ def bench(model, dtype, lengths, runs, shape, compression, serve_mode, cli_mode,
         else:
             result = bench_api.run_model_bench(lm or load_model("builtin:small", dtype), lengths, runs, **options)
     _show(result, as_json, plot_path, bench_api.plot, bench_api.format_table)
+
+
+def _pair(value: str, name: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a range LO,HI", param_hint=name) from None
+    if not 0 < lo <= hi:
+        raise click.BadParameter(f"{value!r} is not a range 0 < LO <= HI", param_hint=name)
+    return lo, hi
+
+
+def _bench_blend(model, dtype, prompts, documents, doc_tokens, per_prompt, rs, rows_path, answer_tokens, chunk_size,
+                 directory, as_json, plot_path) -> None:
+    from ..measure.bench import blend as blend_bench
+
+    try:
+        r_values = tuple(float(x) for x in rs.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{rs!r} is not a list of numbers", param_hint="--blend-rs") from None
+    if any(not 0 <= r <= 1 for r in r_values):
+        raise click.BadParameter("R values must be from 0 to 1", param_hint="--blend-rs")
+    lo_hi, k = _pair(doc_tokens, "--blend-doc-tokens"), _pair(per_prompt, "--blend-per-prompt")
+    if k[1] > documents:
+        raise click.BadParameter(f"up to {k[1]} documents per prompt needs --blend-documents >= {k[1]}")
+    if prompts == 0:
+        if not rows_path:
+            raise click.UsageError("--prompts 0 summarizes --blend-rows: give the file")
+        result = blend_bench.summarize_blend(blend_bench.load_rows(rows_path), rs=r_values, answer_tokens=answer_tokens)
+    else:
+        lm = load_model(model or "builtin:small", dtype)
+        with Progress("blend bench", as_json, unit="step") as bar:
+            result = blend_bench.run_blend_bench(lm, prompts=prompts, documents=documents, per_prompt=k, doc_tokens=lo_hi,
+                                                 rs=r_values, answer_tokens=answer_tokens, chunk_size=chunk_size,
+                                                 directory=directory, rows_path=rows_path,
+                                                 progress=lambda done, total, _what: bar(done, total))
+    _show(result, as_json, plot_path, blend_bench.plot_blend, blend_bench.format_blend_table)
 
 
 def _show(result: dict, as_json: bool, plot_path, plot, table) -> None:

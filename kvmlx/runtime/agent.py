@@ -50,6 +50,7 @@ from .generate import (
     from_scratch,
 )
 from .distributed import check_parallel_support, gather, running_layout
+from .blend import BlendSettings, blend_generate
 from .load import LoadedKV, load_artifact
 from .prefix import PrefixCache, PrefixCacheError
 from .publish import DEFAULT_CHUNK, auto_checkpoint_every, prefill
@@ -193,8 +194,11 @@ class Agent:
         trust_list=None,
         kv_quant: KVQuantization | None = None,
         cache: PrefixCache | bool = True,
+        blend=None,
     ):
         check_parallel_support(lm, kv_quant=kv_quant)  # under mlx.launch: plain KV only
+        # documents anywhere in the prompt, approximate (runtime/blend.py): None (exact, the default), R or settings
+        self.blend = BlendSettings.of(blend)
         self.lm = lm
         self.kv_quant = kv_quant  # mlx-lm's --kv-bits settings this agent runs with (only KV computed with them matches)
         self.store = store if isinstance(store, Store) else Store(store)
@@ -383,8 +387,17 @@ class Agent:
         on_token: TokenFn | None = None,
         stop_at_eos: bool = True,
         keep_logits: bool = False,
+        blend=None,
     ) -> AgentGeneration:
-        """Greedy continuation of a full prompt (text, or token ids), reusing the longest stored prefix."""
+        """Greedy continuation of a full prompt (text, or token ids), reusing the longest stored prefix.
+
+        `blend` (this call; default: the agent's): reuse published documents anywhere in the prompt,
+        recomputing a fraction R of their tokens (runtime/blend.py); approximate unless R = 1.
+        """
+        settings = self.blend if blend is None else BlendSettings.of(blend)
+        if settings is not None:
+            return blend_generate(self, prompt, settings, max_tokens=max_tokens, on_token=on_token,
+                                  stop_at_eos=stop_at_eos, keep_logits=keep_logits)
         t0 = time.perf_counter()
         prompt = self._tokens(prompt)
         n = len(prompt)

@@ -15,6 +15,7 @@ import json
 import math
 from typing import Any
 
+from ..runtime.blend import BlendSettings, BlendSettingsError
 from .sampling import DEFAULT_MAX_TOKENS, Params
 
 MAX_DEPTH = 32  # a chat request needs about 5
@@ -224,3 +225,20 @@ def _content(content, i: int) -> str:
             parts.append(text(p.get("text", ""), "messages"))
         return "".join(parts)
     raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def blend(body: dict, default: BlendSettings | None) -> BlendSettings | None:
+    """The request's `blend` field (docs/SERVER.md): absent or null, the server's `--blend` default; false,
+    exact reuse only; true, the server's default settings (or the built-in ones); a number R, a string
+    "R", "rule" or "rule:R", or an object {"r", "rule"}: those settings for this request."""
+    value = body.get("blend")
+    if value is None:
+        return default
+    if value is True:
+        return default or BlendSettings()
+    try:
+        return BlendSettings.of(value)
+    except BlendSettingsError as e:
+        raise BadRequest(str(e), "blend") from None
+    except TypeError:
+        raise BadRequest("blend must be a number from 0 to 1, a rule, or an object {r, rule}", "blend") from None
