@@ -278,3 +278,39 @@ def test_merged_edge_in_a_real_prompt(small, published):
     assert prompt[span["start"] : span["end"]] == doc[span["doc_start"] : span["doc_end"]]
     assert prompt[span["start"] - 1] != doc[span["doc_start"] - 1]  # the merged edge is not reused
     assert b.stats.computed_tokens >= len(prompt) - (span["end"] - span["start"])
+
+
+def test_serve_blend_field(small, published, preset):
+    """Through the OpenAI API: a request's `blend` field (or the server's default) blends; usage says what
+    was reused, recomputed and computed, and whether it is approximate; /metrics counts it; blended KV
+    never enters the prefix cache; a model blend cannot move gets a 400 naming the field."""
+    from starlette.testclient import TestClient
+
+    from kvmlx.serving.engine import Engine
+    from kvmlx.serving.openai import Server
+
+    store, prompt = published
+    eng = Engine(small, store, prefill_chunk=CHUNK).start()
+    body = {"model": small.model_id, "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    try:
+        with TestClient(Server(eng).app) as client:
+            before = eng.stats()["prefix_cache"]["records_written"]
+            full = client.post("/v1/completions", json={**body, "blend": 1.0}).json()
+            part = client.post("/v1/completions", json={**body, "blend": "cacheblend:0.1"}).json()
+            assert eng.stats()["prefix_cache"]["records_written"] == before  # approximate KV is never kept
+            exact = client.post("/v1/completions", json=body).json()
+            assert full["kvmlx"]["tokens"] == exact["kvmlx"]["tokens"] and full["usage"]["approximate"] is False
+            u = part["usage"]
+            assert u["approximate"] and u["reused_tokens"] > 0
+            assert u["reused_tokens"] + u["recomputed_tokens"] + u["computed_tokens"] == len(prompt)
+            assert "approximate" not in exact["usage"]
+            metrics = client.get("/metrics").text
+            assert "kvmlx_blend_requests_total 2" in metrics and "kvmlx_blend_approximate_requests_total 1" in metrics
+            bad = client.post("/v1/completions", json={**body, "blend": "nonsense:2"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "blend"
+    finally:
+        eng.stop()
+    hybrid = Engine(preset("hybrid"), store)
+    with TestClient(Server(hybrid).app) as client:
+        r = client.post("/v1/completions", json={**body, "model": preset("hybrid").model_id, "prompt": "hi", "blend": 0.2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "blend" and "\n" not in r.json()["error"]["message"]

@@ -36,10 +36,13 @@ from .cache import cache_from, cache_options
               help="Seconds from arrival after which a request is dropped (503).")
 @kv_quant_options
 @cache_options(ram=True)
+@click.option("--blend", "blend", is_flag=False, flag_value="default", default=None, metavar="[R|RULE:R]",
+              help="Default for requests without a `blend` field: reuse published documents anywhere in the prompt, "
+                   "recomputing a fraction R of their tokens (approximate unless R = 1). Off by default.")
 @click.option("--pipeline", is_flag=True, help="Under mlx.launch: pipeline stages instead of tensor parallel.")
 def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tokens, allow_lossy, no_verify_digests,
           aliases, max_batch, max_queued, max_prompt_tokens, max_body_bytes, request_timeout, kv_bits, kv_group_size,
-          quantized_kv_start, pipeline, **cache_args) -> None:
+          quantized_kv_start, blend, pipeline, **cache_args) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions) that reuses published KV.
 
     Under mlx.launch, rank 0 serves HTTP and every rank runs the model's shard (as mlx_lm.server does)."""
@@ -57,14 +60,22 @@ def serve(model, dtype, store_dir, host, port, max_resident_bytes, min_reuse_tok
         body_bytes = parse_size(max_body_bytes)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-body-bytes")
+    from ..runtime.blend import BlendSettings
+    from ..runtime.blend import check_model as check_blend
+
+    blend = None if blend is None else BlendSettings() if blend == "default" else BlendSettings.of(blend)
     lm = load_model(model, dtype, parallel="pipeline" if pipeline else None)
+    if blend is not None:
+        if lm.group is not None:
+            raise click.UsageError("--blend runs in one process only: not under mlx.launch")
+        check_blend(lm, kv_quant)  # a model blend cannot move is refused here, in one line
     serve_api = serve_sharded if lm.group is not None else serve_api
     names = list(aliases)
     store = Store(store_dir)
     cache = cache_from(lm, store, kv_quant, **cache_args) if lm.group is None else False
     if lm.group is not None and lm.group.rank() == 0 and not cache_args["no_cache"]:
         click.echo("kvmlx serve: the prefix cache is off under mlx.launch (published KV is still reused)", err=True)
-    serve_api(lm, store, cache=cache, host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
+    serve_api(lm, store, cache=cache, blend=blend, host=host, port=port, max_resident_bytes=budget, min_reuse_tokens=min_reuse_tokens,
               verify_digests=not no_verify_digests, allow_lossy=allow_lossy, kv_quant=kv_quant,
               model_name=names[0] if names else None, aliases=[lm.model_id] + names[1:], max_batch=max_batch,
               max_queued=max_queued, max_prompt_tokens=max_prompt_tokens, max_body_bytes=body_bytes,

@@ -47,6 +47,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from ..caches import KVQuantization
 from ..caches.quantized import apply as apply_quantization
 from ..models import LoadedModel
+from ..runtime import blend
 from ..runtime.agent import MAX_LOAD_ATTEMPTS, Agent
 from ..runtime.prefix import PrefixCache
 from ..runtime.publish import DEFAULT_CHUNK, auto_checkpoint_every, prefill
@@ -82,6 +83,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     deadline: float | None = None  # time.monotonic() after which the request is dropped
+    blend: Any = None  # BlendSettings: reuse published documents anywhere in the prompt (approximate; runtime/blend.py)
 
 
 @dataclass
@@ -178,6 +180,7 @@ class Engine:
         self.totals = dict(requests=0, completed=0, cancelled=0, errors=0, rejected=0, timeouts=0, prompt_tokens=0,
                            cached_tokens=0, prefilled_tokens=0, completion_tokens=0)
         self.tiers = {"published": 0, "memory": 0, "disk": 0}  # cached tokens by where they came from
+        self.blend_counts: dict[str, int] = {}  # blended requests and their tokens (runtime/blend.py's METRICS)
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
         self.decode_steps = 0
@@ -275,9 +278,10 @@ class Engine:
         gone = [uid for uid, d in self.decoding.items() if self._gone(d.job, queued=False)]
         if gone:
             kept = self.bg.remove(gone, return_prompt_caches=self.cache is not None)
-            bases = {uid: self.decoding.pop(uid).base for uid in gone}
+            left = {uid: self.decoding.pop(uid) for uid in gone}
             for uid, (caches, tokens) in kept.items():  # a stop string or a disconnect: what was computed is kept
-                self._keep(list(tokens), caches, bases.get(uid))
+                d = left.get(uid)
+                self._keep(list(tokens), caches, d.base if d else None, job_blend=d.job.blend if d else None)
 
     def _fail_all(self, message: str) -> None:
         """After an unexpected error: every request in flight gets it, and the batch starts afresh."""
@@ -317,7 +321,7 @@ class Engine:
                 d.job.emit("done", r.finish_reason)
                 del self.decoding[r.uid]
                 self._end(d.job, "completed", queued=False)
-                self._keep(list(r.all_tokens), r.prompt_cache, d.base)
+                self._keep(list(r.all_tokens), r.prompt_cache, d.base, job_blend=d.job.blend)
 
     # -- prefilling --
 
@@ -372,7 +376,7 @@ class Engine:
                     self._first_token(p)
                     if self.cache is not None:  # the prompt's end (after its first token went out: its
                         # caches join the batch, or decode alone, only from the next step on)
-                        self._keep(p.job.tokens, p.caches, p.base, prompt_end=True)
+                        self._keep(p.job.tokens, p.caches, p.base, prompt_end=True, job_blend=p.job.blend)
             except Exception as e:  # this request failed (a bad artifact is handled by the agent's rules)
                 p.job.emit("error", f"{type(e).__name__}: {e}")
                 self._end(p.job, "errors", queued=True)
@@ -382,6 +386,8 @@ class Engine:
         self.prefilling.extend(unfinished)  # to the back: the others get their chunk first
 
     def _prepare(self, p: _Prefill) -> None:
+        if p.job.blend is not None:
+            return self._prepare_blended(p)
         caches, suffix, reused, key, logits, chunk, tiers, base = self.prepare(p.job.tokens)
         p.caches, p.suffix, p.logits, p.chunk, p.reused, p.base = caches, suffix, logits, chunk, reused, base
         with self._lock:
@@ -396,6 +402,22 @@ class Engine:
         p.job.emit("start", {"prompt_tokens": len(p.job.tokens), "cached_tokens": reused, "cached_by_tier": tiers,
                              "prefilled_tokens": len(suffix), "key": key, "chunk_size": chunk})
 
+    def _prepare_blended(self, p: _Prefill) -> None:
+        """A request with `blend`: published documents anywhere in its prompt, moved to their positions
+        and partly recomputed (one long step here), its last token prefilled as any other's. Approximate
+        KV: never written to the prefix cache."""
+        caches, suffix, stats = blend.request_caches(self.lm, self.store, p.job.tokens, p.job.blend,
+                                                      identity=self.agent.identity, chunk_size=self.prefill_chunk,
+                                                      on_failed_load=self.store.discard)
+        p.caches, p.suffix, p.chunk = caches, suffix, self.prefill_chunk
+        with self._lock:
+            self.totals["prompt_tokens"] += len(p.job.tokens)
+            self.totals["cached_tokens"] += stats.reused_tokens
+            blend.count(self.blend_counts, stats)
+        p.job.emit("start", {"prompt_tokens": len(p.job.tokens), "cached_tokens": stats.reused_tokens,
+                             "prefilled_tokens": len(suffix), "key": None, "chunk_size": self.prefill_chunk,
+                             "blend": blend.usage_fields(stats)})
+
     def _snapshot_inside(self, p: _Prefill) -> None:
         """Inside a long prompt prefilled here: a state snapshot at the `auto` checkpoint spacing."""
         if not self.own_prefill:
@@ -406,11 +428,12 @@ class Engine:
             self.cache.save(p.job.tokens[:at], p.caches, base=p.base)
             p.snapped = at
 
-    def _keep(self, tokens: list[int], caches: list, base: tuple | None = None, prompt_end: bool = False) -> None:
+    def _keep(self, tokens: list[int], caches: list, base: tuple | None = None, prompt_end: bool = False,
+              job_blend=None) -> None:
         """A request's KV at its prompt's end (prefilled here), or when it leaves the batch (finished or
         cancelled): its prompt and the tokens generated so far, as far as the caches hold them, go into
         the prefix cache. A write that fails is counted, never passed on to the request."""
-        if self.cache is None or not caches:
+        if self.cache is None or not caches or job_blend is not None:  # blended KV is approximate: never kept
             return
         if not self.cache.cut:  # no layer says how many tokens it holds: only prompt ends are known
             if not prompt_end:
@@ -470,7 +493,7 @@ class Engine:
                 d.job.emit("done", finish)
                 self.solo.remove(d)
                 self._end(d.job, "completed", queued=False)
-                self._keep(d.context, d.caches, d.base)
+                self._keep(d.context, d.caches, d.base, job_blend=d.job.blend)
 
     def _enter_batch(self, p: _Prefill, prompt: list[int], context: list[int], max_tokens: int | None = None,
                      sampler=None, processors=None) -> None:
@@ -544,6 +567,7 @@ class Engine:
             queued = self._queued
             decode_s, steps = self.decode_seconds, self.decode_steps
             tiers = dict(self.tiers)
+            blends = dict(self.blend_counts)
         decoding = len(self.decoding) + len(self.solo)
         speed = prefilled / prefill_s if prefill_s > 0 and prefilled else None
         resident = dict(self.pool.items)
@@ -566,6 +590,6 @@ class Engine:
             "compute_seconds_saved": (totals["cached_tokens"] / speed) if speed else None,
             "resident_bytes": sum(r.nbytes for r in resident.values()), "resident_documents": len(resident),
             "max_resident_bytes": self.pool.max_bytes, "documents": documents,
-            "cached_tokens_by_tier": tiers,
+            "cached_tokens_by_tier": tiers, "blend": blends,
             "prefix_cache": self.cache.stats() if self.cache is not None else {"off": self.agent.cache_off or "disabled"},
         }

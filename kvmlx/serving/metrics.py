@@ -45,6 +45,13 @@ def prometheus(stats: dict) -> str:
                [({"tier": "memory"}, pc["ram_bytes"]), ({"tier": "disk"}, pc["disk_bytes"])])
         metric("prefix_cache_budget_bytes", "gauge", "The prefix cache's budgets, by tier.",
                [({"tier": "memory"}, pc["ram_budget_bytes"]), ({"tier": "disk"}, pc["disk_budget_bytes"])])
+    from ..runtime.blend import METRICS as BLEND_METRICS
+
+    words = ("Requests served with blend.", "Blended requests whose result is approximate.",
+             "Prompt tokens reused by blend at new positions.", "Reused tokens blend recomputed.",
+             "Prompt tokens blend computed.")
+    for name, help_ in zip(BLEND_METRICS, words):
+        metric(name.removeprefix("kvmlx_"), "counter", help_, [({}, stats.get("blend", {}).get(name, 0))])
     docs = stats["documents"]
     lab = [{"key": d["key"]} for d in docs]
     metric("document_loads_total", "counter", "Loads of a published document.", [(l, d["loads"]) for l, d in zip(lab, docs)])

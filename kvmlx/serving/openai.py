@@ -19,8 +19,11 @@ import json
 import time
 from typing import Callable, Sequence
 
+from ..errors import KvmlxError
 from ..models import LoadedModel
 from ..runtime.agent import ChatTemplateError, _render
+from ..runtime.blend import BlendSettings
+from ..runtime.blend import check_model as check_blend
 from ..runtime.store import BLOCK, Store
 from . import requests as req
 from .engine import (
@@ -53,8 +56,11 @@ class Server:
     """The Starlette app around an Engine."""
 
     def __init__(self, engine: Engine, model_name: str | None = None, *, aliases: Sequence[str] = (),
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
+                 blend: BlendSettings | None = None):
         self.engine = engine
+        self.blend = blend  # `--blend`: the default of requests that say nothing (None: exact reuse only)
+        self._blend_refusal: str | None = None  # why this model cannot blend, once checked
         self.lm = engine.lm
         self.model_name = model_name or engine.lm.model_id
         self.names = [self.model_name] + [a for a in aliases if a != self.model_name]
@@ -137,9 +143,10 @@ class Server:
             tokens = req.prompt_tokens(body, self.lm.tokenizer, self.vocab_size)
             self._check_length(tokens, "prompt")
             params, stops = req.params(body, self.vocab_size, chat=False), req.stops(body)
+            blend = self._blend(body)
         except BadRequest as e:
             return self._error(e.status, str(e), param=e.param, code=e.code)
-        return await self._respond(request, body, tokens, params, stops, chat=False)
+        return await self._respond(request, body, tokens, params, stops, chat=False, blend=blend)
 
     async def chat(self, request):
         try:
@@ -153,16 +160,37 @@ class Server:
                 raise BadRequest(f"the chat template cannot render these messages: {str(e)[:200]}", "messages")
             self._check_length(tokens, "messages")
             params, stops = req.params(body, self.vocab_size, chat=True), req.stops(body)
+            blend = self._blend(body)
         except BadRequest as e:
             return self._error(e.status, str(e), param=e.param, code=e.code)
-        return await self._respond(request, body, tokens, params, stops, chat=True)
+        return await self._respond(request, body, tokens, params, stops, chat=True, blend=blend)
 
-    async def _respond(self, request, body: dict, tokens: list[int], params: Params, stops: list[str], chat: bool):
+    def _blend(self, body: dict) -> BlendSettings | None:
+        """The request's blend settings (its `blend` field, else the server's default), or a 400 naming
+        the field when this model or this server cannot blend."""
+        blend = req.blend(body, self.blend)
+        if blend is None:
+            return None
+        if self.lm.group is not None:
+            raise BadRequest("blend runs in one process only (this server runs under mlx.launch)", "blend")
+        if self._blend_refusal is None:
+            try:
+                check_blend(self.lm, self.engine.agent.kv_quant)
+                self._blend_refusal = ""
+            except KvmlxError as e:
+                self._blend_refusal = str(e)
+        if self._blend_refusal:
+            raise BadRequest(self._blend_refusal, "blend")
+        return blend
+
+    async def _respond(self, request, body: dict, tokens: list[int], params: Params, stops: list[str], chat: bool,
+                       blend: BlendSettings | None = None):
         from starlette.responses import JSONResponse, StreamingResponse
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(tokens, params, lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)))
+        job = Job(tokens, params, lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)),
+                  blend=blend)
         rid = ("chatcmpl-" if chat else "cmpl-") + job.id
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -330,7 +358,8 @@ class _Output:
     def usage(self) -> dict:
         prompt = self.info.get("prompt_tokens", 0)
         return {"prompt_tokens": prompt, "completion_tokens": len(self.tokens), "total_tokens": prompt + len(self.tokens),
-                "prompt_tokens_details": {"cached_tokens": self.info.get("cached_tokens", 0)}}
+                "prompt_tokens_details": {"cached_tokens": self.info.get("cached_tokens", 0)},
+                **self.info.get("blend", {})}
 
     def extension(self) -> dict:
         return {"tokens": list(self.tokens), **self.info}
@@ -346,7 +375,7 @@ def serve(lm: LoadedModel, store: Store | str | None = None, *, host: str = DEFA
           max_prompt_tokens: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT, log_level: str = "warning",
           on_ready: Callable[[str], None] | None = None, kv_quant=None, engine_class: type[Engine] = Engine,
-          cache=True) -> None:
+          cache=True, blend: BlendSettings | None = None) -> None:
     """Run the server until interrupted (uvicorn; one engine thread does all model work). `kv_quant`:
     mlx-lm's --kv-bits settings (`kvmlx.caches.KVQuantization`) the engine runs with. `cache`: the
     prefix cache (a `kvmlx.runtime.prefix.PrefixCache`, True for one with its defaults, False for none).
@@ -359,7 +388,7 @@ def serve(lm: LoadedModel, store: Store | str | None = None, *, host: str = DEFA
                           max_queued=max_queued, request_timeout=request_timeout, kv_quant=kv_quant,
                           cache=cache).start()
     server = Server(engine, model_name, aliases=aliases, max_body_bytes=max_body_bytes,
-                    max_prompt_tokens=max_prompt_tokens)
+                    max_prompt_tokens=max_prompt_tokens, blend=blend)
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="off")
     userver = uvicorn.Server(config)
     if on_ready is not None:
