@@ -58,9 +58,13 @@ def prefill(model, tokens: Sequence[int], cache: list, chunk_size: int, progress
     logits = None
     for start in range(0, len(tokens), chunk_size):
         chunk = mx.array(tokens[start : start + chunk_size])[None]
-        logits = model(chunk, cache=cache)[0, -1]
+        out = model(chunk, cache=cache)
         apply_quantization(quant, cache)
-        mx.eval(logits, [c.state for c in cache])
+        if start + chunk_size >= len(tokens):
+            logits = out[0, -1]
+            mx.eval(logits, [c.state for c in cache])
+        else:  # an earlier chunk's logits are never read: only the caches are computed (not its head)
+            mx.eval([c.state for c in cache])
         if on_chunk:
             on_chunk(min(start + chunk_size, len(tokens)))
         if progress:
