@@ -158,7 +158,7 @@ def test_generate_json_reports_where_the_time_goes(runner, published, tmp_path):
 
 
 class _EosAtStep:
-    """A model whose `step`-th call (counting the suffix prefill) puts all its weight on the EOS id."""
+    """A model whose `step`-th call (counting the suffix prefill's calls) puts all its weight on the EOS id."""
 
     def __init__(self, model, eos: int, step: int):
         self._model, self._eos, self._step, self._calls = model, eos, step, 0
@@ -192,7 +192,7 @@ def test_generate_stops_at_eos_without_printing_it(runner, published, monkeypatc
         lm = real(*args, **kwargs)
         eos = min(lm.tokenizer.eos_token_ids)
         eos_ids.append(eos)
-        return dataclasses.replace(lm, model=_EosAtStep(lm.model, eos, step=3))
+        return dataclasses.replace(lm, model=_EosAtStep(lm.model, eos, step=4))  # the suffix prefill makes 2 calls
 
     monkeypatch.setattr(cli_artifact, "load_model", forced)
     args = ["generate", str(path), "--prompt", " Next:", "-n", "8"]

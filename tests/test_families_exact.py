@@ -62,7 +62,7 @@ def test_reuse_from_a_checkpoint_below_the_end_is_exact(published, name):
     prompt = tokens[:150] + lm.tokenizer.encode(" Something else entirely, then more.")
     loaded = load_artifact(path, lm, at=128)
     caches = caches_at(loaded, 128)
-    logits = prefill(lm.model, prompt[128:], caches, CHUNK)
+    logits = prefill(lm.model, prompt[128:], caches, CHUNK, split_last=True)  # a request's suffix
     reuse = decode_timed(lm, caches, logits, MAX_TOKENS, started=0, reused=128, prefilled=len(prompt) - 128,
                          stop_at_eos=False, keep_logits=True)
     scratch = from_scratch(lm, prompt[:128], prompt[128:], chunk_size=CHUNK, max_tokens=MAX_TOKENS, stop_at_eos=False,
@@ -71,7 +71,7 @@ def test_reuse_from_a_checkpoint_below_the_end_is_exact(published, name):
     assert result["token_exact"] and result["max_abs_logit_diff"] == 0.0
     # the copies handed out never touch the loaded state: a second request at the same point is exact too
     again = caches_at(loaded, 128)
-    logits = prefill(lm.model, prompt[128:], again, CHUNK)
+    logits = prefill(lm.model, prompt[128:], again, CHUNK, split_last=True)
     second = decode_timed(lm, again, logits, MAX_TOKENS, started=0, reused=128, prefilled=0, stop_at_eos=False,
                           keep_logits=True)
     assert compare(second, scratch)["max_abs_logit_diff"] == 0.0
@@ -127,7 +127,7 @@ def test_quantizing_a_full_precision_artifact_is_refused_and_would_not_be_exact(
     loaded = load_artifact(path, tiny)
     caches = [c.to_quantized(group_size=32, bits=8) for c in loaded.caches]
     suffix = tiny.tokenizer.encode(" And then the", add_special_tokens=False)
-    logits = prefill(tiny.model, suffix, caches, CHUNK, quant=quant)
+    logits = prefill(tiny.model, suffix, caches, CHUNK, quant=quant, split_last=True)
     approx = decode_timed(tiny, caches, logits, 8, started=0, reused=0, prefilled=0, stop_at_eos=False,
                           keep_logits=True, quant=quant)
     scratch = from_scratch(tiny, tokens, suffix, chunk_size=CHUNK, max_tokens=8, stop_at_eos=False, keep_logits=True,

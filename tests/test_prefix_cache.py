@@ -71,8 +71,7 @@ def test_agent_turns_exact_across_restart(tiny, preset, toks, tmp_path, family):
         assert prompt == prompt_b and a.tokens == b.tokens
         assert all(np.array_equal(x, y) for x, y in zip(a.logits, b.logits))
         r = a.reused_tokens
-        doc, suffix = (prompt[:r], prompt[r:]) if r else (prompt, [])
-        ref = from_scratch(lm, doc, suffix, chunk_size=a.chunk_size, max_tokens=ANSWER, stop_at_eos=False,
+        ref = from_scratch(lm, prompt[:r], prompt[r:], chunk_size=a.chunk_size, max_tokens=ANSWER, stop_at_eos=False,
                            keep_logits=True)
         assert ref.tokens == a.tokens and all(np.array_equal(x, y) for x, y in zip(ref.logits, a.logits))
         if k == 0:

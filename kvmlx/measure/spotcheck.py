@@ -259,7 +259,7 @@ def _extend(lm, cache, tokens, start, end, chunk, stored, logits, tolerance, kin
     pos = start
     while pos < end:  # cut at multiples of `chunk`, as the publisher's prefill did
         stop = min(end, (pos // chunk + 1) * chunk)
-        last = prefill(lm.model, tokens[pos:stop], cache, stop - pos)
+        last = prefill(lm.model, tokens[pos:stop], cache, stop - pos, logits=stop == len(tokens))
         pos = stop
     diff, worst = _compare([(c.keys[..., start:end, :], c.values[..., start:end, :]) for c in cache],
                            [(k[..., start:end, :], v[..., start:end, :]) for k, v in stored])

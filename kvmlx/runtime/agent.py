@@ -359,7 +359,8 @@ class Agent:
                 if done < len(r.suffix_tokens) and at - last[0] >= every[0]:
                     r.written.append(self.cache.save(tokens[:at], r.caches, base=r.base))
                     last[0] = at
-        logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size, quant=self.kv_quant, on_chunk=on_chunk)
+        logits = prefill(self.lm.model, r.suffix_tokens, r.caches, r.chunk_size, quant=self.kv_quant, on_chunk=on_chunk,
+                         split_last=True)
         return r, logits
 
     def _save_prompt(self, tokens: list[int], r: Reuse) -> None:
@@ -460,12 +461,14 @@ class Agent:
         tokens = self._tokens(prompt)
         reuse = self.generate(tokens, max_tokens=max_tokens, stop_at_eos=False, keep_logits=True, on_token=on_token)
         k, chunk = reuse.reused_tokens, reuse.chunk_size
-        doc, suffix = (tokens[:k], tokens[k:]) if k else (tokens, [])
+        # the reference prefills what was reused as its publisher did, then the rest as a request's suffix
+        doc, suffix = tokens[:k], tokens[k:]
         kw = dict(max_tokens=max_tokens, stop_at_eos=False, keep_logits=True, quant=self.kv_quant)
         scratch = from_scratch(self.lm, doc, suffix, chunk_size=chunk, **kw)
         report = compare(reuse, scratch)
         # without a split (no match, or the whole prompt reused) the reference already is the plain prefill
-        plain = dict(report) if not suffix else compare(reuse, from_scratch(self.lm, tokens, [], chunk_size=chunk, **kw))
+        plain = dict(report) if not (doc and suffix) else compare(reuse, from_scratch(self.lm, [], tokens, chunk_size=chunk,
+                                                                                       **kw))
         extra = None
         if single_pass:
             extra = compare(reuse, from_scratch(self.lm, tokens, [], chunk_size=len(tokens), **kw))

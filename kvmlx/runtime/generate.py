@@ -125,7 +125,7 @@ def continue_from(
     t0 = started if started is not None else time.perf_counter()
     chunk = chunk_size or loaded.header["kv"]["chunk_size"]
     quant = loaded.kv_quant
-    logits = prefill(lm.model, list(suffix), loaded.caches, chunk, quant=quant) if suffix else loaded.logits
+    logits = prefill(lm.model, list(suffix), loaded.caches, chunk, quant=quant, split_last=True) if suffix else loaded.logits
     return decode_timed(lm, loaded.caches, logits, max_tokens, stop_at_eos=stop_at_eos, on_token=on_token,
                         keep_logits=keep_logits, started=t0, reused=len(loaded.tokens), prefilled=len(suffix), quant=quant)
 
@@ -145,9 +145,13 @@ def from_scratch(
     (with `quant`, quantizing the caches as mlx-lm's `--kv-bits` pipeline does)."""
     t0 = time.perf_counter()
     cache = make_prompt_cache(lm.model)
-    logits = prefill(lm.model, list(document), cache, chunk_size, quant=quant)
+    # the document as its publisher prefilled it (its logits read only when nothing follows); the suffix as
+    # a request's: its last token alone
+    logits = None
+    if document:
+        logits = prefill(lm.model, list(document), cache, chunk_size, quant=quant, logits=not suffix)
     if suffix:
-        logits = prefill(lm.model, list(suffix), cache, chunk_size, quant=quant)
+        logits = prefill(lm.model, list(suffix), cache, chunk_size, quant=quant, split_last=True)
     return decode_timed(lm, cache, logits, max_tokens, stop_at_eos=stop_at_eos, keep_logits=keep_logits, started=t0,
                         reused=0, prefilled=len(document) + len(suffix), quant=quant)
 

@@ -43,33 +43,44 @@ class PublishResult:
 
 
 def prefill(model, tokens: Sequence[int], cache: list, chunk_size: int, progress: ProgressFn | None = None, *,
-            quant: KVQuantization | None = None, on_chunk: Callable[[int], None] | None = None) -> mx.array:
-    """Run `tokens` through the model in chunks of `chunk_size`, filling `cache`; return the last logits row.
+            quant: KVQuantization | None = None, on_chunk: Callable[[int], None] | None = None,
+            logits: bool = True, split_last: bool = False) -> mx.array | None:
+    """Run `tokens` through the model in chunks of `chunk_size`, filling `cache`; return the last logits row
+    (None with `logits=False`: the caches only).
 
     Chunking is part of an artifact's identity: logits are bit-identical between two runs only when
-    both split the sequence at the same positions (docs/FORMAT.md, "What exact means"). With `quant`,
-    caches are quantized after every chunk as `mlx_lm.generate` does with those KV settings.
-    `on_chunk(done)` is called after each chunk with the number of tokens prefilled so far.
+    both split the sequence at the same positions (docs/FORMAT.md, "What exact means"): every
+    `chunk_size` tokens and, with `split_last` (a request's suffix), before the last token, which then
+    runs alone (as in mlx-lm's generate: the other positions' outputs are never read, so MLX never
+    computes their last layer's output nor the head). A chunk whose logits nobody reads evaluates the
+    caches only. With `quant`, caches are quantized after every model call as `mlx_lm.generate` does
+    with those KV settings. `on_chunk(done)` is called after each chunk with the number of tokens
+    prefilled so far.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
     if not tokens:
         raise ValueError("cannot prefill an empty token sequence")
-    logits = None
-    for start in range(0, len(tokens), chunk_size):
-        chunk = mx.array(tokens[start : start + chunk_size])[None]
-        out = model(chunk, cache=cache)
-        apply_quantization(quant, cache)
-        if start + chunk_size >= len(tokens):
-            logits = out[0, -1]
-            mx.eval(logits, [c.state for c in cache])
-        else:  # an earlier chunk's logits are never read: only the caches are computed (not its head)
-            mx.eval([c.state for c in cache])
+    n = len(tokens)
+    row = None
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        calls = ((start, end - 1), (end - 1, end)) if logits and split_last and end == n else ((start, end),)
+        for lo, hi in calls:
+            if lo == hi:
+                continue
+            out = model(mx.array(tokens[lo:hi])[None], cache=cache)
+            apply_quantization(quant, cache)
+            if logits and hi == n:
+                row = out[0, -1]
+                mx.eval(row, [c.state for c in cache])
+            else:
+                mx.eval([c.state for c in cache])
         if on_chunk:
-            on_chunk(min(start + chunk_size, len(tokens)))
+            on_chunk(end)
         if progress:
-            progress(min(start + chunk_size, len(tokens)), len(tokens))
-    return logits
+            progress(end, n)
+    return row
 
 
 def publish(

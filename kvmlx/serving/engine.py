@@ -365,7 +365,7 @@ class Engine:
                     continue
                 t0 = time.perf_counter()
                 p.logits = prefill(self.lm.model, p.suffix[p.pos: p.pos + n], p.caches, p.chunk,
-                                   quant=self.agent.kv_quant)
+                                   quant=self.agent.kv_quant, logits=p.pos + n >= len(p.suffix), split_last=True)
                 p.pos += n
                 with self._lock:
                     self.prefill_seconds += time.perf_counter() - t0
