@@ -33,7 +33,7 @@ import blake3
 import numpy as np
 
 from ..errors import ArtifactError, IntegrityError, UnsupportedVersionError
-from .format import PREAMBLE, TENSOR_DTYPES, TensorEntry, canonical_json, fsync_dir
+from .format import PREAMBLE, TENSOR_DTYPES, TensorEntry, _write_all, canonical_json, fsync_dir
 
 RECORD_MAGIC = b"\x89KVBLK\r\n"
 RECORD_VERSION = 1
@@ -66,10 +66,10 @@ def write_record(path: Path, header: dict, tensors: Sequence[tuple[str, str, tup
     fd, tmp = tempfile.mkstemp(prefix=".record.", suffix=".tmp", dir=staging)  # mkstemp creates 0600
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
-            f.write(head + bytes(data_offset - len(head)))
+            _write_all(f, head + bytes(data_offset - len(head)))
             for e, data in zip(entries, datas):
-                f.write(data)
-                f.write(bytes(_align(e["nbytes"]) - e["nbytes"]))
+                _write_all(f, data)
+                _write_all(f, bytes(_align(e["nbytes"]) - e["nbytes"]))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
