@@ -425,7 +425,7 @@ class Engine:
         at = p.reused + p.pos
         every = auto_checkpoint_every(p.caches, self.cache.snap, p.chunk, self.agent.kv_quant)
         if at - max(p.snapped, p.reused) >= every:
-            self.cache.save(p.job.tokens[:at], p.caches, base=p.base)
+            self._keep(p.job.tokens[:at], p.caches, p.base, prompt_end=True, job_blend=p.job.blend)
             p.snapped = at
 
     def _keep(self, tokens: list[int], caches: list, base: tuple | None = None, prompt_end: bool = False,
