@@ -261,9 +261,7 @@ class Agent:
             if match is None:
                 break
             entry, matched, reuse = match
-            # what this prompt computed after a whole published document is cached as its continuation
-            base = (entry.key, reuse) if self.cache and reuse == entry.num_tokens and reuse < n else None
-            more = self.cache.match(tokens[: n - 1], base) if base else 0
+            base, more = self.continuation(tokens, entry, reuse)
             if max(reuse, more) <= cached:
                 break  # the prefix cache alone goes at least as deep: use it
             loaded = self.load_entry(entry, tokens, reuse, quarantined=quarantined)
@@ -274,26 +272,41 @@ class Agent:
             # trimming only moves each cache's offset back (the overlap path's layers may still be arriving);
             # caches that cannot be trimmed come from the state checkpoint at `reuse`
             caches = caches_at(loaded, reuse, copy=False)
-            total, tiers, seconds = reuse, {"published": reuse}, loaded.load_seconds
+            total, tiers, seconds = reuse, {"published": reuse}, 0.0
             if more > reuse:
                 loaded.wait()
-                restored = self.cache.fetch(tokens, limit=n - 1, base=base, base_caches=caches)
-                if restored is not None:
-                    caches, total, seconds = restored.caches, restored.tokens, seconds + restored.seconds
-                    tiers.update({k: v for k, v in restored.by_tier.items() if v})
+                caches, total, tiers, seconds = self.extend(tokens, base, caches)
             r = Reuse(caches, tokens[total:], total, entry, matched, loaded.logits if total == n else None,
-                      entry.chunk_size, seconds, loaded.load_path, quarantined, tiers, base=base)
+                      entry.chunk_size, loaded.load_seconds + seconds, loaded.load_path, quarantined, tiers, base=base)
             self.last_reuse = r
             return r
         chunk = self.chunk_size or DEFAULT_CHUNK
         restored = self.cache.fetch(tokens, limit=n - 1, min_tokens=self.min_reuse_tokens) if cached else None
         if restored is not None:
             r = Reuse(restored.caches, tokens[restored.tokens:], restored.tokens, None, restored.tokens, None, chunk,
-                      restored.seconds, "cache", quarantined, {k: v for k, v in restored.by_tier.items() if v})
+                      restored.seconds, "cache", quarantined, restored.tiers)
         else:
             r = Reuse(make_prompt_cache(self.lm.model), tokens, 0, None, 0, None, chunk, quarantined=quarantined)
         self.last_reuse = r
         return r
+
+    def continuation(self, tokens: Sequence[int], entry: Entry, reuse: int) -> tuple[tuple | None, int]:
+        """(base, depth): when `reuse` is the whole published `entry` and the prompt goes on, what this
+        prompt computes after it is cached as the entry's continuation (`base`: its key and length), and
+        `depth` is how far the prompt cached after it reaches (0: nowhere); else (None, 0)."""
+        n = len(tokens)
+        if self.cache is None or reuse != entry.num_tokens or reuse >= n:
+            return None, 0
+        base = (entry.key, reuse)
+        return base, self.cache.match(tokens[: n - 1], base)
+
+    def extend(self, tokens: Sequence[int], base: tuple, caches: list) -> tuple[list, int, dict, float]:
+        """(caches, reused, tiers, seconds): the published entry's `caches` followed by its cached
+        continuation up to the prompt's last token; the entry's caches alone if that cannot be read."""
+        restored = self.cache.fetch(tokens, limit=len(tokens) - 1, base=base, base_caches=caches)
+        if restored is None:
+            return caches, base[1], {"published": base[1]}, 0.0
+        return restored.caches, restored.tokens, {"published": base[1], **restored.tiers}, restored.seconds
 
     def match(self, tokens: Sequence[int], excluded: Sequence[str], *, allow_empty_suffix: bool = True):
         """(entry, matched, reuse) for the best store entry not in `excluded`, or None.

@@ -522,8 +522,7 @@ class Engine:
             if match is None:
                 break
             entry, _, reuse = match
-            base = (entry.key, reuse) if self.cache is not None and reuse == entry.num_tokens and reuse < n else None
-            more = self.cache.match(tokens[: n - 1], base) if base else 0
+            base, more = agent.continuation(tokens, entry, reuse)
             if max(reuse, more) <= cached:
                 break
             resident = self.pool.get(entry.key)
@@ -544,17 +543,13 @@ class Engine:
             self.store.touch(entry.key)
             caches, total, tiers = resident.request_caches(reuse), reuse, {"published": reuse}
             if more > reuse:  # the published document, then what earlier requests computed after it
-                restored = self.cache.fetch(tokens, limit=n - 1, base=base, base_caches=caches)
-                if restored is not None:
-                    caches, total = restored.caches, restored.tokens
-                    tiers.update({k: v for k, v in restored.by_tier.items() if v})
+                caches, total, tiers, _ = agent.extend(tokens, base, caches)
             logits = resident.logits if total == n else None
             return caches, tokens[total:], total, entry.key, logits, resident.chunk_size, tiers, base
         restored = self.cache.fetch(tokens, limit=n - 1, min_tokens=agent.min_reuse_tokens) if cached else None
         if restored is not None:
-            tiers = {k: v for k, v in restored.by_tier.items() if v}
-            return (restored.caches, tokens[restored.tokens:], restored.tokens, None, None, self.prefill_chunk, tiers,
-                    None)
+            return (restored.caches, tokens[restored.tokens:], restored.tokens, None, None, self.prefill_chunk,
+                    restored.tiers, None)
         return make_prompt_cache(self.lm.model), tokens, 0, None, None, self.prefill_chunk, {}, None
 
     # -- counters --

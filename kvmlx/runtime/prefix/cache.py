@@ -90,6 +90,11 @@ class Restored:
     records: int
     seconds: float
 
+    @property
+    def tiers(self) -> dict[str, int]:
+        """`by_tier` without the tiers that supplied nothing."""
+        return {k: v for k, v in self.by_tier.items() if v}
+
 
 @dataclass
 class Saved:
