@@ -363,7 +363,8 @@ class PrefixCache:
                     family, header_layers, tensors = segment_arrays(caches, self.cut, pos, end)
                     row = Row(key, self.chain_root(base), parent, "segment", pos, end, tuple(tokens[pos:end]), family, 0)
                     nbytes = self._write(row, header_layers, tensors, protect)
-                    out.records, out.bytes, out.tokens = out.records + 1, out.bytes + nbytes, out.tokens + end - pos
+                    if nbytes is not None:
+                        out.records, out.bytes, out.tokens = out.records + 1, out.bytes + nbytes, out.tokens + end - pos
                     protect.add(key)
                     parent, pos = key, end
                 if snapshot and self.snap:
@@ -371,9 +372,9 @@ class PrefixCache:
                     if self.index.get(key) is None and key not in self.mem:
                         layers, tensors = snapshot_arrays(caches, self.snap)
                         row = Row(key, self.chain_root(base), parent, "snapshot", n, n, (), "state", 0)
-                        out.bytes += self._write(row, layers, tensors, protect)
-                        out.records += 1
-                        out.snapshot = True
+                        nbytes = self._write(row, layers, tensors, protect)
+                        if nbytes is not None:
+                            out.bytes, out.records, out.snapshot = out.bytes + nbytes, out.records + 1, True
             except OSError as e:
                 self.counters.write_errors += 1
                 self.counters.extra["last_write_error"] = f"{e.strerror or e}"
@@ -386,10 +387,11 @@ class PrefixCache:
             c.write_seconds += out.seconds
         return out
 
-    def _write(self, row: Row, layers: dict, tensors: dict[str, mx.array], protect: set[str]) -> int:
-        """Keep one record (memory tier, and disk unless `persist` is off); the bytes written to disk."""
-        if self.index.get(row.key) is not None:  # written meanwhile (another process): never rewrite a record
-            return 0
+    def _write(self, row: Row, layers: dict, tensors: dict[str, mx.array], protect: set[str]) -> int | None:
+        """Keep one record (memory tier, and disk unless `persist` is off); the bytes written to disk, or
+        None when the record was there already (another process wrote it): a record is never rewritten."""
+        if self.index.get(row.key) is not None:
+            return None
         mx.eval(list(tensors.values()))
         mem = _Mem(tensors, layers, sum(x.nbytes for x in tensors.values()))
         nbytes = 0
@@ -400,7 +402,7 @@ class PrefixCache:
             data = [(name, str(x.dtype).split(".")[-1], tuple(x.shape), memoryview(x)) for name, x in tensors.items()]
             with self._lock:
                 if self.index.get(row.key) is not None:
-                    return 0
+                    return None
                 self._make_room(mem.nbytes + 4096, protect)
                 path = self._path(row.key)
                 path.parent.mkdir(mode=0o700, exist_ok=True)
