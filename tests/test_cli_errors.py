@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from kvmlx.artifact import trust as trust_api
 from kvmlx.artifact.format import Artifact
-from kvmlx.cli import main
+from kvmlx.cli import all_commands, main
 from kvmlx.runtime.store import Store
 
 GARBAGE = b"\xff\xfe\x00not text \x80\x81"
@@ -287,7 +287,7 @@ def test_sweep_every_command_answers_bad_input_in_one_line(runner, files, artifa
 
 def test_sweep_covers_every_command(files, artifact):
     commands = {args[0] for args, _ in _sweep_cases(files, artifact).values()}
-    missing = set(main.commands) - commands - {"serve", "fetch", "pull", "bench"}  # network/long-running: tested elsewhere
+    missing = set(all_commands()) - commands - {"serve", "fetch", "pull", "bench"}  # network/long-running: tested elsewhere
     assert not missing, f"commands without a bad-input case: {sorted(missing)}"
 
 
@@ -402,3 +402,16 @@ def test_inspect_v2_shows_families_checkpoints_digest_and_signature(runner, v2):
     assert "sliding window of 32 tokens" in text and "checkpoints at 16, 32" in text
     data = json.loads(runner.invoke(main, ["inspect", str(good), "--json"]).output)
     assert data["header_digest"] == digest and data["caches"] and data["checkpoints"]
+
+
+def test_a_command_imports_only_its_own_module():
+    """`kvmlx generate` (in a fresh interpreter) imports neither the server, the benchmarks nor the
+    distribution code: each command module is imported when its command is asked for."""
+    code = ("import sys; from kvmlx.cli import main\n"
+            "try:\n    main(['generate', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('kvmlx.serving', 'kvmlx.measure', 'kvmlx.cli.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = eval(out.strip().splitlines()[-1])  # noqa: S307 - our own subprocess's printed list
+    assert "kvmlx.cli.artifact" in loaded
+    assert not [m for m in loaded if m.startswith(("kvmlx.serving", "kvmlx.measure", "kvmlx.cli.serve",
+                                                   "kvmlx.cli.measure", "kvmlx.cli.distribute"))], loaded

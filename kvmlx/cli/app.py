@@ -11,6 +11,7 @@ The commands live beside this module, one module per command group, and register
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -34,6 +35,18 @@ class KvmlxGroup(click.Group):
     """Turns every error into Click's one-line `Error: ...` and exit code 1: a `KvmlxError` as it is,
     a file-system error as `PATH: reason`, anything unexpected as one line naming its type (with
     $KVMLX_DEBUG=1 the traceback is shown instead). A user never sees a Python traceback."""
+
+    lazy: dict[str, str] = {}  # command name -> the module (beside this one) that registers it
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str):
+        """A command's module is imported when the command is asked for: `kvmlx generate` does not
+        import the server, the benchmarks or the distribution code."""
+        if name not in self.commands and name in self.lazy:
+            importlib.import_module(f"{__package__}.{self.lazy[name]}")
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -122,6 +135,15 @@ def check_output_path(path: str, what: str = "output file") -> None:
 def main() -> None:
     """Publish a document's KV cache once; load it and continue token-exactly instead of prefilling."""
     _join_launcher()
+
+
+main.lazy = {  # every command, by the module that registers it (kvmlx/cli/__init__.py keeps this true)
+    **dict.fromkeys(("publish", "generate", "inspect", "demo", "verify"), "artifact"),
+    **dict.fromkeys(("serve-artifacts", "fetch", "token", "push", "pull"), "distribute"),
+    **dict.fromkeys(("export", "import"), "interop"),
+    **dict.fromkeys(("bench", "cost"), "measure"),
+    "serve": "serve", "store": "store", **dict.fromkeys(("keygen", "trust"), "trust"),
+}
 
 
 _RANK: list[int] = []  # [this rank] when running under a distributed launcher
