@@ -50,7 +50,6 @@ from .generate import (
     from_scratch,
 )
 from .distributed import check_parallel_support, gather, running_layout
-from .blend import BlendSettings, blend_generate
 from .load import LoadedKV, load_artifact
 from .prefix import PrefixCache, PrefixCacheError
 from .publish import DEFAULT_CHUNK, auto_checkpoint_every, prefill
@@ -65,6 +64,15 @@ CHAT_SEPARATOR = "\n\n"  # between the document and the question inside the user
 CHAT_PROBES = ("What", "what is it?", " why", "Why?", "1", "42.", "?", "\n", "\tx", "Q:", "(a)", "[1]", "-", "'", '"',
                ".", "#", "<", "Ü", "é", "中文", "🙂", " ", "  ")
 MAX_LOAD_ATTEMPTS = 5
+
+
+def blend_settings(value):
+    """`BlendSettings.of(value)` (runtime/blend.py), importing blending only when it is asked for."""
+    if value is None or value is False:
+        return None
+    from .blend import BlendSettings
+
+    return BlendSettings.of(value)
 
 
 class ChatTemplateError(KvmlxError):
@@ -198,7 +206,7 @@ class Agent:
     ):
         check_parallel_support(lm, kv_quant=kv_quant)  # under mlx.launch: plain KV only
         # documents anywhere in the prompt, approximate (runtime/blend.py): None (exact, the default), R or settings
-        self.blend = BlendSettings.of(blend)
+        self.blend = blend_settings(blend)
         self.lm = lm
         self.kv_quant = kv_quant  # mlx-lm's --kv-bits settings this agent runs with (only KV computed with them matches)
         self.store = store if isinstance(store, Store) else Store(store)
@@ -408,8 +416,10 @@ class Agent:
         `blend` (this call; default: the agent's): reuse published documents anywhere in the prompt,
         recomputing a fraction R of their tokens (runtime/blend.py); approximate unless R = 1.
         """
-        settings = self.blend if blend is None else BlendSettings.of(blend)
+        settings = self.blend if blend is None else blend_settings(blend)
         if settings is not None:
+            from .blend import blend_generate
+
             return blend_generate(self, prompt, settings, max_tokens=max_tokens, on_token=on_token,
                                   stop_at_eos=stop_at_eos, keep_logits=keep_logits)
         t0 = time.perf_counter()
