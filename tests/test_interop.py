@@ -185,6 +185,7 @@ def test_bench_cli_compares_the_two_commands(tmp_path):
         assert out["first_run"][side]["wall_s"] > 0 and out["first_run"][side]["peak_rss_bytes"] > 10_000_000
     assert {"import", "model_load", "fingerprints", "kv_load", "suffix_prefill", "decode"} <= set(out["kvmlx_timings_last_run"])
     assert [t["target"] for t in out["targets"]] == ["wall_ratio <= 1.0", "rss_ratio <= 1.05"]
+    assert set(out["bytecode"]) == {"kvmlx", "mlx_lm"}  # both run from compiled modules where they can
     assert list(tmp_path.iterdir()) == []  # the temporary artifacts are gone
 
 
