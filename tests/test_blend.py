@@ -261,6 +261,15 @@ def test_bench_blend_small_run(tmp_path, tiny):
     assert again["summary"] == result["summary"]
     assert "| anchored | 0 |" in format_blend_table(result)
     assert plot_blend(result, tmp_path / "p.png").stat().st_size > 1000
+    # run again with the same file: it goes on from the prompts the file lacks (here one more), and
+    # refuses a file written by another plan
+    more = run_blend_bench(tiny, prompts=3, documents=4, per_prompt=(3, 3), doc_tokens=(40, 60), rs=(0.0, 1.0),
+                           rules=("cacheblend", "anchored"), answer_tokens=4, chunk_size=32, rows_path=rows)
+    assert [r["prompt"] for r in more["rows"]] == [0, 1, 2] and more["config"]["resumed_prompts"] == 2
+    assert more["rows"][:2] == load_rows(rows)[:2] and len(load_rows(rows)) == 3
+    with pytest.raises(ValueError, match="another plan"):
+        run_blend_bench(tiny, prompts=3, documents=4, per_prompt=(3, 3), doc_tokens=(40, 60), rs=(0.0,),
+                        rules=("cacheblend",), answer_tokens=4, chunk_size=32, rows_path=rows, seed=1)
 
 
 def test_merged_edge_in_a_real_prompt(small, published):

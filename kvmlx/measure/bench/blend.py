@@ -11,8 +11,10 @@ divergence KL(full || blended) of the first answer token's distribution, and the
 token (lookup, load, re-rotation and compute, from the prompt's tokens). R = 1.0 recomputes every
 token whatever the rule, so it runs once per prompt (rule `all`).
 
-Rows are appended to `rows_path` (JSON lines) as they come, so an interrupted run keeps its prompts,
-and `summarize_blend` rebuilds the summary from such a file.
+Rows are appended to `rows_path` (JSON lines) as they come, so an interrupted run keeps its prompts;
+run again with the same file and settings, it goes on from the prompts it lacks (the plan is a
+function of the settings and the seed; a file from another plan is refused), and `summarize_blend`
+rebuilds the summary from such a file.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ def run_blend_bench(lm: LoadedModel, *, prompts: int = 40, documents: int = 20, 
     for _ in range(prompts):
         chosen = rng.sample(range(len(docs)), rng.randint(*per_prompt))
         plan.append((chosen, rng.choice(QUESTIONS).format(k=rng.randint(1, len(chosen)))))
-    used = sorted({d for chosen, _ in plan for d in chosen})
-    steps = len(used) + prompts
+    kept = _resumed(rows_path, plan)
+    used = sorted({d for p, (chosen, _) in enumerate(plan) if p not in kept for d in chosen})
+    steps = len(used) + prompts - len(kept)
     done = 0
     with tempfile.TemporaryDirectory(prefix="kvmlx-blend-", dir=directory) as tmp:
         store = Store(Path(tmp) / "store")
@@ -117,12 +120,14 @@ def run_blend_bench(lm: LoadedModel, *, prompts: int = 40, documents: int = 20, 
 
         identity = (model_fingerprint(lm), tokenizer_fingerprint(lm), lm.dtype)
         document_index(store, identity)  # built once, as a server keeps it
-        rows = []
+        rows = [kept[p] for p in sorted(kept)]
         sink = open(rows_path, "a", encoding="utf-8") if rows_path else None
         try:
             for p, (chosen, question) in enumerate(plan):
+                if p in kept:
+                    continue
                 row = _one_prompt(lm, store, identity, [docs[d] for d in chosen], question, rs, rules, answer_tokens,
-                                  chunk_size, warm=p == 0)
+                                  chunk_size, warm=p == min(set(range(prompts)) - set(kept)))
                 row.update(prompt=p, documents=chosen)
                 rows.append(row)
                 if sink:
@@ -135,13 +140,29 @@ def run_blend_bench(lm: LoadedModel, *, prompts: int = 40, documents: int = 20, 
             if sink:
                 sink.close()
     result = summarize_blend(rows, rs=rs, rules=rules, answer_tokens=answer_tokens)
-    result["config"] = {"model": lm.model_id, "dtype": lm.dtype, "prompts": prompts, "documents": documents,
+    result["config"] = {"model": lm.model_id, "dtype": lm.dtype, "prompts": prompts, "resumed_prompts": len(kept),
+                        "documents": documents,
                         "documents_used": len(used), "per_prompt": list(per_prompt), "doc_tokens": list(doc_tokens),
                         "rs": list(rs), "rules": list(rules), "answer_tokens": answer_tokens, "chunk_size": chunk_size,
                         "seed": seed, "publish_seconds": publish_seconds}
     result["machine"] = machine_info()
     result["load_average"] = os.getloadavg()
     return result
+
+
+def _resumed(rows_path, plan) -> dict[int, dict]:
+    """{prompt index: row} already in `rows_path` from this same plan (a row of another plan: refused)."""
+    if not rows_path or not Path(rows_path).exists():
+        return {}
+    kept = {}
+    for row in load_rows(rows_path):
+        p = row.get("prompt")
+        if not isinstance(p, int) or p >= len(plan) or row.get("documents") != plan[p][0] \
+                or row.get("question") != plan[p][1]:
+            raise ValueError(f"{rows_path}: holds rows of another plan (prompt {p}); pick a new --blend-rows file "
+                             "or the settings and seed that wrote it")
+        kept[p] = row
+    return kept
 
 
 def _one_prompt(lm, store, identity, docs, question, rs, rules, answer_tokens, chunk_size, warm=False) -> dict:
