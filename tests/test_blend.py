@@ -267,6 +267,9 @@ def test_bench_blend_small_run(tmp_path, tiny):
                            rules=("cacheblend", "anchored"), answer_tokens=4, chunk_size=32, rows_path=rows)
     assert [r["prompt"] for r in more["rows"]] == [0, 1, 2] and more["config"]["resumed_prompts"] == 2
     assert more["rows"][:2] == load_rows(rows)[:2] and len(load_rows(rows)) == 3
+    odd = run_blend_bench(tiny, prompts=3, documents=4, per_prompt=(3, 3), doc_tokens=(40, 60), rs=(0.0,),
+                          rules=("cacheblend",), answer_tokens=4, chunk_size=32, shard=(1, 2))
+    assert [r["prompt"] for r in odd["rows"]] == [1] and odd["rows"][0]["documents"] == more["rows"][1]["documents"]
     with pytest.raises(ValueError, match="another plan"):
         run_blend_bench(tiny, prompts=3, documents=4, per_prompt=(3, 3), doc_tokens=(40, 60), rs=(0.0,),
                         rules=("cacheblend",), answer_tokens=4, chunk_size=32, rows_path=rows, seed=1)

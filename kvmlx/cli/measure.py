@@ -66,6 +66,9 @@ def _lengths_option(ctx, param, value):
 @click.option("--blend-rows", type=click.Path(dir_okay=False), default=None,
               help="--blend: append each prompt's row to this JSON-lines file as it finishes; with --prompts 0 "
                    "nothing runs and the file is summarized.")
+@click.option("--blend-shard", default="0/1", show_default=True,
+              help="--blend: run only the prompts p with p mod N = K (K/N): one process per core, each with its "
+                   "own --blend-rows file (summarize them together with --prompts 0 after `cat`).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, exists=True, writable=True), default=None,
               help="Parent of the temporary directory for artifacts (pick one on the disk you care about).  [default: the system's]")
 @click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Prefill chunk size, as in publish.")
@@ -75,8 +78,8 @@ def _lengths_option(ctx, param, value):
               help="Also write a PNG: time vs document length, log axes, the paper's M1 Pro figures for reference.")
 def bench(model, dtype, lengths, runs, shape, compression, serve_mode, cli_mode, concurrency, doc_tokens, rounds,
           answer_tokens, long_tokens, agent_mode, turns, tool_tokens, families, parallel, blend_mode, prompts,
-          blend_documents, blend_doc_tokens, blend_per_prompt, blend_rs, blend_rows, directory, chunk_size, no_cold,
-          as_json, plot_path) -> None:
+          blend_documents, blend_doc_tokens, blend_per_prompt, blend_rs, blend_rows, blend_shard, directory, chunk_size,
+          no_cold, as_json, plot_path) -> None:
     """Time loading a published KV against prefill and mlx-lm's prompt cache, load included."""
     if agent_mode:
         if shape or compression or families or parallel or serve_mode or cli_mode or blend_mode:
@@ -89,7 +92,7 @@ def bench(model, dtype, lengths, runs, shape, compression, serve_mode, cli_mode,
             raise click.UsageError("--blend is a mode of its own: drop --shape/--compression/--families/--parallel/"
                                    "--serve/--cli")
         _bench_blend(model, dtype, prompts, blend_documents, blend_doc_tokens, blend_per_prompt, blend_rs, blend_rows,
-                     answer_tokens, chunk_size, directory, as_json, plot_path)
+                     blend_shard, answer_tokens, chunk_size, directory, as_json, plot_path)
         return
     if cli_mode:
         if shape or compression or families or parallel or serve_mode or dtype or plot_path:
@@ -143,8 +146,8 @@ def _pair(value: str, name: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _bench_blend(model, dtype, prompts, documents, doc_tokens, per_prompt, rs, rows_path, answer_tokens, chunk_size,
-                 directory, as_json, plot_path) -> None:
+def _bench_blend(model, dtype, prompts, documents, doc_tokens, per_prompt, rs, rows_path, shard, answer_tokens,
+                 chunk_size, directory, as_json, plot_path) -> None:
     from ..measure.bench import blend as blend_bench
 
     try:
@@ -154,6 +157,12 @@ def _bench_blend(model, dtype, prompts, documents, doc_tokens, per_prompt, rs, r
     if any(not 0 <= r <= 1 for r in r_values):
         raise click.BadParameter("R values must be from 0 to 1", param_hint="--blend-rs")
     lo_hi, k = _pair(doc_tokens, "--blend-doc-tokens"), _pair(per_prompt, "--blend-per-prompt")
+    try:
+        part, parts = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{shard!r} is not K/N", param_hint="--blend-shard") from None
+    if not 0 <= part < parts:
+        raise click.BadParameter(f"{shard!r}: K/N needs 0 <= K < N", param_hint="--blend-shard")
     if k[1] > documents:
         raise click.BadParameter(f"up to {k[1]} documents per prompt needs --blend-documents >= {k[1]}")
     if prompts == 0:
@@ -165,7 +174,7 @@ def _bench_blend(model, dtype, prompts, documents, doc_tokens, per_prompt, rs, r
         with Progress("blend bench", as_json, unit="step") as bar:
             result = blend_bench.run_blend_bench(lm, prompts=prompts, documents=documents, per_prompt=k, doc_tokens=lo_hi,
                                                  rs=r_values, answer_tokens=answer_tokens, chunk_size=chunk_size,
-                                                 directory=directory, rows_path=rows_path,
+                                                 directory=directory, rows_path=rows_path, shard=(part, parts),
                                                  progress=lambda done, total, _what: bar(done, total))
     _show(result, as_json, plot_path, blend_bench.plot_blend, blend_bench.format_blend_table)
 

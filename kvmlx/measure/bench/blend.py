@@ -95,8 +95,9 @@ def run_blend_bench(lm: LoadedModel, *, prompts: int = 40, documents: int = 20, 
                     doc_tokens: tuple[int, int] = (150, 600), rs: Sequence[float] = RS, rules: Sequence[str] = RULES,
                     answer_tokens: int = 16, chunk_size: int = DEFAULT_CHUNK, seed: int = 0,
                     directory: str | os.PathLike | None = None, rows_path: str | os.PathLike | None = None,
-                    progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """The benchmark (module docstring); returns the result dict (config, machine, rows, summary)."""
+                    shard: tuple[int, int] = (0, 1), progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """The benchmark (module docstring); returns the result dict (config, machine, rows, summary).
+    `shard` (K, N): only the prompts p with p mod N = K run (one process per core)."""
     rng = random.Random(seed)
     docs = corpus_documents(lm, documents, *doc_tokens, seed=seed)
     plan = []
@@ -104,8 +105,9 @@ def run_blend_bench(lm: LoadedModel, *, prompts: int = 40, documents: int = 20, 
         chosen = rng.sample(range(len(docs)), rng.randint(*per_prompt))
         plan.append((chosen, rng.choice(QUESTIONS).format(k=rng.randint(1, len(chosen)))))
     kept = _resumed(rows_path, plan)
-    used = sorted({d for p, (chosen, _) in enumerate(plan) if p not in kept for d in chosen})
-    steps = len(used) + prompts - len(kept)
+    todo = [p for p in range(prompts) if p not in kept and p % shard[1] == shard[0]]
+    used = sorted({d for p in todo for d in plan[p][0]})
+    steps = len(used) + len(todo)
     done = 0
     with tempfile.TemporaryDirectory(prefix="kvmlx-blend-", dir=directory) as tmp:
         store = Store(Path(tmp) / "store")
@@ -123,11 +125,10 @@ def run_blend_bench(lm: LoadedModel, *, prompts: int = 40, documents: int = 20, 
         rows = [kept[p] for p in sorted(kept)]
         sink = open(rows_path, "a", encoding="utf-8") if rows_path else None
         try:
-            for p, (chosen, question) in enumerate(plan):
-                if p in kept:
-                    continue
+            for p in todo:
+                chosen, question = plan[p]
                 row = _one_prompt(lm, store, identity, [docs[d] for d in chosen], question, rs, rules, answer_tokens,
-                                  chunk_size, warm=p == min(set(range(prompts)) - set(kept)))
+                                  chunk_size, warm=p == todo[0])
                 row.update(prompt=p, documents=chosen)
                 rows.append(row)
                 if sink:
@@ -141,6 +142,7 @@ def run_blend_bench(lm: LoadedModel, *, prompts: int = 40, documents: int = 20, 
                 sink.close()
     result = summarize_blend(rows, rs=rs, rules=rules, answer_tokens=answer_tokens)
     result["config"] = {"model": lm.model_id, "dtype": lm.dtype, "prompts": prompts, "resumed_prompts": len(kept),
+                        "shard": list(shard),
                         "documents": documents,
                         "documents_used": len(used), "per_prompt": list(per_prompt), "doc_tokens": list(doc_tokens),
                         "rs": list(rs), "rules": list(rules), "answer_tokens": answer_tokens, "chunk_size": chunk_size,
