@@ -415,3 +415,13 @@ def test_a_command_imports_only_its_own_module():
     assert "kvmlx.cli.artifact" in loaded
     assert not [m for m in loaded if m.startswith(("kvmlx.serving", "kvmlx.measure", "kvmlx.cli.serve",
                                                    "kvmlx.cli.measure", "kvmlx.cli.distribute"))], loaded
+
+
+def test_every_command_is_named_in_main_lazy():
+    """`main.lazy` names each command with the module that registers it (else the command would be
+    missing from `kvmlx --help` until its module happened to be imported)."""
+    commands = all_commands()
+    assert set(commands) == set(main.lazy)
+    for name, command in commands.items():
+        module = command.callback.__module__ if command.callback else None
+        assert module in (None, f"kvmlx.cli.{main.lazy[name]}"), (name, module)
