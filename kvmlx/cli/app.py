@@ -137,7 +137,7 @@ def main() -> None:
     _join_launcher()
 
 
-main.lazy = {  # every command, by the module that registers it (kvmlx/cli/__init__.py keeps this true)
+main.lazy = {  # every command, by the module that registers it (tests/test_cli_errors.py checks it is complete)
     **dict.fromkeys(("publish", "generate", "inspect", "demo", "verify"), "artifact"),
     **dict.fromkeys(("serve-artifacts", "fetch", "token", "push", "pull"), "distribute"),
     **dict.fromkeys(("export", "import"), "interop"),
