@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +32,7 @@ import blake3
 import numpy as np
 
 from ..errors import ArtifactError, IntegrityError, UnsupportedVersionError
-from .format import PREAMBLE, TENSOR_DTYPES, TensorEntry, _write_all, canonical_json, fsync_dir
+from .format import PREAMBLE, TENSOR_DTYPES, TensorEntry, _write_all, canonical_json, replacing
 
 RECORD_MAGIC = b"\x89KVBLK\r\n"
 RECORD_VERSION = 1
@@ -63,19 +62,11 @@ def write_record(path: Path, header: dict, tensors: Sequence[tuple[str, str, tup
     body = canonical_json({**header, "kvmlx_record": RECORD_VERSION, "tensors": entries})
     data_offset = _align(PREAMBLE.size + len(body))
     head = PREAMBLE.pack(RECORD_MAGIC, RECORD_VERSION, 0, len(body), data_offset, blake3.blake3(body).digest()) + body
-    fd, tmp = tempfile.mkstemp(prefix=".record.", suffix=".tmp", dir=staging)  # mkstemp creates 0600
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            _write_all(f, head + bytes(data_offset - len(head)))
-            for e, data in zip(entries, datas):
-                _write_all(f, data)
-                _write_all(f, bytes(_align(e["nbytes"]) - e["nbytes"]))
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with replacing(path, directory=staging, prefix=".record.") as tmp, open(tmp, "wb", buffering=0) as f:
+        _write_all(f, head + bytes(data_offset - len(head)))
+        for e, data in zip(entries, datas):
+            _write_all(f, data)
+            _write_all(f, bytes(_align(e["nbytes"]) - e["nbytes"]))
     return data_offset + pos
 
 

@@ -210,10 +210,12 @@ def write_artifact(
 
 
 @contextmanager
-def replacing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary path beside `path` for the caller to write; on success it is fsynced and renamed
-    over `path` (then the directory is fsynced), on any error removed: `path` is never partial."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+def replacing(path: Path, suffix: str = ".tmp", *, directory: Path | None = None,
+              prefix: str | None = None) -> Iterator[Path]:
+    """A temporary path (mode 0600) for the caller to write, beside `path` or in `directory` (same file
+    system); on success it is fsynced and renamed over `path` (then `path`'s directory is fsynced), on
+    any error removed: `path` is never partial."""
+    fd, name = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=suffix, dir=directory or path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
