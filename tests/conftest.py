@@ -47,6 +47,12 @@ def document(tiny):
 
 
 @pytest.fixture(scope="session")
+def toks(tiny, document):
+    """The sample document's token ids under the tiny model's tokenizer."""
+    return list(tiny.tokenizer.encode(document))
+
+
+@pytest.fixture(scope="session")
 def preset(kvmlx_home):
     """`preset(name)` -> a built-in model ("hybrid", "sliding", "gpt-oss", ...), loaded once per session."""
     from kvmlx.models import load_model

@@ -18,11 +18,6 @@ MAX = 24
 CPU = mx.default_device() == mx.cpu
 
 
-@pytest.fixture(scope="module")
-def toks(tiny, document):
-    return list(tiny.tokenizer.encode(document))
-
-
 def assert_exact(v, reused, prefilled):
     """Reuse equals prefilling from scratch: same greedy tokens, bit-identical logits (CPU backend)."""
     assert (v.reuse.reused_tokens, v.reuse.prefilled_tokens) == (reused, prefilled)

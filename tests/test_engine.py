@@ -23,11 +23,6 @@ DOC = 200
 
 
 @pytest.fixture(scope="module")
-def toks(tiny, document):
-    return list(tiny.tokenizer.encode(document))
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny, toks):
     s = Store(tmp_path_factory.mktemp("engine") / "store")
     s.publish(tiny, toks[:DOC], chunk_size=CHUNK)

@@ -36,11 +36,6 @@ ANSWER = 6
 TURNS = 4
 
 
-@pytest.fixture(scope="module")
-def toks(tiny, document):
-    return list(tiny.tokenizer.encode(document))
-
-
 def cache_for(lm, root, **kw):
     return PrefixCache(lm, Store(root).root, block=BLOCK, min_tokens=BLOCK, **kw)
 

@@ -30,11 +30,6 @@ DOC_LEN = 200
 TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module")
-def toks(tiny, document):
-    return list(tiny.tokenizer.encode(document))
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

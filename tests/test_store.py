@@ -26,11 +26,6 @@ def ident(lm):
 
 
 @pytest.fixture(scope="module")
-def toks(tiny, document):
-    return list(tiny.tokenizer.encode(document))
-
-
-@pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny, toks):
     """Real artifacts of nested and unrelated token lists, published once for the module."""
     d = tmp_path_factory.mktemp("arts")
