@@ -194,3 +194,15 @@ def test_plain_kv_artifacts_stay_version_1(tmp_path, tiny, document):
     publish(tiny, tiny.tokenizer.encode(document)[:40], path, chunk_size=CHUNK)
     assert read_header(path)["version"] == 1
     assert restore_info(read_header(path)).deepest(17) == 17
+
+
+@pytest.mark.parametrize("name", ["sliding", "gpt-oss"])
+def test_a_document_in_one_chunk_longer_than_the_window(preset, document, tmp_path, name):
+    """A document prefilled in one chunk longer than the sliding window leaves the rotating cache's state
+    as a strided view; it is written contiguous and continues exactly (it used to fail with a TypeError)."""
+    lm = preset(name)
+    tokens = lm.tokenizer.encode(document)[:80]
+    path = tmp_path / "one-chunk.kvmlx"
+    publish(lm, tokens, path, chunk_size=len(tokens))
+    result = verify(path, lm, " and then", max_tokens=8)
+    assert result.token_exact and result.max_abs_logit_diff == 0.0

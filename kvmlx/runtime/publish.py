@@ -290,7 +290,10 @@ def _weights_quantization(config: dict) -> dict:
     if not isinstance(q, dict) or not isinstance(q.get("bits"), int):
         return {}
     return {"weights_quantization": {k: q[k] for k in ("bits", "group_size", "mode") if isinstance(q.get(k), (int, str))}}
+
+
 def _tensor(name: str, x: mx.array, encoding: str) -> TensorData:
+    x = mx.contiguous(x)  # a rotating cache's state past its window can be a strided view
     mx.eval(x)
     dtype = str(x.dtype).split(".")[-1]
     if encoding == "raw":
