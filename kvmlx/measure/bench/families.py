@@ -120,7 +120,8 @@ def _checkpoint_reuse(lm, path, tokens, suffix, chunk_size, kv_quant) -> dict:
         return {"prefix_shared": shared, "prefix_reused": 0, "prefix_token_exact": None, "prefix_max_abs_logit_diff": None}
     prompt = tokens[:shared] + suffix
     caches = caches_at(load_artifact(path, lm, at=at), at)
-    logits = prefill(lm.model, prompt[at:], caches, chunk_size, quant=kv_quant)
+    # the suffix as a request's (its last token alone), as the reference and the agent run it
+    logits = prefill(lm.model, prompt[at:], caches, chunk_size, quant=kv_quant, split_last=True)
     reuse = decode_timed(lm, caches, logits, VERIFY_TOKENS, started=0, reused=at, prefilled=len(prompt) - at,
                          stop_at_eos=False, keep_logits=True, quant=kv_quant)
     scratch = from_scratch(lm, prompt[:at], prompt[at:], chunk_size=chunk_size, max_tokens=VERIFY_TOKENS,
