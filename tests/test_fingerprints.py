@@ -157,3 +157,18 @@ def test_legacy_fingerprint_artifacts_still_bind(tmp_path, tiny, document, monke
     other.dtype = "bfloat16"  # pretend: the dtype check passes, the parameters' fingerprint must not
     with pytest.raises(ModelMismatchError, match="another model"):
         load_artifact(path, other)
+
+
+def test_a_loaded_model_keeps_the_fingerprint_of_what_it_loaded(copy, settled):
+    """The weights in memory do not change when their files do: a loaded model binds to what it loaded,
+    looked up once (no stat per load), while a model loaded from the changed files gets their fingerprint."""
+    lm = load_model(str(copy))
+    first = model_fingerprint(lm)
+    tensors = _read_safetensors(copy / "model.safetensors")
+    name = sorted(tensors)[0]
+    info, data = tensors[name]
+    flipped = bytearray(data)
+    flipped[0] ^= 1
+    _write_safetensors(copy / "model.safetensors", {**tensors, name: (info, bytes(flipped))})
+    assert model_fingerprint(lm) == first
+    assert model_fingerprint(load_model(str(copy))) != first

@@ -29,6 +29,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +47,7 @@ MAX_HEADER = 100 << 20  # safetensors' own limit on its JSON header
 _CACHE_VERSION = 1
 _lock = threading.Lock()
 _seen: dict[tuple[str, str], tuple[list, str]] = {}  # (cache file, kind) -> (identities, fingerprint) this process
+_bound: dict[tuple[int, str], str] = {}  # (id of a loaded model, kind) -> its fingerprint (`bound`)
 
 
 def weights_fingerprint(directory: str | os.PathLike, config: dict) -> str:
@@ -161,10 +163,30 @@ def cached(kind: str, directory: Path, files: Callable[[Path], list[Path]], comp
     return fingerprint
 
 
+def bound(obj: object, kind: str, look_up: Callable[[], str]) -> str:
+    """`kind`'s fingerprint of a loaded model `obj`, looked up once per object (`look_up`, usually
+    `cached`, stats its files) and then kept while it lives: the weights and tokenizer in memory do not
+    change when the files they were loaded from do, so every later load binds to what was loaded
+    (and costs no `stat`: ~0.3 ms of a small load)."""
+    key = (id(obj), kind)
+    with _lock:
+        hit = _bound.get(key)
+    if hit is not None:
+        return hit
+    value = look_up()
+    with _lock:
+        if key not in _bound:
+            weakref.finalize(obj, _bound.pop, key, None)
+        _bound[key] = value
+    return value
+
+
 def forget_fingerprints() -> None:
-    """Forget what this process remembered (the files under $KVMLX_HOME/fingerprints stay)."""
+    """Forget what this process remembered, loaded models' fingerprints included (the files under
+    $KVMLX_HOME/fingerprints stay)."""
     with _lock:
         _seen.clear()
+        _bound.clear()
 
 
 def _identity(path: Path) -> list:

@@ -5,7 +5,7 @@ artifact records all three and `check_binding` refuses any difference with a mes
 
 Model fingerprint (`fp2:blake3:…`): the weights digest of the model's files (fingerprints.py: config
 and every stored tensor's BLAKE3, by name), remembered across processes keyed by the files'
-identities, so an unchanged model costs a few `stat` calls. Artifacts written before scheme 2 carry
+identities, so an unchanged model costs a few `stat` calls, once per loaded model. Artifacts written before scheme 2 carry
 a `blake3:…` fingerprint of the loaded parameters (config, then per parameter in name order: name,
 dtype, shape, 4096 elements sampled at an even stride, the sum of its raw bit patterns modulo
 2**32); a load of such an artifact computes that one (once per model object) to compare.
@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import DtypeMismatchError, ModelMismatchError, TokenizerMismatchError
 from ..models import kvmlx_home
-from .fingerprints import VOLATILE_CONFIG_KEYS, cached, model_files, tokenizer_files, weights_fingerprint
+from .fingerprints import VOLATILE_CONFIG_KEYS, bound, cached, model_files, tokenizer_files, weights_fingerprint
 from .format import canonical_json
 
 if TYPE_CHECKING:
@@ -71,8 +71,10 @@ def _memoised(obj: Any, compute: Callable[[], str]) -> str:
 
 
 def model_fingerprint(lm: "LoadedModel") -> str:
-    """The model fingerprint of `lm` (scheme 2: its files' weights digest, remembered across processes)."""
-    return cached("model", lm.path, model_files, lambda: weights_fingerprint(lm.path, lm.config), kvmlx_home())
+    """The model fingerprint of `lm` (scheme 2: its files' weights digest, remembered across processes;
+    looked up once per loaded model, `fingerprints.bound`)."""
+    return bound(lm, "model", lambda: cached("model", lm.path, model_files, lambda: weights_fingerprint(lm.path, lm.config),
+                                             kvmlx_home()))
 
 
 def legacy_model_fingerprint(lm: "LoadedModel") -> str:
@@ -85,8 +87,8 @@ def tokenizer_fingerprint(lm: "LoadedModel") -> str:
     """The tokenizer fingerprint described in the module docstring, remembered across processes."""
     tokenizer = lm.tokenizer
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    return cached("tokenizer", lm.path, tokenizer_files, lambda: _memoised(hf, lambda: _tokenizer_fingerprint(tokenizer, hf)),
-                  kvmlx_home())
+    return bound(lm, "tokenizer", lambda: cached("tokenizer", lm.path, tokenizer_files,
+                                                 lambda: _memoised(hf, lambda: _tokenizer_fingerprint(tokenizer, hf)), kvmlx_home()))
 
 
 def _model_fingerprint(model: Any, config: dict) -> str:
