@@ -496,3 +496,35 @@ def test_record_reader_refuses_hostile_files(tmp_path):
     flipped = bytearray(good)
     flipped[off + 8] ^= 1
     refused(bytes(flipped), IntegrityError)
+
+
+def test_background_writes_are_found_at_once_and_on_disk_after_flush(tiny, toks, tmp_path, monkeypatch):
+    """With `write_in_background` (the serving engine), a saved prefix is found by this process's next
+    lookup while its files are still being written; another process (a second cache over the same root)
+    finds it once they are (`flush`); the bytes counted are those written synchronously; a failed write
+    is counted and loses nothing else."""
+    root = Store(tmp_path / "s").root
+    sync = PrefixCache(tiny, Store(tmp_path / "t").root, block=BLOCK, min_tokens=BLOCK)
+    fill(sync, tiny, toks, 0, 70)
+    gate, real = threading.Event(), blockfile.write_record
+    monkeypatch.setattr("kvmlx.runtime.prefix.cache.write_record", lambda *a: gate.wait(30) and real(*a))
+    cache = PrefixCache(tiny, root, block=BLOCK, min_tokens=BLOCK)
+    cache.write_in_background()
+    fill(cache, tiny, toks, 0, 70)
+    assert cache.stats()["pending_records"] > 0 and cache.match(toks[:70] + toks[80:90]) >= 64
+    other = PrefixCache(tiny, root, block=BLOCK, min_tokens=BLOCK)
+    assert other.match(toks[:70]) == 0
+    gate.set()
+    assert cache.flush(30)
+    st, expected = cache.stats(), sync.stats()
+    assert st["pending_records"] == 0 and other.match(toks[:70]) >= 64
+    assert (st["records_written"], st["bytes_written"], st["disk_bytes"]) == \
+        (expected["records_written"], expected["bytes_written"], expected["disk_bytes"])
+
+    def refuse(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("kvmlx.runtime.prefix.cache.write_record", refuse)
+    fill(cache, tiny, toks, 100, 40)
+    assert cache.flush(30) and cache.stats()["write_errors"] >= 1 and cache.stats()["pending_records"] == 0
+    assert cache.match(toks[:70]) >= 64  # what was on disk is still there
+    cache.close()

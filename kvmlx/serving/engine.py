@@ -161,6 +161,8 @@ class Engine:
                            allow_lossy=allow_lossy, kv_quant=kv_quant, cache=cache)
         self.store = self.agent.store
         self.cache = self.agent.cache  # the prefix cache (None: off); only the engine thread uses it
+        if self.cache is not None:
+            self.cache.write_in_background()  # its record files are written off the engine thread (prefix/writer.py)
         # caches that cannot be cut need a state snapshot at each prompt's end: such prompts are
         # prefilled here to their end (not inside the BatchGenerator), then join the batch
         self.own_prefill = self.cache is not None and bool(self.cache.snap)
@@ -201,6 +203,8 @@ class Engine:
         self.inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.cache is not None:
+            self.cache.flush(timeout=30)  # what finished requests left is on disk for the next process
 
     def submit(self, job: Job) -> None:
         """Queue a job (from any thread); QueueFull when `max_queued` are already waiting."""

@@ -24,7 +24,9 @@ least recently used *leaves* out first: a record is evicted only once nothing ha
 `kvmlx.artifact.blockfile` (0600 in a 0700 directory): written atomically, digests checked on the
 first read of each file (the file's identity is then recorded, as the store does for artifacts),
 a record that fails its check is moved to quarantine/ and its prefix recomputed. Published artifacts
-are never touched here.
+are never touched here. `write_in_background()` (the serving engine) moves the file writes to one
+thread (writer.py): a record is pending, in memory and found by this process's lookups, until its
+file and index row are in place.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -51,6 +54,7 @@ from ..store.keys import kv_variant
 from ..store.lock import StoreLock
 from .index import CacheIndex, Row
 from .layers import base_part, join_layer, segment_arrays, snapshot_arrays
+from .writer import RecordWriter
 
 DEFAULT_BLOCK = 256
 HEADROOM = 256  # free slots after a restored prefix: the suffix's first appends do not re-allocate
@@ -185,10 +189,23 @@ class PrefixCache:
         self.mem_bytes = 0
         self.counters = Counters()
         self.mutex = threading.RLock()
+        self.writer: RecordWriter | None = None
+        self.pending: dict[str, Row] = {}  # records in memory whose file the writer has not finished
         if persist and self.index.total_bytes() > self.disk_bytes:
             self.trim()  # a budget smaller than what an earlier run left: hold it from the start
 
+    def write_in_background(self) -> None:
+        """From now on write record files on a thread of their own (`flush` waits for them)."""
+        if self.persist and self.writer is None:
+            self.writer = RecordWriter()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record saved so far is on disk and indexed (True at once when writes are synchronous)."""
+        return self.writer.flush(timeout) if self.writer is not None else True
+
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         self.index.close()
 
     # ---- lookup and restore ---------------------------------------------------------------------
@@ -244,7 +261,7 @@ class PrefixCache:
             return []
         while pos < len(tokens):
             best, best_m = None, 0
-            for row in self.index.children(parent, pos):
+            for row in self.index.children(parent, pos) + self._pending(parent, pos):
                 if row.key in excluded:
                     continue
                 m = _common(row.tokens, tokens, pos)
@@ -263,7 +280,7 @@ class PrefixCache:
         snapshot = None
         if self.snap:  # the deepest state snapshot along the matched chain
             ends = {r.key: (r.start, r.start + m) for r, m in chain}
-            snaps = [s for s in self.index.snapshots(ends) if s.key not in excluded
+            snaps = [s for s in self.index.snapshots(ends) + self._pending(ends) if s.key not in excluded
                      and ends[s.parent][0] < s.start <= ends[s.parent][1]]
             snapshot = max(snaps, key=lambda s: s.start, default=None)
             pos = snapshot.start if snapshot else 0
@@ -279,6 +296,14 @@ class PrefixCache:
             cut.append((r, min(m, left)))
             left -= min(m, left)
         return _Hit(pos, cut, snapshot, first)
+
+    def _pending(self, parents, start: int | None = None) -> list[Row]:
+        """Pending rows under `parents` (segments at `start`, or snapshots when `start` is None)."""
+        if not self.pending:
+            return []
+        parents = {parents} if isinstance(parents, str) else parents
+        return [r for r in self.pending.values() if r.parent in parents
+                and (r.kind == "snapshot" if start is None else r.kind == "segment" and r.start == start)]
 
     def _restore(self, hit: _Hit, headroom: int, base_caches: list | None) -> tuple[list, dict[str, int]]:
         by_tier = {"memory": 0, "disk": 0}
@@ -390,7 +415,7 @@ class PrefixCache:
     def _write(self, row: Row, layers: dict, tensors: dict[str, mx.array], protect: set[str]) -> int | None:
         """Keep one record (memory tier, and disk unless `persist` is off); the bytes written to disk, or
         None when the record was there already (another process wrote it): a record is never rewritten."""
-        if self.index.get(row.key) is not None:
+        if row.key in self.pending or self.index.get(row.key) is not None:
             return None
         mx.eval(list(tensors.values()))
         mem = _Mem(tensors, layers, sum(x.nbytes for x in tensors.values()))
@@ -400,20 +425,49 @@ class PrefixCache:
                       "kind": row.kind, "start": row.start, "tokens": list(row.tokens), "layers": layers,
                       "block": self.block}
             data = [(name, str(x.dtype).split(".")[-1], tuple(x.shape), memoryview(x)) for name, x in tensors.items()]
-            with self._lock:
-                if self.index.get(row.key) is not None:
-                    return None
-                self._make_room(mem.nbytes + 4096, protect)
-                path = self._path(row.key)
-                path.parent.mkdir(mode=0o700, exist_ok=True)
-                nbytes = write_record(path, header, data, self.staging)
-                row = Row(**{**row.__dict__, "file_bytes": nbytes, "verified": _file_id(os.stat(path))})
-                self.index.insert(row)
+            if self.writer is not None:  # in memory and pending now; on disk when the writer gets to it
+                self.pending[row.key] = Row(**{**row.__dict__, "file_bytes": mem.nbytes})
+                self._remember(row.key, mem)
+                self.writer.submit(lambda: self._write_file(row, header, data, mem.nbytes, set(protect)))
+                return mem.nbytes
+            nbytes = self._write_file(row, header, data, mem.nbytes, protect)
+            if nbytes is None:
+                return None
         else:
             row = Row(**{**row.__dict__, "file_bytes": mem.nbytes})
             self.index.insert(row)
         self._remember(row.key, mem)
         return nbytes
+
+    def _write_file(self, row: Row, header: dict, data: list, nbytes: int, protect: set[str]) -> int | None:
+        """Make room, write one record's file, index it; the file's bytes, or None when another process
+        wrote it first. Synchronous writes hold the cache lock throughout; the writer thread takes the
+        locks (mutex, then the cache lock: the one order) only around the index work, not the file
+        write, so lookups go on meanwhile (an eviction racing it leaves an orphan `trim` drops). On the
+        writer thread, errors are counted here."""
+        try:
+            with self._lock if self.writer is None else nullcontext():
+                with self.mutex, self._lock:
+                    if self.index.get(row.key) is not None:
+                        self.pending.pop(row.key, None)
+                        return None
+                    self._make_room(nbytes + 4096, protect | {r.parent for r in list(self.pending.values())})
+                path = self._path(row.key)
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                written = write_record(path, header, data, self.staging)
+                with self.mutex, self._lock:
+                    self.index.insert(Row(**{**row.__dict__, "file_bytes": written, "verified": _file_id(os.stat(path))}))
+                    if self.pending.pop(row.key, None) is not None:
+                        self.counters.bytes_written += written - nbytes  # save() counted the tensors' bytes
+            return written
+        except OSError as e:
+            if self.writer is None:
+                raise
+            with self.mutex:
+                self.pending.pop(row.key, None)
+                self.counters.write_errors += 1
+                self.counters.extra["last_write_error"] = f"{e.strerror or e}"
+            return None
 
     # ---- budgets --------------------------------------------------------------------------------
 
@@ -423,8 +477,11 @@ class PrefixCache:
         self.mem[key] = mem
         self.mem_bytes += mem.nbytes
         while self.mem_bytes > self.ram_bytes and self.mem:
-            if self.persist:  # disk keeps it: drop the least recently used from memory
-                old, m = self.mem.popitem(last=False)
+            if self.persist:  # disk keeps it: drop the least recently used from memory (not a pending one)
+                old = next((k for k in self.mem if k not in self.pending), None)
+                if old is None:
+                    break
+                m = self.mem.pop(old)
                 self.mem_bytes -= m.nbytes
                 self.counters.evictions_memory += 1
                 continue
@@ -518,7 +575,7 @@ class PrefixCache:
                 "records_written": c.records_written, "bytes_written": c.bytes_written,
                 "tokens_written": c.tokens_written, "snapshots_written": c.snapshots_written,
                 "evictions": {"memory": c.evictions_memory, "disk": c.evictions_disk}, "bytes_evicted": c.bytes_evicted,
-                "quarantined": c.quarantined, "write_errors": c.write_errors,
+                "quarantined": c.quarantined, "write_errors": c.write_errors, "pending_records": len(self.pending),
                 "write_seconds": c.write_seconds, "restore_seconds": c.restore_seconds,
             }
 
