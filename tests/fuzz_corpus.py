@@ -1,5 +1,11 @@
 """Valid and hostile `.kvmlx` files for the fuzz, trust and crash tests, and the loader they are fed to.
 
+Most helpers that take files apart (`split`, `set_preamble`, `raw_file`, `corpus`, `corpus_v2`) work
+on kvmlx's own container (versions 1 and 2: the 64-byte preamble), which every reader still reads:
+the bases they are given are written with `format_version=1` (or 2). `header_of`, `rebuild`,
+`boundaries` and `with_tensor_bytes` also take version 3 (a safetensors file: `split_v3`,
+`rebuild_v3`, `v3_raw`), whose hostile files are `corpus_v3` (test_format_v3.py says how each is refused).
+
 `attempt(path, lm)` does what a loader does with a file, stage by stage, and returns the outcome:
 "accepted" or "<stage>:<ErrorClass>". Any exception that is not a `KvmlxError`, or a message that is not
 one printable line, propagates as a test failure. `python tests/fuzz_corpus.py worker MANIFEST` runs
@@ -19,6 +25,7 @@ import blake3
 import numpy as np
 
 from kvmlx.errors import KvmlxError
+from kvmlx.artifact import envelope
 from kvmlx.artifact.format import ALIGN, DTYPE_SIZES, MAGIC, PREAMBLE, SIGNATURE_BLOCK, Artifact, TensorData, align, canonical_json, read_header, write_artifact
 
 FLAG_SIGNED = 1
@@ -71,12 +78,84 @@ class Bases(tuple):
         return f"Bases({', '.join(f'<{len(b)} bytes>' for b in self)})"
 
 
+def is_v3(raw: bytes) -> bool:
+    """True for version 3 (a safetensors file), False for kvmlx's own container (versions 1 and 2)."""
+    return raw[:8] != MAGIC
+
+
+def split_v3(raw: bytes) -> dict:
+    """The parts of a (valid) version-3 artifact's bytes: the table (padded, and its JSON text without
+    the padding), its parsed contents and metadata, the header bytes, the signature and the data offset."""
+    (n,) = envelope.LENGTH.unpack_from(raw, 0)
+    table = bytes(raw[8 : 8 + n])
+    listed = json.loads(table)
+    meta = listed["__metadata__"]
+    sig = meta.get("signature")
+    return {"table_len": n, "table": table, "text": table.rstrip(b" "), "data_offset": 8 + n, "listed": listed,
+            "meta": meta, "body": meta["header"].encode("ascii"), "signature": None if sig is None else bytes.fromhex(sig)}
+
+
 def header_of(raw: bytes) -> dict:
-    return json.loads(split(raw)["body"])
+    return json.loads(split_v3(raw)["body"] if is_v3(raw) else split(raw)["body"])
+
+
+def v3_raw(text: bytes, payload: bytes, *, data_offset: int | None = None, length: int | None = None, pad: bytes = b" ") -> bytes:
+    """A version-3 file from scratch: the table `text` padded with `pad` up to `data_offset` (default:
+    the first aligned boundary after it), then `payload`; the length field says `length` if given."""
+    do = align(8 + len(text)) if data_offset is None else data_offset
+    table = text + (pad * (do - 8 - len(text)))[: max(0, do - 8 - len(text))]
+    return envelope.LENGTH.pack(len(table) if length is None else length) + table + payload
+
+
+def rebuild_v3(raw: bytes, header: dict | bytes, *, sign=None, keep_signature: bool = False,
+               data_offset: int | None = None) -> bytes:
+    """`rebuild` for a version-3 artifact: the header replaced and re-digested, the table made from it
+    as a writer would (so only the header's content can be wrong). A dict's tensors must be objects
+    with the fields the table lists; a dict moves the data (and every tensor offset and `file_bytes`
+    with it) to the first aligned boundary after the new table, or to `data_offset` if given.
+    Bytes are used as they are (the table lists the tensors they parse to, else the old header's)."""
+    old = split_v3(raw)
+    payload = raw[old["data_offset"]:]
+    signed = sign is not None or (keep_signature and old["signature"] is not None)
+    placeholder = bytes(SIGNATURE_BLOCK.size) if signed else None
+    if not isinstance(header, (bytes, bytearray, dict)):
+        header = canonical_json(header)
+    if isinstance(header, dict):
+        header = json.loads(json.dumps(header))
+        do = old["data_offset"]
+        while True:
+            body = canonical_json(header)
+            needed = data_offset or align(8 + len(envelope.table(body, header["tensors"], do, bytes(32), placeholder).rstrip(b" ")))
+            if needed == do:
+                break
+            for t in header["tensors"]:
+                t["offset"] += needed - do
+            header["file_bytes"] += needed - do
+            do = needed
+        entries = header["tensors"]
+    else:
+        body = bytes(header)
+        try:
+            entries = json.loads(body)["tensors"]
+        except (ValueError, KeyError, TypeError):
+            entries = header_of(raw)["tensors"]
+        do = data_offset or align(8 + len(envelope.table(body, entries, old["data_offset"], bytes(32), placeholder).rstrip(b" ")))
+    hdigest = blake3.blake3(body).digest()
+    signature = SIGNATURE_BLOCK.pack(*sign(hdigest)) if sign is not None else old["signature"] if signed else None
+    listed = envelope.table(body, entries, do, hdigest, signature)
+    assert 8 + len(listed) == do, "the table does not fit before the data offset"
+    return envelope.LENGTH.pack(len(listed)) + listed + payload
 
 
 def boundaries(raw: bytes) -> list[int]:
-    """Every section boundary of a valid artifact: preamble fields, header, signature, data, tensors, padding."""
+    """Every section boundary of a valid artifact: preamble fields (or the length field), header (or
+    table), signature, data, tensors, padding."""
+    if is_v3(raw):
+        p = split_v3(raw)
+        cuts = {0, 8, 9, 8 + len(p["text"]), p["data_offset"], len(raw)}
+        for t in header_of(raw)["tensors"]:
+            cuts |= {t["offset"], t["offset"] + t["nbytes"], align(t["offset"] + t["nbytes"])}
+        return sorted(cuts)
     parts = split(raw)
     cuts = {0, 8, 12, 16, 24, 32, 64, 64 + parts["header_len"], 64 + parts["header_len"] + SIGNATURE_BLOCK.size,
             parts["data_offset"], len(raw)}
@@ -92,7 +171,11 @@ def rebuild(raw: bytes, header: dict | bytes, *, sign=None, keep_block: bool = F
     shifts every integer tensor offset and `file_bytes` by the same amount, so lies stay relative).
     Bytes are used as they are. With `sign`, the new digest is signed; with `keep_block`, the old
     signature block is kept (a re-digested but not re-signed header); else the file is unsigned.
+    A version-3 `raw` is rebuilt as one (`rebuild_v3`).
     """
+    if is_v3(raw):
+        assert flags is None, "version 3 has no flags"
+        return rebuild_v3(raw, header, sign=sign, keep_signature=keep_block)
     old = split(raw)
     payload = raw[old["data_offset"]:]
     if not isinstance(header, (bytes, bytearray, dict)):  # any other JSON value in place of the header
@@ -142,7 +225,8 @@ def with_tensor_bytes(raw: bytes, name: str, blob: bytes) -> tuple[bytes, dict]:
 def zstd_bomb(encoded: bytes, decoded_bytes: int = 256 << 20) -> bytes:
     """An artifact like `encoded` (a *-zstd one) whose first KV tensor's planes are zstd frames that
     declare and hold `decoded_bytes` of zeros each: ~10 KB on disk per 256 MB decoded. Well formed,
-    correctly digested: only the decoder can refuse it, and it must do so without decoding it."""
+    correctly digested: only the decoder can refuse it, and it must do so without decoding it.
+    Written in the legacy container, like `encoded`."""
     import tempfile
 
     import zstandard
@@ -159,7 +243,7 @@ def zstd_bomb(encoded: bytes, decoded_bytes: int = 256 << 20) -> bytes:
         tensors.append(TensorData(t["name"], t["dtype"], tuple(t["shape"]), memoryview(data), t["encoding"], params))
     header = {k: v for k, v in h.items() if k not in ("tensors", "file_bytes", "format", "version", "digest")}
     with tempfile.TemporaryDirectory() as d:
-        write_artifact(Path(d) / "bomb.kvmlx", header, tensors)
+        write_artifact(Path(d) / "bomb.kvmlx", header, tensors, version=h["version"])
         return (Path(d) / "bomb.kvmlx").read_bytes()
 
 
@@ -229,7 +313,8 @@ def corpus(base: bytes, signed: bytes | None = None) -> dict[str, bytes]:
         "preamble only": base[:64],
         "text mangled CRLF->LF": base.replace(b"\r\n", b"\n", 1),
         "zip file": b"PK\x03\x04" + bytes(60),
-        "newer version": set_preamble(base, "version", 3),
+        "newer version": set_preamble(base, "version", 4),
+        "version 3 in a preamble (3 is safetensors only)": set_preamble(base, "version", 3),
         "v1 file labelled version 2": set_preamble(base, "version", 2),
         "version 0": set_preamble(base, "version", 0),
         "version 2^32-1": set_preamble(base, "version", 0xFFFFFFFF),
@@ -388,6 +473,163 @@ def corpus_v2(base: bytes) -> dict[str, bytes]:
                                                        for t in hh["tensors"] if t["name"] == f"layers.{odd}.state.1"]),
         })
     return c
+
+
+def corpus_v3(base: bytes, signed: bytes | None = None) -> dict[str, bytes]:
+    """Hand-made hostile variants of a valid version-3 artifact `base` (a safetensors file) and of
+    `signed`, the same artifact signed (name -> file bytes): a table that says something other than
+    the header (what `mx.load` would follow), lying metadata and length fields, plain safetensors
+    files, non-canonical headers, truncations, tampered tensors and signatures. test_format_v3.py
+    says where and how each is refused."""
+    p = split_v3(base)
+    h = header_of(base)
+    payload = base[p["data_offset"]:]
+    names = [k for k in p["listed"] if k != "__metadata__"]
+    raw_name = next(t["name"] for t in h["tensors"] if t["encoding"] == "raw" and len(t["shape"]) > 1)
+    first = min(h["tensors"], key=lambda t: t["offset"])
+
+    def retable(mutate: Callable[[dict], Any], *, reverse: bool = False, separators=(",", ":"), pad: bytes = b" ",
+                data_offset: int | None = None) -> bytes:
+        """The table's contents changed by `mutate` (or its keys in reverse order), re-encoded and padded."""
+        listed = json.loads(json.dumps(p["listed"]))
+        mutate(listed)
+        if reverse:
+            listed = dict(reversed(listed.items()))
+        text = json.dumps(listed, sort_keys=not reverse, separators=separators, ensure_ascii=True).encode()
+        do = data_offset or max(p["data_offset"], align(8 + len(text)))
+        return v3_raw(text, payload, data_offset=do, pad=pad)
+
+    def entry(name: str, **fields):
+        return lambda listed: listed[name].update(fields)
+
+    def meta(**fields):
+        def mutate(listed):
+            for k, v in fields.items():
+                if v is None:
+                    listed["__metadata__"].pop(k, None)
+                else:
+                    listed["__metadata__"][k] = v
+        return mutate
+
+    def lie(mutate: Callable[[dict], Any]) -> bytes:
+        hh = json.loads(json.dumps(h))
+        mutate(hh)
+        return rebuild_v3(base, hh)
+
+    e = p["listed"][raw_name]
+    begin, end = e["data_offsets"]
+    other_dtype = "F16" if e["dtype"] != "F16" else "BF16"
+    body = p["body"]
+    edited = body.replace(b'"chunk_size":', b'"chunk_size":1', 1)
+    c: dict[str, bytes] = {
+        # the table lists the tensors differently from the (intact) header
+        "table: data_offsets moved": retable(entry(raw_name, data_offsets=[begin + ALIGN, end + ALIGN])),
+        "table: data_offsets shortened": retable(entry(raw_name, data_offsets=[begin, end - 2])),
+        "table: dtype changed": retable(entry(raw_name, dtype=other_dtype)),
+        "table: shape changed, same bytes": retable(entry(raw_name, shape=list(reversed(e["shape"])))),
+        "table: extra entry": retable(lambda listed: listed.update(extra={"data_offsets": [0, 0], "dtype": "U8", "shape": [0]})),
+        "table: entry removed": retable(lambda listed: listed.pop(names[-1])),
+        "table: entry renamed": retable(lambda listed: listed.update(renamed=listed.pop(raw_name))),
+        "table: keys reordered": retable(lambda listed: None, reverse=True),
+        "table: whitespace inside": retable(lambda listed: None, separators=(", ", ": ")),
+        "table: padding past the first boundary": retable(lambda listed: None, data_offset=p["data_offset"] + ALIGN),
+        "table: a page of padding, header moved with it": rebuild_v3(base, h, data_offset=p["data_offset"] + ALIGN),
+        "table: newline padding": retable(lambda listed: None, pad=b"\n"),
+        "table: NUL padding": retable(lambda listed: None, pad=b"\0"),
+        "table: one NUL at the end of the padding": base[: p["data_offset"] - 1] + b"\0" + payload,
+        "table: one tab in the padding": base[: 8 + len(p["text"]) + 5] + b"\t" + base[8 + len(p["text"]) + 6 :],
+        "table: non-ASCII byte in the padding": base[: p["data_offset"] - 1] + b"\xff" + payload,
+        "table: a JSON list": v3_raw(b"[]", payload, data_offset=p["data_offset"]),
+        "table: NaN": v3_raw(b'{"__metadata__":{"format":"kvmlx"},"a":NaN}', payload, data_offset=p["data_offset"]),
+        "table: deep JSON (100k levels)": v3_raw(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", b""),
+        "table: '{}'": envelope.LENGTH.pack(2) + b"{}",
+        # lying metadata
+        "metadata: header_blake3 wrong": retable(meta(header_blake3="0" * 64)),
+        "metadata: header_blake3 missing": retable(meta(header_blake3=None)),
+        "metadata: header_blake3 uppercase": retable(meta(header_blake3=p["meta"]["header_blake3"].upper())),
+        "metadata: header_blake3 short": retable(meta(header_blake3=p["meta"]["header_blake3"][:-2])),
+        "metadata: header edited, not re-digested": retable(meta(header=edited.decode())),
+        "metadata: header missing": retable(meta(header=None)),
+        "metadata: header an object": retable(meta(header=h)),
+        "metadata: version 4": retable(meta(version="4")),
+        "metadata: version 2": retable(meta(version="2")),
+        "metadata: version 1": retable(meta(version="1")),
+        "metadata: version 03": retable(meta(version="03")),
+        "metadata: version 3 as a number": retable(meta(version=3)),
+        "metadata: version missing": retable(meta(version=None)),
+        "metadata: version 99999999999": retable(meta(version="9" * 11)),
+        "metadata: unknown key": retable(meta(python="__import__('os')")),
+        "metadata: non-string value": retable(meta(header_blake3=[p["meta"]["header_blake3"]])),
+        "metadata: format gguf": retable(meta(format="gguf")),
+        "metadata: format missing": retable(meta(format=None)),
+        "metadata: signature not hex": retable(meta(signature="zz" * 96)),
+        "metadata: signature short": retable(meta(signature="00" * 95)),
+        "metadata: signature by the zero key": retable(meta(signature="00" * 96)),
+        "metadata: a signature added to an unsigned file": retable(meta(signature="11" * 96)),
+        "metadata missing": retable(lambda listed: listed.pop("__metadata__")),
+        "metadata a string": retable(lambda listed: listed.update(__metadata__="kvmlx")),
+        # a plain safetensors file (the same tensors, no kvmlx metadata)
+        "plain safetensors": _plain_safetensors(p["listed"], payload),
+        "plain safetensors with other metadata": retable(lambda listed: listed.update(__metadata__={"format": "pt"})),
+        # the length field
+        "length 0": envelope.LENGTH.pack(0) + base[8:],
+        "length 1": envelope.LENGTH.pack(1) + base[8:],
+        "length 2^64-1": envelope.LENGTH.pack((1 << 64) - 1) + base[8:],
+        "length 2^40": envelope.LENGTH.pack(1 << 40) + base[8:],
+        "length past the end of the file": envelope.LENGTH.pack(len(base)) + base[8:],
+        "length one short (unaligned)": envelope.LENGTH.pack(p["table_len"] - 1) + base[8:],
+        "length one long (unaligned)": envelope.LENGTH.pack(p["table_len"] + 1) + base[8:],
+        "length half a page short": envelope.LENGTH.pack(p["table_len"] - ALIGN // 2) + base[8:],
+        "length one page long": envelope.LENGTH.pack(p["table_len"] + ALIGN) + base[8:],
+        "length the text only": envelope.LENGTH.pack(len(p["text"])) + base[8:],
+        # a re-digested header (and a table made from it) that lies
+        "header not canonical (whitespace)": rebuild_v3(base, json.dumps(h, sort_keys=True).encode()),
+        "header with a duplicate key": rebuild_v3(base, body.replace(b'"head_dim":', b'"head_dim":1,"head_dim":', 1)),
+        "header 1.0 for 1": rebuild_v3(base, body.replace(b'"head_dim":', b'"x":1.0e0,"head_dim":', 1)),
+        "header version 2": lie(lambda hh: hh.update(version=2)),
+        "header version 1": lie(lambda hh: hh.update(version=1)),
+        "header version 4": lie(lambda hh: hh.update(version=4)),
+        "header file_bytes one page more": lie(lambda hh: hh.update(file_bytes=hh["file_bytes"] + ALIGN)),
+        "header tensor offset a page late": lie(lambda hh: [t.update(offset=t["offset"] + ALIGN)
+                                                            for t in hh["tensors"] if t["name"] == first["name"]]),
+        "header tensor dtype float32": lie(lambda hh: [t.update(dtype="float32") for t in hh["tensors"] if t["name"] == raw_name]),
+        # truncated, extended, tampered
+        "empty": b"",
+        "7 bytes": base[:7],
+        "length only": base[:8],
+        "cut in the table": base[: 8 + len(p["text"]) // 2],
+        "cut after the table text": base[: 8 + len(p["text"])],
+        "cut at the data offset": base[: p["data_offset"]],
+        "cut in the first tensor": base[: first["offset"] + max(1, first["nbytes"] // 2)],
+        "last byte cut": base[:-1],
+        "page appended": base + bytes(ALIGN),
+        "byte appended": base + b"\0",
+        "tensor bit flipped": _poke(base, first["offset"] + first["nbytes"] // 2),
+        "tensor padding not zero": _poke(base, first["offset"] + first["nbytes"]),
+    }
+    if signed is not None:
+        ps = split_v3(signed)
+        hs = header_of(signed)
+        hs["kv"]["chunk_size"] += 1
+        sig_hex = ps["meta"]["signature"]
+
+        def resig(at: int) -> bytes:  # one hex digit of the signature field changed (still valid hex)
+            hexed = sig_hex[:at] + ("1" if sig_hex[at] == "0" else "0") + sig_hex[at + 1 :]
+            return signed.replace(sig_hex.encode(), hexed.encode(), 1)
+
+        c.update({
+            "signed: signature altered": resig(64 + 40),
+            "signed: public key altered": resig(3),
+            "signed: header changed, old signature kept": rebuild_v3(signed, hs, keep_signature=True),
+        })
+    return c
+
+
+def _plain_safetensors(listed: dict, payload: bytes) -> bytes:
+    """The same tensors as a plain safetensors file, as most writers make it: no metadata, the table
+    padded to 8 bytes (a valid file for any safetensors reader, `mx.load` among them)."""
+    text = json.dumps({k: v for k, v in listed.items() if k != "__metadata__"}, separators=(",", ":")).encode()
+    return v3_raw(text, payload, data_offset=8 + -(-len(text) // 8) * 8)
 
 
 def _tensor(h: dict, name: str) -> dict:

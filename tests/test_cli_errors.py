@@ -144,13 +144,26 @@ def test_inspect_shows_header_digest_and_signature(runner, files, artifact, tmp_
     assert "NOT in the trust list" in runner.invoke(main, ["inspect", str(signed)]).output
     assert runner.invoke(main, ["trust", "add", f"{key_file}.pub", "--name", "me"]).exit_code == 0
     assert "trusted as 'me'" in runner.invoke(main, ["inspect", str(signed)]).output
-    # a signature that does not verify is shown, not a crash
-    data = bytearray(signed.read_bytes())
-    from kvmlx.artifact.format import PREAMBLE
+    # a signature that does not verify is shown, not a crash: in version 3 (hex in the safetensors
+    # metadata, one digit changed) and in kvmlx's own container (a bit of the signature block)
+    from fuzz_corpus import split_v3
+
+    data = signed.read_bytes()
+    sig = split_v3(data)["meta"]["signature"]
+    at = 64 + 40  # inside the Ed25519 signature (the first 64 hex digits are the public key)
+    signed.write_bytes(data.replace(sig.encode(), (sig[:at] + ("1" if sig[at] == "0" else "0") + sig[at + 1 :]).encode(), 1))
+    result = runner.invoke(main, ["inspect", str(signed)])
+    assert result.exit_code == 0 and "INVALID" in result.output
+    legacy = tmp_path / "legacy.kvmlx"
+    assert runner.invoke(main, ["publish", str(files / "doc.txt"), "--out", str(legacy), "--sign", str(key_file),
+                                "--format-version", "1"]).exit_code == 0
+    data = bytearray(legacy.read_bytes())
+    from kvmlx.artifact.format import MAGIC, PREAMBLE
+    assert data[:8] == MAGIC
     header_len = int.from_bytes(data[16:24], "little")
     data[PREAMBLE.size + header_len + 40] ^= 1  # inside the Ed25519 signature
-    signed.write_bytes(bytes(data))
-    result = runner.invoke(main, ["inspect", str(signed)])
+    legacy.write_bytes(bytes(data))
+    result = runner.invoke(main, ["inspect", str(legacy)])
     assert result.exit_code == 0 and "INVALID" in result.output
 
 

@@ -421,7 +421,7 @@ def test_push_writes_a_model_card(fake_hub, tmp_path, tiny, document):
     hub = model_card({**h, "model": {**h["model"], "id": "Qwen/Qwen3-4B"}}, "d" * 64,
                      trust_api.SignatureStatus(False), "x.kvmlx", "a/b")
     assert yaml.safe_load(hub.split("---")[1])["base_model"] == "Qwen/Qwen3-4B" and "unsigned" in hub
-    assert k["cache_families"] == ["kv"] and k["format_version"] == 1
+    assert k["cache_families"] == ["kv"] and k["format_version"] == 3
 
 
 def test_model_card_of_a_version_2_artifact_names_its_families(fake_hub, tmp_path, preset):
@@ -436,5 +436,5 @@ def test_model_card_of_a_version_2_artifact_names_its_families(fake_hub, tmp_pat
     push(art, "alice/sliding")
     card = fake_hub["files"][("alice/sliding", "README.md")].decode()
     k = yaml.safe_load(card.split("---")[1])["kvmlx"]
-    assert k["format_version"] == 2 and k["cache_families"] == ["rotating", "kv"]
+    assert k["format_version"] == 3 and k["cache_families"] == ["rotating", "kv"]
     assert "| caches | rotating, kv, state checkpoints every 16 tokens |" in card

@@ -31,7 +31,7 @@ def test_publish_verify_inspect_per_preset(runner, doc_file, tmp_path, name):
                              "--checkpoint-every", "64", "-o", str(out), "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output)
-    assert summary["format_version"] == 2 and summary["checkpoint_every"] == 64 and summary["checkpoints"] >= 2
+    assert summary["format_version"] == 3 and summary["checkpoint_every"] == 64 and summary["checkpoints"] >= 2
     r = runner.invoke(main, ["generate", str(out), "-p", " And then the", "-n", "24", "--verify", "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
@@ -106,7 +106,7 @@ def test_bad_v2_artifacts_are_one_line_errors_on_the_cli(runner, preset, tmp_pat
     lm = preset("sliding")
     good = tmp_path / "good.kvmlx"
     publish(lm, lm.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over. " * 4)[:48], good,
-            chunk_size=8, checkpoint_every=16)
+            chunk_size=8, checkpoint_every=16, format_version=2)  # the corpus patches kvmlx's own container
     bad = tmp_path / "bad.kvmlx"
     bad.write_bytes(corpus_v2(good.read_bytes())[case])
     r = runner.invoke(main, ["generate", str(bad), "-m", "builtin:sliding", "-p", " x", "-n", "2"])

@@ -1,4 +1,5 @@
-"""Every cache family through a saved file: publish -> load -> continue is token-exact (version 2).
+"""Every cache family through a saved file: publish -> load -> continue is token-exact (a header with
+`caches`: version 3, or version 2 in kvmlx's own container).
 
 For each built-in family preset (hybrid Qwen3-Next: ArraysCache + KVCache; Gemma-3-style sliding
 window shorter than the document; gpt-oss-style sliding window in float32) and for mlx-lm's
@@ -46,7 +47,7 @@ def published(preset, document, tmp_path_factory):
 def test_publish_then_generate_verify_is_token_exact(published, name):
     lm, path, tokens = published(name)
     h = read_header(path)
-    assert h["version"] == 2 and [c["tokens"] for c in h["checkpoints"]] == [64, 128, 192]
+    assert h["version"] == 3 and h["caches"] and [c["tokens"] for c in h["checkpoints"]] == [64, 128, 192]
     report = verify(path, lm, " And then the", max_tokens=MAX_TOKENS)
     assert report.token_exact and report.tokens_compared == MAX_TOKENS
     assert report.max_abs_logit_diff == 0.0
@@ -144,8 +145,9 @@ def test_mismatched_kv_settings_are_refused_by_name(tmp_path, tiny, document):
         load_artifact(path, tiny, kv_quant=None)
 
 
-def _rewrite(src, dst, edit):
-    """Re-write an artifact with an edited header (valid digests: what a hostile publisher can do)."""
+def _rewrite(src, dst, edit, version=fmt.VERSION):
+    """Re-write an artifact with an edited header (valid digests: what a hostile publisher can do), as
+    format `version` (1 or 2: kvmlx's own container)."""
     with Artifact(src) as art:
         header = {k: v for k, v in art.header.items() if k not in ("tensors", "file_bytes", "format", "version", "digest")}
         tensors = [TensorData(e.name, e.dtype, e.shape, memoryview(bytes(art.tensor_bytes(e.name))), e.encoding, e.params)
@@ -153,7 +155,7 @@ def _rewrite(src, dst, edit):
     edit(header)
     if not header.get("checkpoints"):
         tensors = [t for t in tensors if not t.name.startswith("checkpoints.")]
-    write_artifact(dst, header, tensors)
+    write_artifact(dst, header, tensors, version=version)
     return dst
 
 
@@ -182,18 +184,40 @@ def test_a_checkpoint_off_a_chunk_boundary_is_refused(published, tmp_path):
         load_artifact(bad, lm)
 
 
-def test_an_older_reader_refuses_version_2_naming_both(published, monkeypatch):
+def test_an_older_reader_refuses_version_2_naming_both(published, tmp_path, monkeypatch):
     _, path, _ = published("hybrid")
+    legacy = _rewrite(path, tmp_path / "v2.kvmlx", lambda h: None, version=2)
+    assert read_header(legacy)["version"] == 2 and read_header(legacy)["caches"] == read_header(path)["caches"]
     monkeypatch.setattr(fmt, "VERSION", 1)
     with pytest.raises(UnsupportedVersionError, match="format version 2 is newer than this kvmlx reads \\(1\\)"):
+        read_header(legacy)
+    from kvmlx.artifact import envelope
+
+    monkeypatch.setattr(envelope, "VERSION", 2)  # a reader of safetensors containers up to version 2
+    with pytest.raises(UnsupportedVersionError, match="format version 3 is newer than this kvmlx reads \\(2\\)"):
         read_header(path)
 
 
-def test_plain_kv_artifacts_stay_version_1(tmp_path, tiny, document):
-    path = tmp_path / "plain.kvmlx"
-    publish(tiny, tiny.tokenizer.encode(document)[:40], path, chunk_size=CHUNK)
-    assert read_header(path)["version"] == 1
-    assert restore_info(read_header(path)).deepest(17) == 17
+def test_plain_kv_artifacts_have_no_caches_and_can_still_be_version_1(tmp_path, tiny, document):
+    """Plain KV (every layer a KVCache, no --kv-bits) says nothing of cache families, so a version-3
+    header is plain KV without `caches`; `format_version=1` still writes a file older readers read,
+    which loads token-exactly."""
+    tokens = tiny.tokenizer.encode(document)[:40]
+    path, old = tmp_path / "plain.kvmlx", tmp_path / "plain-v1.kvmlx"
+    publish(tiny, tokens, path, chunk_size=CHUNK)
+    h = read_header(path)
+    assert h["version"] == 3 and "caches" not in h and "checkpoints" not in h
+    assert restore_info(h).deepest(17) == 17
+    publish(tiny, tokens, old, chunk_size=CHUNK, format_version=1)
+    assert old.read_bytes()[:8] == fmt.MAGIC
+    h1 = read_header(old)
+    def same(header):
+        return {k: v for k, v in header.items() if k not in ("version", "created_by", "tensors", "file_bytes")}
+
+    assert h1["version"] == 1 and same(h1) == same(h)
+    assert [(t["name"], t["digest"]) for t in h1["tensors"]] == [(t["name"], t["digest"]) for t in h["tensors"]]
+    report = verify(old, tiny, " And then the", max_tokens=8)
+    assert report.token_exact and report.tokens_compared == 8 and report.max_abs_logit_diff == 0.0
 
 
 @pytest.mark.parametrize("name", ["sliding", "gpt-oss"])

@@ -1,4 +1,8 @@
-"""The artifact format alone: layout, round trip, and refusals of broken or hostile files (no model)."""
+"""The artifact format alone: layout, round trip, and refusals of broken or hostile files (no model).
+
+These tests read and patch the bytes of kvmlx's own container (versions 1 and 2: the 64-byte preamble),
+which every reader keeps reading: `synthetic` writes that container explicitly. Version 3 (a
+safetensors file, the writer's default) has its own tests in test_format_v3.py."""
 
 import json
 import os
@@ -14,7 +18,7 @@ from kvmlx.artifact.format import ALIGN, MAGIC, PREAMBLE, Artifact, TensorData, 
 LAYERS, HEADS, TOKENS, HEAD_DIM, VOCAB = 2, 2, 5, 8, 16
 
 
-def synthetic(tmp_path, name="a.kvmlx", tokens=TOKENS):
+def synthetic(tmp_path, name="a.kvmlx", tokens=TOKENS, version=1):
     rng = np.random.default_rng(0)
     arrays = {}
     for i in range(LAYERS):
@@ -30,7 +34,7 @@ def synthetic(tmp_path, name="a.kvmlx", tokens=TOKENS):
     }
     tensors = [TensorData(k, "float16", v.shape, memoryview(v).cast("B")) for k, v in arrays.items()]
     path = tmp_path / name
-    write_artifact(path, header, tensors)
+    write_artifact(path, header, tensors, version=version)
     return path, arrays
 
 
@@ -53,7 +57,7 @@ def test_round_trip_and_alignment(tmp_path):
     path, arrays = synthetic(tmp_path)
     with Artifact(path) as art:
         assert art.size == path.stat().st_size == art.header["file_bytes"]
-        assert art.size % ALIGN == 0
+        assert art.size % ALIGN == 0 and art.version == 1
         for name, arr in arrays.items():
             entry = art.tensors[name]
             assert entry.offset % ALIGN == 0
@@ -101,13 +105,13 @@ def test_a_header_checked_before_is_checked_again_beside_another_file_size(tmp_p
         with pytest.raises(ArtifactError, match="truncated|padded"):
             read_header(bad)
     calls = []
-    real = fmt._validate
+    real = fmt.validate
     fmt._VALID_HEADERS.clear()
     try:
-        fmt._validate = lambda *a, **k: calls.append(1) or real(*a, **k)
+        fmt.validate = lambda *a, **k: calls.append(1) or real(*a, **k)
         read_header(path), read_header(path)
     finally:
-        fmt._validate = real
+        fmt.validate = real
     assert calls == [1]
 
 
@@ -127,7 +131,8 @@ def _pack(fmt, offset, value):
     "patch, error, message",
     [
         (_xor(1, 0xFF), ArtifactError, "not a kvmlx artifact"),
-        (_pack("<I", 8, 3), UnsupportedVersionError, "format version 3 is newer than this kvmlx reads \\(2\\)"),
+        (_pack("<I", 8, 4), UnsupportedVersionError, "format version 4 is newer than this kvmlx reads \\(3\\)"),
+        (_pack("<I", 8, 3), ArtifactError, "invalid format version 3 in a kvmlx preamble"),  # 3 is safetensors only
         (_pack("<I", 8, 2), ArtifactError, "caches must list one cache per layer"),  # a v1 header relabelled v2
         (_pack("<I", 8, 0), ArtifactError, "invalid format version"),
         (_pack("<I", 12, 4), ArtifactError, "unknown flags"),
@@ -235,7 +240,7 @@ def test_signature_block_round_trip(tmp_path):
         return b"K" * 32, b"S" * 64
 
     signed = tmp_path / "signed.kvmlx"
-    write_artifact(signed, read_header(path) | {}, tensors, sign=sign)
+    write_artifact(signed, read_header(path) | {}, tensors, sign=sign, version=1)
     with Artifact(signed) as art:
         assert art.signature == (b"K" * 32, b"S" * 64)
         assert seen == [art.header_digest]

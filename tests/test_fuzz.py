@@ -4,7 +4,9 @@ Nothing crashes the process, hangs, or allocates far beyond the file's size. Pro
 (Hypothesis) over a small valid artifact of the tiny model: bit flips anywhere, truncation at every
 section boundary and at random lengths, lying preamble fields, lying structural fields in a header
 that is re-digested (so the structure checks, not the digest, must catch them), random JSON values
-in every header field; plus a hand-made corpus (tests/fuzz_corpus.py). Files go through what a
+in every header field; plus a hand-made corpus (tests/fuzz_corpus.py). Most classes take apart
+kvmlx's own container (versions 1 and 2); bit flips, truncation and the hand-made corpus also run on
+version 3 (a safetensors file: test_format_v3.py has its own exhaustive checks). Files go through what a
 loader does: `read_header`, `Artifact.tensor_bytes(verify=True)` and `load_artifact` with the tiny
 model; a sample runs in a subprocess that also continues, `--verify`s and spot-checks each file, so
 a segfault or an abort is a failure, not a dead test run.
@@ -31,6 +33,9 @@ from hypothesis import strategies as st
 from fuzz_corpus import (
     Bases,
     corpus_v2,
+    corpus_v3,
+    is_v3,
+    split_v3,
     zstd_bomb,
     attempt,
     boundaries,
@@ -89,14 +94,27 @@ def signing_key():
 
 @pytest.fixture(scope="module")
 def bases(work, tiny, signing_key):
-    """A small valid artifact of the tiny model (12 tokens, 9 tensors, 160 KiB), unsigned and signed."""
+    """A small valid artifact of the tiny model (12 tokens, 9 tensors, 160 KiB), unsigned and signed, in
+    kvmlx's own container (version 1: the preamble these tests take apart)."""
     from kvmlx.runtime.publish import publish
     from kvmlx.artifact.trust import signer
 
     tokens = tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over.")[:12]
-    publish(tiny, tokens, work / "base.kvmlx", chunk_size=8)
-    publish(tiny, tokens, work / "signed.kvmlx", chunk_size=8, sign=signer(signing_key))
+    publish(tiny, tokens, work / "base.kvmlx", chunk_size=8, format_version=1)
+    publish(tiny, tokens, work / "signed.kvmlx", chunk_size=8, sign=signer(signing_key), format_version=1)
     return Bases(((work / "base.kvmlx").read_bytes(), (work / "signed.kvmlx").read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def v3_bases(work, tiny, signing_key):
+    """The same document as `bases` in version 3 (the writer's default), unsigned and signed."""
+    from kvmlx.runtime.publish import publish
+    from kvmlx.artifact.trust import signer
+
+    tokens = tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over.")[:12]
+    publish(tiny, tokens, work / "base-v3.kvmlx", chunk_size=8)
+    publish(tiny, tokens, work / "signed-v3.kvmlx", chunk_size=8, sign=signer(signing_key))
+    return Bases(((work / "base-v3.kvmlx").read_bytes(), (work / "signed-v3.kvmlx").read_bytes()))
 
 
 def run(work: Path, raw: bytes, lm, cls: str) -> str:
@@ -113,10 +131,14 @@ def run(work: Path, raw: bytes, lm, cls: str) -> str:
 
 def regions(raw: bytes) -> list[tuple[str, int, int]]:
     """(name, start, end) of every kind of byte in a valid artifact."""
-    p = split(raw)
-    head_end = 64 + p["header_len"] + SIGNATURE_BLOCK.size
-    out = [("preamble", 0, 64), ("header", 64, 64 + p["header_len"]), ("signature block", 64 + p["header_len"], head_end),
-           ("header padding", head_end, p["data_offset"])]
+    if is_v3(raw):
+        p = split_v3(raw)
+        out = [("length", 0, 8), ("table", 8, 8 + len(p["text"])), ("table padding", 8 + len(p["text"]), p["data_offset"])]
+    else:
+        p = split(raw)
+        head_end = 64 + p["header_len"] + SIGNATURE_BLOCK.size
+        out = [("preamble", 0, 64), ("header", 64, 64 + p["header_len"]), ("signature block", 64 + p["header_len"], head_end),
+               ("header padding", head_end, p["data_offset"])]
     for t in header_of(raw)["tensors"]:
         out.append(("tensor data", t["offset"], t["offset"] + t["nbytes"]))
         if align(t["offset"] + t["nbytes"]) > t["offset"] + t["nbytes"]:
@@ -127,10 +149,10 @@ def regions(raw: bytes) -> list[tuple[str, int, int]]:
 # ---------------------------------------------------------------- bit flips
 
 
-@pytest.mark.parametrize("which", ["unsigned", "signed"])
-def test_every_single_bit_flip_is_refused(work, tiny, bases, which):
-    """No byte of an artifact is unchecked: a flip anywhere is refused (header, signature, padding, data)."""
-    raw = bases[which == "signed"]
+@pytest.mark.parametrize("which", ["unsigned", "signed", "v3 unsigned", "v3 signed"])
+def test_every_single_bit_flip_is_refused(work, tiny, bases, v3_bases, which):
+    """No byte of an artifact is unchecked: a flip anywhere is refused (header or table, signature, padding, data)."""
+    raw = (v3_bases if which.startswith("v3") else bases)[which.endswith(" signed") or which == "signed"]
 
     @fuzz(300)
     @given(st.data())
@@ -161,8 +183,9 @@ def test_every_preamble_and_signature_bit(work, tiny, bases, which):
 # ---------------------------------------------------------------- truncation and extension
 
 
-def test_truncation_at_every_section_boundary(work, tiny, bases):
-    raw = bases[1]
+@pytest.mark.parametrize("version", [1, 3])
+def test_truncation_at_every_section_boundary(work, tiny, bases, v3_bases, version):
+    raw = (bases if version == 1 else v3_bases)[1]
     cuts = sorted({c + d for c in boundaries(raw) for d in (-1, 0, 1) if 0 <= c + d < len(raw)})
     for cut in cuts:
         assert run(work, raw[:cut], tiny, "truncation at a boundary").startswith("read:"), cut
@@ -170,8 +193,8 @@ def test_truncation_at_every_section_boundary(work, tiny, bases):
 
 @fuzz(100)
 @given(st.data())
-def test_truncation_and_extension_at_random_lengths(work, tiny, bases, data):
-    raw = bases[0]
+def test_truncation_and_extension_at_random_lengths(work, tiny, bases, v3_bases, data):
+    raw = data.draw(st.sampled_from([bases[0], v3_bases[0]]), label="base")
     if data.draw(st.booleans(), label="extend"):
         tail = data.draw(st.binary(min_size=1, max_size=3 * ALIGN), label="tail")
         outcome = run(work, raw + tail, tiny, "extension")
@@ -319,7 +342,7 @@ def encoded_bases(work, tiny):
     out = {}
     for encoding in ENCODED:
         if encoding in ENCODINGS:
-            publish(tiny, tokens, work / f"{encoding}.kvmlx", chunk_size=8, encoding=encoding)
+            publish(tiny, tokens, work / f"{encoding}.kvmlx", chunk_size=8, encoding=encoding, format_version=1)
             out[encoding] = (work / f"{encoding}.kvmlx").read_bytes()
     return out
 
@@ -383,6 +406,18 @@ def test_hand_made_corpus(work, tiny, bases):
     assert outcomes["num_layers 2^20"].startswith("read:")
 
 
+def test_hand_made_v3_corpus(work, tiny, v3_bases):
+    """Version 3's hostile files (tables that list the tensors otherwise than the header, lying metadata
+    and length fields, plain safetensors, ...) through the loader with the tiny model: none accepted."""
+    assert run(work, v3_bases[0], tiny, "v3 corpus (valid base)") == "accepted"
+    outcomes = {name: run(work, raw, tiny, "v3 hand-made corpus") for name, raw in corpus_v3(*v3_bases).items()}
+    accepted = sorted(n for n, o in outcomes.items() if o == "accepted")
+    assert not accepted, accepted
+    assert outcomes["table: dtype changed"] == "read:ArtifactError"
+    assert outcomes["signed: signature altered"] == "load:BadSignatureError"
+    assert outcomes["tensor bit flipped"] == "verify:IntegrityError"
+
+
 # ---------------------------------------------------------------- version 2: cache families, checkpoints, --kv-bits
 
 
@@ -397,10 +432,10 @@ def v2_bases(work, preset, tiny):
     for name, n in (("hybrid", 40), ("sliding", 48)):
         lm = preset(name)
         tokens = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over. " * 4)[:n]
-        publish(lm, tokens, work / f"{name}.kvmlx", chunk_size=8, checkpoint_every=16)
+        publish(lm, tokens, work / f"{name}.kvmlx", chunk_size=8, checkpoint_every=16, format_version=2)
         out[name] = ((work / f"{name}.kvmlx").read_bytes(), lm)
     tokens = tiny.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice over.")[:12]
-    publish(tiny, tokens, work / "q8.kvmlx", chunk_size=8, kv_quant=KVQuantization(8, 32, 0))
+    publish(tiny, tokens, work / "q8.kvmlx", chunk_size=8, kv_quant=KVQuantization(8, 32, 0), format_version=2)
     out["q8"] = ((work / "q8.kvmlx").read_bytes(), tiny)
     return out
 
@@ -454,12 +489,13 @@ def test_random_json_in_the_v2_fields(work, v2_bases, data):
 # ---------------------------------------------------------------- a sample in a separate process
 
 
-def mutants(raw: bytes, signed: bytes, rng: random.Random, n: int) -> list[tuple[str, bytes]]:
+def mutants(raw: bytes, signed: bytes, rng: random.Random, n: int,
+            kinds: tuple[str, ...] = ("bit flip", "truncation", "structure lie", "random JSON")) -> list[tuple[str, bytes]]:
     """Random hostile variants for the subprocess run (same classes as the properties above)."""
     out = []
     h0 = header_of(raw)
     for _ in range(n):
-        kind = rng.choice(["bit flip", "truncation", "structure lie", "random JSON"])
+        kind = rng.choice(kinds)
         if kind == "bit flip":
             base = rng.choice([raw, signed])
             name, lo, hi = rng.choice(regions(base))
@@ -482,13 +518,14 @@ def mutants(raw: bytes, signed: bytes, rng: random.Random, n: int) -> list[tuple
     return out
 
 
-def test_hostile_files_in_a_subprocess(work, tiny, bases, encoded_bases):
+def test_hostile_files_in_a_subprocess(work, tiny, bases, v3_bases, encoded_bases):
     """Load a sample in a child process doing everything a loader and an agent might (continue,
     --verify, spot check): a segfault, abort, hang or memory blow-up fails the test, naming the file."""
     rng = random.Random()
     seed = rng.randrange(1 << 32)
     rng.seed(seed)
     cases = list(corpus(*bases).items()) + mutants(*bases, rng, 200 * SCALE)
+    cases += list(corpus_v3(*v3_bases).items()) + mutants(*v3_bases, rng, 50 * SCALE, kinds=("bit flip", "truncation"))
     cases += [(f"zstd bomb ({e})", zstd_bomb(raw)) for e, raw in encoded_bases.items() if e.endswith("-zstd")]
     folder = work / "subprocess"
     folder.mkdir(exist_ok=True)

@@ -87,16 +87,17 @@ def test_one_process_is_unaffected(tiny, document, tmp_path):
     """Without a launcher the same calls work: the refusal is about the layout, not the features."""
     tokens = tiny.tokenizer.encode(document)[:64]
     res = publish(tiny, tokens, tmp_path / "q.kvmlx", chunk_size=CHUNK, kv_quant=QUANT)
-    assert res.header["version"] == 2
+    assert res.header["version"] == 3 and res.header["caches"]
     assert load_artifact(res.path, tiny, kv_quant=QUANT).kv_quant == QUANT
 
 
 def test_a_version_2_header_with_a_parallel_object_is_invalid(tiny, document, tmp_path):
-    """A (re-digested) --kv-bits header claiming to be rank 0's part of a tensor-parallel artifact."""
+    """A (re-digested) --kv-bits header claiming to be rank 0's part of a tensor-parallel artifact (in
+    kvmlx's own container, version 2; test_format_v3.py has the same lie in a version-3 file)."""
     import blake3
 
     path = tmp_path / "v2.kvmlx"
-    publish(tiny, tiny.tokenizer.encode(document)[:64], path, chunk_size=CHUNK, kv_quant=QUANT)
+    publish(tiny, tiny.tokenizer.encode(document)[:64], path, chunk_size=CHUNK, kv_quant=QUANT, format_version=2)
     raw = bytearray(path.read_bytes())
     magic, version, flags, hlen, data_offset, _ = PREAMBLE.unpack_from(raw, 0)
     header = json.loads(raw[64 : 64 + hlen])
@@ -106,7 +107,7 @@ def test_a_version_2_header_with_a_parallel_object_is_invalid(tiny, document, tm
     raw[64:data_offset] = body + bytes(data_offset - 64 - len(body))
     PREAMBLE.pack_into(raw, 0, magic, version, flags, len(body), data_offset, blake3.blake3(body).digest())
     path.write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match=r"parallel artifacts hold plain KV \(version 1\)") as e:
+    with pytest.raises(ArtifactError, match=r"parallel artifacts hold plain KV: cache families and --kv-bits are single-process only") as e:
         Artifact(path)
     assert "\n" not in str(e.value)
 

@@ -180,7 +180,7 @@ def test_version_2_loads_record_only_what_they_hashed(preset, tmp_path, hashes):
     key = store.publish(lm, tokens, chunk_size=16, checkpoint_every=32).key
     path = store.path(key)
     with Artifact(path) as art:
-        assert art.header["version"] == 2 and art.header["checkpoints"]
+        assert art.header["version"] == 3 and art.header["caches"] and art.header["checkpoints"]
         assert store.verified_identity(key) == art.identity  # publish hashed what it wrote
         n_tensors = len(art.tensors)
     store.index.run(lambda c: c.execute("DELETE FROM verified"))

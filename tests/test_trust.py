@@ -61,10 +61,11 @@ def doc_tokens(tiny, document):
 
 @pytest.fixture(scope="module")
 def arts(tmp_path_factory, tiny, doc_tokens, publisher):
-    """The same document published unsigned and signed by `publisher`."""
+    """The same document published unsigned and signed by `publisher`, in kvmlx's own container (version 1:
+    the forgeries below patch its preamble; `cli_artifacts` are version 3, test_format_v3.py has its forgeries)."""
     d = tmp_path_factory.mktemp("trust")
-    publish(tiny, doc_tokens, d / "unsigned.kvmlx", chunk_size=CHUNK)
-    publish(tiny, doc_tokens, d / "signed.kvmlx", chunk_size=CHUNK, sign=signer(publisher))
+    publish(tiny, doc_tokens, d / "unsigned.kvmlx", chunk_size=CHUNK, format_version=1)
+    publish(tiny, doc_tokens, d / "signed.kvmlx", chunk_size=CHUNK, sign=signer(publisher), format_version=1)
     return {"unsigned": d / "unsigned.kvmlx", "signed": d / "signed.kvmlx"}
 
 

@@ -72,11 +72,14 @@ DEMO_PROMPT = "\n\nQuestion: Why should an agent load a published KV cache inste
 @click.option("--checkpoint-every", type=click.IntRange(1), default=None,
               help="Models with recurrent state or sliding windows: store a state checkpoint every N tokens (a multiple "
                    "of --chunk-size) so prompts sharing part of the document reuse it (default: auto, by state size).")
+@click.option("--format-version", type=click.Choice(["1", "2", "3"]), default="3", show_default=True,
+              help="With --out: 1 or 2 write kvmlx's own container, for kvmlx readers older than version 3 "
+                   "(the header version follows the model: 2 for cache families); 3 is a safetensors file mx.load reads.")
 @kv_quant_options
 @PIPELINE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def publish(document, out, to_store, store_dir, chat, system, model, dtype, chunk_size, encoding, sign_key, checkpoint_every,
-            kv_bits, kv_group_size, quantized_kv_start, pipeline, as_json) -> None:
+            format_version, kv_bits, kv_group_size, quantized_kv_start, pipeline, as_json) -> None:
     """Prefill DOCUMENT (a text file, or - for stdin) once and write its KV artifact (--out) or store it (--store)."""
     to_store = to_store or store_dir is not None
     kv_quant = kv_quant_from(kv_bits, kv_group_size, quantized_kv_start)
@@ -89,6 +92,8 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
         raise click.UsageError("give --out FILE or --store, not both" if out else "give --out FILE or --store")
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
+    if to_store and format_version != "3":
+        raise click.UsageError("--format-version applies to --out files (the store writes the current version)")
     text = read_text(document, "document")  # every input is checked before the model loads and the prefill runs
     if out is not None:
         check_output_path(out, "artifact")
@@ -104,7 +109,8 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
                                                **signing)
             result = stored.result  # None when the store already held these tokens: nothing was computed
         else:
-            result = publish_api(lm, payload, out, chunk_size=chunk_size, encoding=encoding, progress=bar, **signing)
+            result = publish_api(lm, payload, out, chunk_size=chunk_size, encoding=encoding, progress=bar,
+                                 format_version=int(format_version), **signing)
     if result is not None:
         summary = {
             "artifact": str(result.path), "model": lm.model_id, "dtype": lm.dtype, "tokens": result.num_tokens,

@@ -1,6 +1,13 @@
 """The agent's path: artifact -> checks -> mlx-lm `KVCache` objects ready for the suffix.
 
-Two ways in, and `LoadedKV.load_path` says which ran:
+Three ways in, and `LoadedKV.load_path` says which ran:
+
+- ``native`` (a version-3 file with nothing to hash, everywhere but Metal, when no headroom is asked
+  for): `mx.load` reads the file, a safetensors file (artifact/envelope.py), on MLX's own I/O threads
+  straight into exact-size arrays: mlx-lm's `load_prompt_cache` path, with kvmlx's checks around it.
+  Like mlx-lm's caches, these have no spare slots: the suffix's first append grows them (one copy of
+  the document's KV). A load that must hash digests takes the copy path, which hashes each tensor
+  right after reading it, while it is hot (docs/BENCHMARKS.md: 20-25% faster cold or warm).
 
 - ``zero-copy`` (Metal: Apple Silicon's unified memory). Each 16 KiB-aligned tensor in the memory map
   is adopted by MLX as it is (`mx.asarray(view, copy=False)`): no byte is copied at load. The map stays
@@ -48,7 +55,7 @@ from ..artifact.format import DTYPE_SIZES, ENCODINGS, TENSOR_DTYPES, Artifact, V
 from ..artifact.identity import check_binding, model_fingerprint, tokenizer_fingerprint
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import KVQuantization, StreamedKVCache, check_model, from_arrays, model_specs, quantization_of
-from ..errors import KVQuantizationMismatchError, LossyArtifactError, ModelMismatchError, PrefixMismatchError
+from ..errors import IntegrityError, KVQuantizationMismatchError, LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from ..models import LoadedModel
 from .distributed import check_parallel_support, open_part, read_bytes
 from .restore import build_states, state_tensor_names
@@ -56,7 +63,7 @@ from .restore import build_states, state_tensor_names
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
 DEFAULT_HEADROOM = 256  # at most one mlx-lm KVCache step of spare slots (`spare_slots`)
 MIN_HEADROOM = 16  # spare slots even for a tiny document: the first decode steps append in place
-LOAD_PATHS = ("auto", "copy", "zero-copy", "overlap")
+LOAD_PATHS = ("auto", "native", "copy", "zero-copy", "overlap")
 ALLOC_LAYERS = 4  # layers allocated per `mx.load` call: few calls, yet the first reads start early (3774 tokens: 8 -> 4 layers, 64 -> 44 ms)
 SMALL_BUFFER = 4 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
 PAGE = 4096  # bytes: each head's row of a loaded KV buffer is a whole number of pages (`_page_rows`)
@@ -140,13 +147,14 @@ def load_artifact(
         if require_exact and not ENCODINGS[encoding]:
             raise LossyArtifactError(f"artifact KV is {encoding}-quantised (lossy) but an exact load was required")
         checkpoints: dict = {}
+        # before the reads, which remember a fully hashed file (then `verified_before` would say so)
+        known = "recorded" if art.recorded else "remembered" if art.verified_before else None
         if _plain_kv(art.header):
             caches, logits, used = read_caches(art, verify_digests=verify_digests, headroom=headroom, load_path=load_path)
             whole = True
         else:
             caches, checkpoints, logits, used, whole = _read_v2(art, verify_digests, at)
-        digests = ("skipped" if not verify_digests else "recorded" if art.recorded
-                   else "remembered" if art.verified_before else "hashed" if whole else "partial")
+        digests = "skipped" if not verify_digests else known or ("hashed" if whole else "partial")
     except BaseException:
         _release(art)
         raise
@@ -193,12 +201,16 @@ def _read_v2(art: Artifact, verify_digests: bool, at: int | None):
 def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: int | None = None) -> dict[str, mx.array]:
     """Named tensors of an open artifact as evaluated MLX arrays of their stored shape and dtype: the
     read path of every cache family (version-2 states and checkpoints: plain, quantized, rotating,
-    arrays). Destinations come from one `_uninitialized` call per dtype (no fill); each raw tensor is
+    arrays). Version 3 with nothing to hash: `mx.load` reads the raw tensors (`_read_native`).
+    Otherwise destinations come from one `_uninitialized` call per dtype (no fill); each raw tensor is
     read straight into its buffer with one `preadv` (its digest checked while the bytes are hot), on
-    the load pool unless the whole read is small and unhashed; encoded tensors are decoded."""
+    the load pool unless the whole read is small and unhashed. Encoded tensors are decoded."""
     entries = [art.tensors[name] for name in names]
     raw = [e for e in entries if e.encoding == "raw" and e.nbytes]
     out: dict[str, mx.array] = {}
+    if raw and not verify and art.native_source() is not None:
+        out.update(zip((e.name for e in raw), _read_native(art, [e.name for e in raw], verify)))
+        raw = []
     for dtype in dict.fromkeys(e.dtype for e in raw):
         group = [e for e in raw if e.dtype == dtype]
         out.update(zip((e.name for e in group), _uninitialized([e.shape for e in group], dtype)))
@@ -230,6 +242,24 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
         data = decode(art.tensor_bytes(e.name, verify=verify), e.encoding, e.params, e.dtype, e.shape)
         out[e.name] = mx.array(np.frombuffer(data, np.uint8)).view(DTYPES[e.dtype]).reshape(e.shape)
     return out
+
+
+def _read_native(art: Artifact, names: Sequence[str], verify: bool) -> list[mx.array]:
+    """Named raw tensors of a version-3 artifact, read by `mx.load` (the tensors not named are never
+    read: its arrays are lazy) and, with `verify` (`load_path="native"` asked for a hashed load),
+    checked against their digests once in memory."""
+    lazy = mx.load(art.native_source(), format="safetensors")
+    arrays = [lazy[name] for name in names]
+    del lazy
+    for name, a in zip(names, arrays):  # what mx.load parsed is what the header said (the file could change)
+        entry = art.tensors[name]
+        if tuple(a.shape) != entry.shape or a.dtype != DTYPES[entry.dtype]:
+            raise IntegrityError(f"{art.path.name}: the file changed on disk while it was being loaded")
+    mx.eval(arrays)
+    if verify:
+        _parallel(lambda i: art.check_loaded(names[i], arrays[i]), list(range(len(names))), None)
+    art.check_unchanged()
+    return arrays
 
 
 def check_tokens_and_logits(header: dict, lm: LoadedModel) -> None:
@@ -268,14 +298,22 @@ def read_caches(
     names = header_kv_names(art.header)
     n = art.header["kv"]["num_tokens"]
     raw = art.header["kv"].get("encoding", "raw") == "raw"
+    native = raw and art.native_source() is not None
     used = "zero-copy" if load_path == "zero-copy" or (load_path == "auto" and raw and zero_copy_available()) else load_path
-    used = "copy" if used == "auto" else used
-    if used == "zero-copy" and not raw:
-        raise ValueError("only raw artifacts can be loaded without a copy")
     # a re-load of a file whose digests all matched earlier in this process skips hashing (format.py)
     hashed = verify_digests and not art.verified_before
     recheck = verify_digests and not hashed
+    if used == "auto":
+        used = "native" if native and headroom is None and not hashed else "copy"
+    if used == "zero-copy" and not raw:
+        raise ValueError("only raw artifacts can be loaded without a copy")
+    if used == "native" and not native:
+        raise ValueError("only raw version-3 artifacts can be read by mx.load")
     logits = _read_logits(art, hashed)
+    if used == "native":
+        arrays = _read_native(art, names, hashed)
+        _finish(art, hashed, recheck)
+        return from_arrays(arrays, n), logits, used
     if used == "zero-copy":
         if hashed:
             _parallel(lambda name: art.tensor_bytes(name, verify=True), names, threads)

@@ -15,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from .. import __version__
 from ..artifact.encodings import encode
-from ..artifact.format import ENCODINGS, TENSOR_DTYPES, Signer, TensorData, digest, write_artifact
+from ..artifact.format import ENCODINGS, TENSOR_DTYPES, VERSION, Signer, TensorData, digest, write_artifact
 from ..artifact.identity import config_geometry, model_fingerprint, rope_settings, tokenizer_fingerprint
 from ..caches import KVQuantization, kv_arrays, model_specs, needs_checkpoint, save_layer, spec, tensor_names
 from ..caches.quantized import apply as apply_quantization
@@ -94,6 +94,7 @@ def publish(
     sign: Signer | None = None,
     kv_quant: KVQuantization | None = None,
     checkpoint_every: int | None = None,
+    format_version: int = VERSION,
 ) -> PublishResult:
     """Prefill `document` (text, or token ids) once with `lm` and write its KV artifact to `out`.
 
@@ -103,10 +104,11 @@ def publish(
     signs the header digest (see `kvmlx.artifact.trust`).
 
     Models whose caches are not all plain `KVCache` (sliding windows, recurrent state) and `kv_quant`
-    (mlx-lm's `--kv-bits` pipeline, applied after every chunk) give a version-2 artifact: each layer's
+    (mlx-lm's `--kv-bits` pipeline, applied after every chunk) give an artifact of cache families: each layer's
     cache family and state, plus state checkpoints every `checkpoint_every` tokens (a multiple of
     `chunk_size`; None: `auto_checkpoint_every`) for the layers whose earlier states cannot be
     recovered from the final one, so agents can reuse a shared prefix of the document exactly.
+    `format_version` 1 or 2 writes kvmlx's own container, for readers older than version 3.
     """
     specs = model_specs(lm.model)
     _check_encoding(encoding, kv_quant is None and all(s["family"] == "kv" for s in specs), kv_quant)
@@ -136,7 +138,8 @@ def publish(
     logits = prefill(lm.model, tokens, cache, chunk_size, progress, quant=kv_quant, on_chunk=on_chunk)
     prefill_seconds = time.perf_counter() - t0
     result = write_kv(lm, tokens, cache, logits, out, chunk_size=chunk_size, text_digest=text_digest, encoding=encoding,
-                      sign=sign, kv_quant=kv_quant, snapshots=snapshots, checkpoint_every=every if checkpointed else None)
+                      sign=sign, kv_quant=kv_quant, snapshots=snapshots, checkpoint_every=every if checkpointed else None,
+                      format_version=format_version)
     result.prefill_seconds = prefill_seconds
     return result
 
@@ -156,12 +159,13 @@ def write_kv(
     kv_quant: KVQuantization | None = None,
     snapshots: Sequence[tuple[int, dict[int, tuple[dict, dict]]]] = (),
     checkpoint_every: int | None = None,
+    format_version: int = VERSION,
 ) -> PublishResult:
     """Write the caches of `tokens` already in `cache` (prefilled in `chunk_size` chunks by `lm`) and the
     logits row after the last token as an artifact at `out` (publish's second half; imports use it).
 
-    Plain `KVCache` layers without `kv_quant` give a version-1 artifact; any other family, or
-    `kv_quant`, a version-2 one with each layer's family and state, plus `snapshots` ((tokens,
+    Plain `KVCache` layers without `kv_quant` give plain KV; any other family, or `kv_quant`, each
+    layer's family and state (`caches`: version 2's header), plus `snapshots` ((tokens,
     {layer: save_layer result}) taken during the prefill) as its state checkpoints.
     """
     plain = kv_quant is None and all(spec(c)["family"] == "kv" for c in cache)
@@ -206,7 +210,7 @@ def write_kv(
     if lm.group is not None:  # under mlx.launch: this rank's part, then the manifest (runtime/distributed.py)
         written = write_parallel(out, header, tensors, lm, sign=sign)
     else:
-        written = write_artifact(out, header, tensors, sign=sign)
+        written = write_artifact(out, header, tensors, sign=sign, version=format_version)
     write_seconds = time.perf_counter() - t1
     return PublishResult(Path(out), n, written.get("part_bytes", written["file_bytes"]), kv_bytes, 0.0, write_seconds,
                          written, checkpoint_bytes, len(snapshots), checkpoint_every)
