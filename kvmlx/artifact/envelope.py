@@ -54,12 +54,10 @@ def table(body: bytes, entries: Sequence[dict], data_offset: int, header_digest:
     return text + b" " * max(0, data_offset - LENGTH.size - len(text))
 
 
-def read(fd: int, size: int, name: str, first: bytes, max_header: int) -> tuple[bytes, int, bytes, bytes | None, bytes]:
-    """Read and check a version-3 container's table (first: the file's first 8 bytes).
-
-    Returns (header body, data offset, header digest, public key + signature or None, table bytes);
-    the caller checks the body against its digest, validates the header, then calls `check_table`.
-    """
+def read_table(fd: int, size: int, name: str, first: bytes, max_header: int) -> tuple[bytes, int]:
+    """A version-3 container's table bytes (bounded, inside the file) and its data offset, from the
+    file's first 8 bytes. The caller parses it (`parse_table`), checks the header body against its
+    digest, validates the header, then calls `check_table`."""
     (n,) = LENGTH.unpack(first)
     if n > 4 * max_header or n < 2 or os.pread(fd, 1, LENGTH.size) != b"{":
         raise ArtifactError(f"{name}: not a kvmlx artifact (bad magic bytes)")
@@ -69,6 +67,11 @@ def read(fd: int, size: int, name: str, first: bytes, max_header: int) -> tuple[
     raw = os.pread(fd, n, LENGTH.size)
     if len(raw) != n:
         raise ArtifactError(f"{name}: truncated while reading the table")
+    return raw, data_offset
+
+
+def parse_table(raw: bytes, name: str, max_header: int) -> tuple[bytes, bytes, bytes | None]:
+    """(header body, header digest, public key + signature or None) from a table's metadata, checked."""
     try:
         listed = json.loads(raw.decode("ascii"), parse_constant=_reject)
     except (ValueError, RecursionError) as e:
@@ -92,8 +95,7 @@ def read(fd: int, size: int, name: str, first: bytes, max_header: int) -> tuple[
         raise ArtifactError(f"{name}: malformed header digest in the safetensors metadata")
     if signature is not None and (len(signature) != 192 or not _HEX.fullmatch(signature)):
         raise ArtifactError(f"{name}: malformed signature in the safetensors metadata")
-    return (body.encode("ascii"), data_offset, bytes.fromhex(digest),
-            None if signature is None else bytes.fromhex(signature), raw)
+    return body.encode("ascii"), bytes.fromhex(digest), None if signature is None else bytes.fromhex(signature)
 
 
 def check_table(raw: bytes, header: dict, body: bytes, data_offset: int, header_digest: bytes,

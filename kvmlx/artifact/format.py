@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import blake3
@@ -278,11 +279,11 @@ class Artifact:
             raise ArtifactError(f"{path}: cannot open ({e.strerror or e})") from e
         try:
             self.size = os.fstat(self._fd).st_size
-            self.header, self.data_offset, self.header_digest, self.signature, self.version = _parse(self._fd, self.size, self.path.name)
+            self.header, self.data_offset, self.header_digest, self.signature, self.version, self.tensors = \
+                _parse(self._fd, self.size, self.path.name)
         except BaseException:
             os.close(self._fd)
             raise
-        self.tensors = {t.name: t for t in (_entry(e) for e in self.header["tensors"])}
         self._identity = file_identity(self._fd)
 
     @property
@@ -430,12 +431,14 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
     if size < envelope.LENGTH.size:
         raise ArtifactError(f"{name}: truncated ({size} bytes)")
     first = os.pread(fd, envelope.LENGTH.size, 0)
-    listed = None
+    listed = table_digest = None
     if first == MAGIC:
         body, data_offset, header_digest, block, version = _read_preamble(fd, size, name)
     else:
-        body, data_offset, header_digest, block, listed = envelope.read(fd, size, name, first, MAX_HEADER_BYTES)
-        version = VERSION
+        listed, data_offset = envelope.read_table(fd, size, name, first, MAX_HEADER_BYTES)
+        table_digest, version = blake3.blake3(listed).digest(), VERSION
+        known = _VALID_TABLES.get((table_digest, size))  # a table checked before: its metadata as parsed then
+        body, header_digest, block = known or envelope.parse_table(listed, name, MAX_HEADER_BYTES)
     if blake3.blake3(body).digest() != header_digest:
         raise IntegrityError(f"{name}: header does not match its digest (file altered or corrupt)")
     try:
@@ -443,8 +446,9 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
     except (ValueError, RecursionError) as e:
         raise ArtifactError(f"{name}: header is not valid JSON ({type(e).__name__})") from None
     # the checks below depend on nothing else (version 3's table is rebuilt from the rest)
-    checked = (header_digest, size, data_offset, version, block, listed and blake3.blake3(listed).digest())
-    if checked not in _VALID_HEADERS:
+    checked = (header_digest, size, data_offset, version, block, table_digest)
+    entries = _VALID_HEADERS.get(checked)
+    if entries is None:
         try:
             canonical = canonical_json(header) == body
         except (ValueError, RecursionError):  # 1e999 parses as inf, which canonical JSON cannot hold
@@ -456,12 +460,17 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
             raise ArtifactError(f"{name}: invalid header: version {header.get('version')!r} differs from the container's {version}")
         if listed is not None:
             envelope.check_table(listed, header, body, data_offset, header_digest, block, name, ALIGN)
+        entries = MappingProxyType({t.name: t for t in (_entry(e) for e in header["tensors"])})
         with _VALID_LOCK:
             if len(_VALID_HEADERS) >= _MAX_VALID_HEADERS:
                 del _VALID_HEADERS[next(iter(_VALID_HEADERS))]
-            _VALID_HEADERS[checked] = None
+            if len(_VALID_TABLES) >= _MAX_VALID_HEADERS:
+                del _VALID_TABLES[next(iter(_VALID_TABLES))]
+            _VALID_HEADERS[checked] = entries
+            if table_digest is not None:
+                _VALID_TABLES[(table_digest, size)] = (body, header_digest, block)
     signature = SIGNATURE_BLOCK.unpack(block) if block is not None else None
-    return header, data_offset, header_digest, signature, version
+    return header, data_offset, header_digest, signature, version, entries
 
 
 def _read_preamble(fd: int, size: int, name: str) -> tuple[bytes, int, bytes, bytes | None, int]:
@@ -499,8 +508,11 @@ def _read_preamble(fd: int, size: int, name: str) -> tuple[bytes, int, bytes, by
 # Headers that passed the canonical-JSON and structural checks in this process, by (header digest, file
 # size, data offset, version, signature, table digest): those checks are a pure function of the header's
 # bytes (which match the digest just recomputed) and of these, so a re-load skips them (0.5-1 ms a load; the JSON is
-# still parsed afresh, so no caller shares a header dict). Bounded; the oldest entry goes first.
-_VALID_HEADERS: dict[tuple, None] = {}
+# still parsed afresh, so no caller shares a header dict; the tensor entries, read-only, are shared). Version
+# 3's tables checked before, by (table digest, file size): their metadata as parsed then (a re-load parses
+# only the header). Bounded; the oldest entries go first.
+_VALID_HEADERS: dict[tuple, MappingProxyType] = {}
+_VALID_TABLES: dict[tuple, tuple] = {}
 _MAX_VALID_HEADERS = 4096
 _VALID_LOCK = threading.Lock()
 
