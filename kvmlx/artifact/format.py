@@ -436,8 +436,8 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
         body, data_offset, header_digest, block, version = _read_preamble(fd, size, name)
     else:
         listed, data_offset = envelope.read_table(fd, size, name, first, MAX_HEADER_BYTES)
-        table_digest, version = blake3.blake3(listed).digest(), VERSION
-        known = _VALID_TABLES.get((table_digest, size))  # a table checked before: its metadata as parsed then
+        table_digest, version = blake3.blake3(listed).digest(), envelope.VERSION
+        known = _VALID_TABLES.get((table_digest, size, version))  # a table checked before: its metadata as parsed then
         body, header_digest, block = known or envelope.parse_table(listed, name, MAX_HEADER_BYTES)
     if blake3.blake3(body).digest() != header_digest:
         raise IntegrityError(f"{name}: header does not match its digest (file altered or corrupt)")
@@ -468,7 +468,7 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
                 del _VALID_TABLES[next(iter(_VALID_TABLES))]
             _VALID_HEADERS[checked] = entries
             if table_digest is not None:
-                _VALID_TABLES[(table_digest, size)] = (body, header_digest, block)
+                _VALID_TABLES[(table_digest, size, version)] = (body, header_digest, block)
     signature = SIGNATURE_BLOCK.unpack(block) if block is not None else None
     return header, data_offset, header_digest, signature, version, entries
 
@@ -509,7 +509,7 @@ def _read_preamble(fd: int, size: int, name: str) -> tuple[bytes, int, bytes, by
 # size, data offset, version, signature, table digest): those checks are a pure function of the header's
 # bytes (which match the digest just recomputed) and of these, so a re-load skips them (0.5-1 ms a load; the JSON is
 # still parsed afresh, so no caller shares a header dict; the tensor entries, read-only, are shared). Version
-# 3's tables checked before, by (table digest, file size): their metadata as parsed then (a re-load parses
+# 3's tables checked before, by (table digest, file size, version read): their metadata as parsed then (a re-load parses
 # only the header). Bounded; the oldest entries go first.
 _VALID_HEADERS: dict[tuple, MappingProxyType] = {}
 _VALID_TABLES: dict[tuple, tuple] = {}
