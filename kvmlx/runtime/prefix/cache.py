@@ -54,7 +54,7 @@ from ..store.keys import kv_variant
 from ..store.lock import StoreLock
 from .index import CacheIndex, Row
 from .layers import base_part, join_layer, segment_arrays, snapshot_arrays
-from .writer import RecordWriter
+from .writer import RecordWriter, pending_under
 
 DEFAULT_BLOCK = 256
 HEADROOM = 256  # free slots after a restored prefix: the suffix's first appends do not re-allocate
@@ -261,7 +261,7 @@ class PrefixCache:
             return []
         while pos < len(tokens):
             best, best_m = None, 0
-            for row in self.index.children(parent, pos) + self._pending(parent, pos):
+            for row in self.index.children(parent, pos) + pending_under(self.pending, {parent}, pos):
                 if row.key in excluded:
                     continue
                 m = _common(row.tokens, tokens, pos)
@@ -280,7 +280,7 @@ class PrefixCache:
         snapshot = None
         if self.snap:  # the deepest state snapshot along the matched chain
             ends = {r.key: (r.start, r.start + m) for r, m in chain}
-            snaps = [s for s in self.index.snapshots(ends) + self._pending(ends) if s.key not in excluded
+            snaps = [s for s in self.index.snapshots(ends) + pending_under(self.pending, ends) if s.key not in excluded
                      and ends[s.parent][0] < s.start <= ends[s.parent][1]]
             snapshot = max(snaps, key=lambda s: s.start, default=None)
             pos = snapshot.start if snapshot else 0
@@ -296,14 +296,6 @@ class PrefixCache:
             cut.append((r, min(m, left)))
             left -= min(m, left)
         return _Hit(pos, cut, snapshot, first)
-
-    def _pending(self, parents, start: int | None = None) -> list[Row]:
-        """Pending rows under `parents` (segments at `start`, or snapshots when `start` is None)."""
-        if not self.pending:
-            return []
-        parents = {parents} if isinstance(parents, str) else parents
-        return [r for r in self.pending.values() if r.parent in parents
-                and (r.kind == "snapshot" if start is None else r.kind == "segment" and r.start == start)]
 
     def _restore(self, hit: _Hit, headroom: int, base_caches: list | None) -> tuple[list, dict[str, int]]:
         by_tier = {"memory": 0, "disk": 0}
@@ -440,11 +432,9 @@ class PrefixCache:
         return nbytes
 
     def _write_file(self, row: Row, header: dict, data: list, nbytes: int, protect: set[str]) -> int | None:
-        """Make room, write one record's file, index it; the file's bytes, or None when another process
-        wrote it first. Synchronous writes hold the cache lock throughout; the writer thread takes the
-        locks (mutex, then the cache lock: the one order) only around the index work, not the file
-        write, so lookups go on meanwhile (an eviction racing it leaves an orphan `trim` drops). On the
-        writer thread, errors are counted here."""
+        """Make room, write one record's file, index it: its bytes, or None if another process wrote it.
+        The writer thread takes the locks (mutex, then the cache lock: the one order) only around the
+        index work, not the file write (a racing eviction leaves an orphan `trim` drops); counts errors."""
         try:
             with self._lock if self.writer is None else nullcontext():
                 with self.mutex, self._lock:

@@ -58,3 +58,12 @@ class RecordWriter:
                 with self._done:
                     self._outstanding -= 1
                     self._done.notify_all()
+
+
+def pending_under(pending: dict, parents, start: int | None = None) -> list:
+    """The pending rows under `parents` (`PrefixCache.pending`, a key -> Row dict): segments starting at
+    `start`, or snapshots when `start` is None (what a lookup adds to the index's answer)."""
+    if not pending:
+        return []
+    return [r for r in list(pending.values()) if r.parent in parents
+            and (r.kind == "snapshot" if start is None else r.kind == "segment" and r.start == start)]
