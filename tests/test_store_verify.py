@@ -170,10 +170,11 @@ def test_recorded_identity_is_checked_field_by_field(tiny, tmp_path):
     assert fmt.VerifiedIdentity is type(ident)
 
 
-def test_version_2_loads_record_only_what_they_hashed(preset, tmp_path, hashes):
+def test_version_2_loads_record_only_what_they_hashed(preset, tmp_path, hashes, monkeypatch):
     """A sliding-window artifact with state checkpoints: a load of one checkpoint (what an agent does)
     hashes only the tensors it reads, so it is "partial" and records nothing; a whole load is
     "hashed" and recorded, after which a new process's loads (agent or whole) hash nothing."""
+    monkeypatch.setattr("kvmlx.artifact.verified.SETTLED_SECONDS", 3600.0)  # nothing remembered in-process
     lm = preset("sliding")
     tokens = lm.tokenizer.encode(DOC * 2)[:96]
     store = Store(tmp_path / "s")
@@ -225,3 +226,35 @@ def test_the_serving_engine_records_what_it_hashed(preset, tmp_path, hashes):
     forget_verified()
     hashes.clear()
     assert Engine(lm, store, cache=False).prepare(tokens[:40] + [7, 8, 9])[2] == 32 and hashes == []
+
+
+def test_a_checkpoint_loaded_again_in_one_process_is_not_hashed_again(preset, tmp_path, hashes, monkeypatch):
+    """The tensors a partial load hashed are remembered (per file identity, by tensor): loading the
+    same checkpoint again hashes nothing ("remembered"), another checkpoint is hashed once too, and a
+    file written since is hashed again. A store still records only whole verifications."""
+    monkeypatch.setattr("kvmlx.artifact.verified.SETTLED_SECONDS", -1.0)
+    forget_verified()
+    lm = preset("sliding")
+    tokens = lm.tokenizer.encode(DOC * 2)[:96]
+    path = tmp_path / "s.kvmlx"
+    publish(lm, tokens, path, chunk_size=16, checkpoint_every=32)
+    from kvmlx.runtime.load import load_artifact
+
+    first = load_artifact(path, lm, at=64)
+    assert first.digests == "partial" and hashes
+    hashes.clear()
+    again = load_artifact(path, lm, at=64)
+    assert again.digests == "remembered" and hashes == []
+    assert [c.state[0].tolist() for c in again.caches if c.state[0] is not None] == \
+        [c.state[0].tolist() for c in first.caches if c.state[0] is not None]
+    other = load_artifact(path, lm, at=32)  # tensors not all hashed before: the load hashes what it reads
+    assert other.digests == "partial" and hashes
+    hashes.clear()
+    assert [load_artifact(path, lm, at=k).digests for k in (32, 64)] == ["remembered"] * 2 and hashes == []
+    _flip(path, path.stat().st_size - 1)  # the padding at the end: any write makes it another file
+    hashes.clear()
+    from kvmlx.errors import IntegrityError
+
+    with pytest.raises(IntegrityError, match="padding"):
+        load_artifact(path, lm, at=64)
+    forget_verified()

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import blake3
 
@@ -54,7 +54,14 @@ from .schema import (  # noqa: F401 (re-exported: what a header may say)
     kv_tensor_names,
     validate,
 )
-from .verified import VerifiedIdentity, file_identity, forget_verified, remember, remembered  # noqa: F401 (re-exported)
+from .verified import (  # noqa: F401 (re-exported)
+    VerifiedIdentity,
+    file_identity,
+    forget_verified,
+    remember,
+    remembered,
+    remembered_tensors,
+)
 
 MAGIC = b"\x89KVMLX\r\n"
 VERSION = envelope.VERSION  # the newest version this reader understands, and the writer's
@@ -308,10 +315,15 @@ class Artifact:
         """True when the identity recorded by a store (`verified=`) is exactly this file's."""
         return self._recorded is not None and self._recorded == self.identity
 
-    def mark_verified(self) -> None:
-        """Record that every tensor's digest and padding matched (call only after checking them all;
-        files changed in the last two seconds are not recorded: verified.remember)."""
-        remember(self._identity, self.header_digest)
+    def mark_verified(self, tensors: Iterable[str] | None = None) -> None:
+        """Record that every tensor's digest and padding matched, or only those of `tensors` (call only
+        after checking them; files changed in the last two seconds are not recorded: verified.remember)."""
+        remember(self._identity, self.header_digest, None if tensors is None else frozenset(tensors))
+
+    def verified_for(self, tensors: Iterable[str]) -> bool:
+        """True if the named tensors' digests matched earlier in this process (a partial load of this
+        very file), or the whole file is known intact (`verified_before`)."""
+        return self.verified_before or set(tensors) <= remembered_tensors(self._identity, self.header_digest)
 
     def check_unchanged(self) -> None:
         """Raise IntegrityError if the file was written to since it was opened."""

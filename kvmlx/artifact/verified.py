@@ -15,6 +15,7 @@ SETTLED_SECONDS = 2.0  # a file changed this recently may change again within on
 _MAX = 4096
 _lock = threading.Lock()
 _verified: dict[tuple, None] = {}  # (file identity, header digest) of files verified in this process
+_partly: dict[tuple, frozenset] = {}  # (file identity, header digest) -> tensors verified so far (partial loads)
 
 
 @dataclass(frozen=True)
@@ -39,19 +40,27 @@ def remembered(identity: tuple, header_digest: bytes) -> bool:
     return (identity, header_digest) in _verified
 
 
-def remember(identity: tuple, header_digest: bytes) -> None:
-    """Remember a file whose every digest matched, unless it changed in the last SETTLED_SECONDS (a
-    second write within one tick of the file system's clock could leave the change time as it is:
-    the "racy git" problem)."""
+def remember(identity: tuple, header_digest: bytes, tensors: frozenset | None = None) -> None:
+    """Remember a file whose every digest matched (or, with `tensors`, whose named tensors' digests
+    matched: a load of one state checkpoint), unless it changed in the last SETTLED_SECONDS (a second
+    write within one tick of the file system's clock could leave the change time as it is: the
+    "racy git" problem)."""
     if time.time() - identity[4] / 1e9 < SETTLED_SECONDS:
         return
     with _lock:
-        if len(_verified) >= _MAX:
-            del _verified[next(iter(_verified))]
-        _verified[(identity, header_digest)] = None
+        table, key = (_verified, (identity, header_digest)) if tensors is None else (_partly, (identity, header_digest))
+        if len(table) >= _MAX and key not in table:
+            del table[next(iter(table))]
+        table[key] = None if tensors is None else tensors | _partly.get(key, frozenset())
+
+
+def remembered_tensors(identity: tuple, header_digest: bytes) -> frozenset:
+    """The tensors of this very file whose digests matched earlier in this process (partial loads)."""
+    return _partly.get((identity, header_digest), frozenset())
 
 
 def forget_verified() -> None:
     """Forget which files were verified in this process: the next load of each hashes every tensor."""
     with _lock:
         _verified.clear()
+        _partly.clear()

@@ -148,12 +148,15 @@ def load_artifact(
             raise LossyArtifactError(f"artifact KV is {encoding}-quantised (lossy) but an exact load was required")
         checkpoints: dict = {}
         # before the reads, which remember a fully hashed file (then `verified_before` would say so)
-        known = "recorded" if art.recorded else "remembered" if art.verified_before else None
-        if _plain_kv(art.header):
+        plain = _plain_kv(art.header)
+        v2_names = None if plain else ["logits", *state_tensor_names(art.header, at)]
+        known = ("recorded" if art.recorded else "remembered"
+                 if art.verified_before or (v2_names is not None and art.verified_for(v2_names)) else None)
+        if plain:
             caches, logits, used = read_caches(art, verify_digests=verify_digests, headroom=headroom, load_path=load_path)
             whole = True
         else:
-            caches, checkpoints, logits, used, whole = _read_v2(art, verify_digests, at)
+            caches, checkpoints, logits, used, whole = _read_v2(art, verify_digests, at, v2_names)
         digests = "skipped" if not verify_digests else known or ("hashed" if whole else "partial")
     except BaseException:
         _release(art)
@@ -186,16 +189,20 @@ def _plain_kv(header: dict) -> bool:
     return caches is None or (all(m["family"] == "kv" for m in caches) and not header.get("checkpoints"))
 
 
-def _read_v2(art: Artifact, verify_digests: bool, at: int | None):
+def _read_v2(art: Artifact, verify_digests: bool, at: int | None, names: list[str]):
     """Every family's state (and checkpoints) of a version-2 artifact through `read_tensors`; the last
-    item says whether every tensor was read (not so with `at` when the artifact has checkpoints)."""
-    hashed = verify_digests and not art.verified_before
+    item says whether every tensor was read (not so with `at` when the artifact has checkpoints).
+    `names`: the logits and the tensors read. A partial read that hashed them is remembered (by
+    tensor), so loading the same checkpoint again hashes nothing."""
+    hashed = verify_digests and not art.verified_for(names)
     whole = at is None or not art.header.get("checkpoints")
     logits = _read_logits(art, hashed)
-    arrays = read_tensors(art, state_tensor_names(art.header, at), hashed)
+    arrays = read_tensors(art, names[1:], hashed)
     caches, checkpoints = build_states(art.header, arrays, at=at)
     _finish(art, hashed and whole, verify_digests and not hashed)
-    return caches, checkpoints, logits, "copy", whole
+    if hashed and not whole:
+        art.mark_verified(names)
+    return caches, checkpoints, logits, "native" if not hashed and art.native_source() else "copy", whole
 
 
 def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: int | None = None) -> dict[str, mx.array]:
