@@ -464,6 +464,8 @@ def test_mx_save_safetensors_files_are_not_kvmlx_artifacts(tmp_path):
         with pytest.raises(ArtifactError, match="not a kvmlx artifact|invalid format version") as e:
             read_header(path)
         _one_line(e.value)
+    with pytest.raises(ArtifactError, match="mlx-lm prompt cache becomes one with `kvmlx import`"):
+        read_header(plain)  # the likely mix-up: an mlx-lm prompt cache given where an artifact goes
 
 
 def test_truncation_at_every_section_boundary(tmp_path, bases):

@@ -78,7 +78,8 @@ def parse_table(raw: bytes, name: str, max_header: int) -> tuple[bytes, bytes, b
         raise ArtifactError(f"{name}: safetensors table is not valid JSON ({type(e).__name__})") from None
     meta = listed.get("__metadata__") if isinstance(listed, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != "kvmlx":
-        raise ArtifactError(f"{name}: not a kvmlx artifact (a safetensors file without kvmlx metadata)")
+        raise ArtifactError(f"{name}: not a kvmlx artifact (a safetensors file without kvmlx metadata; "
+                            "an mlx-lm prompt cache becomes one with `kvmlx import`)")
     version = meta.get("version")
     if isinstance(version, str) and version.isascii() and version.isdigit() and len(version) < 6 and int(version) > VERSION:
         raise UnsupportedVersionError(f"{name}: format version {int(version)} is newer than this kvmlx reads ({VERSION}); upgrade kvmlx")
