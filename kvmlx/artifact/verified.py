@@ -47,8 +47,9 @@ def remember(identity: tuple, header_digest: bytes, tensors: frozenset | None = 
     "racy git" problem)."""
     if time.time() - identity[4] / 1e9 < SETTLED_SECONDS:
         return
+    key = (identity, header_digest)
     with _lock:
-        table, key = (_verified, (identity, header_digest)) if tensors is None else (_partly, (identity, header_digest))
+        table = _verified if tensors is None else _partly
         if len(table) >= _MAX and key not in table:
             del table[next(iter(table))]
         table[key] = None if tensors is None else tensors | _partly.get(key, frozenset())

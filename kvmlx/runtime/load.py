@@ -203,8 +203,7 @@ def _read_v2(art: Artifact, verify_digests: bool, at: int | None, names: list[st
     _finish(art, hashed and whole, verify_digests and not hashed)
     if hashed and not whole:
         art.mark_verified(names)
-    native = not hashed and art.native_source() is not None and _native_pays(art, names[1:])
-    return caches, checkpoints, logits, "native" if native else "copy", whole
+    return caches, checkpoints, logits, "native" if _reads_natively(art, names[1:], hashed) else "copy", whole
 
 
 def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: int | None = None) -> dict[str, mx.array]:
@@ -217,7 +216,7 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
     entries = [art.tensors[name] for name in names]
     raw = [e for e in entries if e.encoding == "raw" and e.nbytes]
     out: dict[str, mx.array] = {}
-    if raw and not verify and art.native_source() is not None and _native_pays(art, [e.name for e in raw]):
+    if _reads_natively(art, [e.name for e in entries], verify):
         out.update(zip((e.name for e in raw), _read_native(art, [e.name for e in raw], verify)))
         raw = []
     for dtype in dict.fromkeys(e.dtype for e in raw):
@@ -251,6 +250,14 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
         data = decode(art.tensor_bytes(e.name, verify=verify), e.encoding, e.params, e.dtype, e.shape)
         out[e.name] = mx.array(np.frombuffer(data, np.uint8)).view(DTYPES[e.dtype]).reshape(e.shape)
     return out
+
+
+def _reads_natively(art: Artifact, names: Sequence[str], verify: bool) -> bool:
+    """Whether `read_tensors` reads `names` with `mx.load`: version 3, nothing to hash, all raw, and
+    enough of them (`_native_pays`)."""
+    raw = [n for n in names if art.tensors[n].nbytes]
+    return (bool(raw) and not verify and art.native_source() is not None
+            and all(art.tensors[n].encoding == "raw" for n in names) and _native_pays(art, raw))
 
 
 def _native_pays(art: Artifact, names: Sequence[str]) -> bool:
