@@ -126,8 +126,9 @@ class TensorData:
     params: dict = field(default_factory=dict)
 
 
-def _layout(header: dict, tensors: Sequence[TensorData], digests: Sequence[str], signed: bool) -> tuple[bytes, int]:
-    """Fix the tensor offsets and return (header bytes, data offset).
+def _layout(header: dict, tensors: Sequence[TensorData], digests: Sequence[str],
+            signed: bool) -> tuple[bytes, int, list[dict]]:
+    """Fix the tensor offsets and return (header bytes, data offset, the header's tensor entries).
 
     The offsets depend on the header's length, which depends on the offsets' digits: iterate until
     the header (with the preamble and signature block, or inside version 3's table) fits before the
@@ -146,7 +147,7 @@ def _layout(header: dict, tensors: Sequence[TensorData], digests: Sequence[str],
             placeholder = bytes(SIGNATURE_BLOCK.size) if signed else None
             needed = align(envelope.LENGTH.size + len(envelope.table(body, entries, data_offset, bytes(32), placeholder).rstrip(b" ")))
         if needed <= data_offset:
-            return body, data_offset
+            return body, data_offset, entries
         data_offset = needed
 
 
@@ -181,7 +182,7 @@ def write_artifact(
     if version in LEGACY:
         version = 2 if "caches" in header else 1
     header = {**header, "format": "kvmlx", "version": version, "digest": DIGEST}
-    body, data_offset = _layout(header, tensors, ["0" * 64] * len(tensors), sign is not None)
+    body, data_offset, _ = _layout(header, tensors, ["0" * 64] * len(tensors), sign is not None)
     total = sum(t.data.nbytes for t in tensors)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -202,7 +203,7 @@ def write_artifact(
             flushing = flusher.submit(os.fsync, f.fileno())
             digests = [h.result() for h in hashing]
             flushing.result()
-            body, offset = _layout(header, tensors, digests, sign is not None)
+            body, offset, entries = _layout(header, tensors, digests, sign is not None)
             if offset != data_offset:  # digests are fixed-length hex: cannot happen, but never write a wrong layout
                 raise ArtifactError(f"cannot write {path.name}: the header grew past its data offset")
             header_digest = blake3.blake3(body).digest()
@@ -211,7 +212,7 @@ def write_artifact(
                 preamble = PREAMBLE.pack(MAGIC, version, FLAG_SIGNED if sign else 0, len(body), data_offset, header_digest)
                 head = preamble + body + signature
             else:
-                listed = envelope.table(body, json.loads(body)["tensors"], data_offset, header_digest, signature if sign else None)
+                listed = envelope.table(body, entries, data_offset, header_digest, signature if sign else None)
                 head = envelope.LENGTH.pack(len(listed)) + listed
             f.seek(0)
             _write_all(f, head + bytes(data_offset - len(head)))
@@ -437,7 +438,8 @@ def _map(fd: int, populate: bool) -> mmap.mmap:
 def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes, bytes] | None, int]:
     """Read and check the container, header and signature; never reads past what the file holds.
 
-    Returns (header, data offset, header digest, (public key, signature) or None, format version).
+    Returns (header, data offset, header digest, (public key, signature) or None, format version, and
+    the header's tensor entries by name: read-only, shared by every Artifact of the same checked header).
     The signature is only extracted here; whether it is valid and trusted is kvmlx/artifact/trust.py's business.
     """
     if size < envelope.LENGTH.size:
