@@ -53,10 +53,9 @@ from ...errors import ArtifactError, KvmlxError
 from ..store.keys import kv_variant
 from ..store.lock import StoreLock
 from .index import CacheIndex, Row
-from .layers import base_part, join_layer, segment_arrays, snapshot_arrays
+from .layers import DEFAULT_BLOCK, base_part, join_layer, segment_arrays, snapshot_arrays
 from .writer import RecordWriter, pending_under
 
-DEFAULT_BLOCK = 256
 HEADROOM = 256  # free slots after a restored prefix: the suffix's first appends do not re-allocate
 RAM_FRACTION = 1 / 8  # default memory tier: of physical memory (docs/STORE.md says why)
 DISK_FRACTION = 0.10  # default disk tier: of the free space where the store lives

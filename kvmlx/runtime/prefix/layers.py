@@ -19,6 +19,7 @@ from mlx_lm.models.cache import QuantizedKVCache
 from ...caches import KVQuantization, save_layer
 from ...caches.kv import from_arrays
 
+DEFAULT_BLOCK = 256  # tokens per block: records start and end at multiples of it
 PARTS = ("q", "scales", "biases")
 NAMES = ("keys", "values")
 
