@@ -16,9 +16,7 @@ import time as _time
 IMPORT_STARTED = _time.perf_counter()  # when kvmlx began importing (the CLI reports its import time from it)
 __version__ = "0.1.0"
 
-from .artifact.format import Artifact, read_header  # noqa: E402
-from .caches import KVQuantization  # noqa: E402
-from .errors import (  # noqa: E402
+from .errors import (  # noqa: E402 - the errors are small, and `except kvmlx.KvmlxError` needs no import
     ArtifactError,
     CacheMismatchError,
     DtypeMismatchError,
@@ -35,20 +33,20 @@ from .errors import (  # noqa: E402
     UnsupportedParallelError,
     UnsupportedVersionError,
 )
-from .models import LoadedModel, load_model  # noqa: E402
-from .runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens  # noqa: E402
-from .runtime.generate import (  # noqa: E402
-    Generation,
-    Verification,
-    continue_from,
-    from_scratch,
-    generate,
-    verify,
-)
-from .runtime.load import LoadedKV, load_artifact, split_prompt  # noqa: E402
-from .runtime.publish import PublishResult, publish  # noqa: E402
-from .runtime.restore import caches_at  # noqa: E402
-from .runtime.store import Store, StoreError  # noqa: E402
+from .exports import exported_from, lazy_exports  # noqa: E402
+
+# The API, each name imported from its module on first use (kvmlx.exports).
+__getattr__, __dir__ = lazy_exports(__name__, globals(), exported_from({
+    ".artifact.format": ("Artifact", "read_header"),
+    ".caches": ("KVQuantization",),
+    ".models": ("LoadedModel", "load_model"),
+    ".runtime.agent": ("Agent", "chat_prefix_tokens", "chat_prompt_tokens"),
+    ".runtime.generate": ("Generation", "Verification", "continue_from", "from_scratch", "generate", "verify"),
+    ".runtime.load": ("LoadedKV", "load_artifact", "split_prompt"),
+    ".runtime.publish": ("PublishResult", "publish"),
+    ".runtime.restore": ("caches_at",),
+    ".runtime.store": ("Store", "StoreError"),
+}))
 
 __all__ = [
     "Agent", "Store", "StoreError", "chat_prefix_tokens", "chat_prompt_tokens",

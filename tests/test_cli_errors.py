@@ -417,17 +417,40 @@ def test_inspect_v2_shows_families_checkpoints_digest_and_signature(runner, v2):
     assert data["header_digest"] == digest and data["caches"] and data["checkpoints"]
 
 
-def test_a_command_imports_only_its_own_module():
+def test_a_command_imports_only_its_own_module(artifact):
     """`kvmlx generate` (in a fresh interpreter) imports neither the server, the benchmarks nor the
-    distribution code: each command module is imported when its command is asked for."""
+    distribution code: each command module is imported when its command is asked for. And
+    `generate ARTIFACT` runs without the store, the agent, the prefix cache or SQLite (kvmlx's
+    exports are imported on first use, kvmlx.exports)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     code = ("import sys; from kvmlx.cli import main\n"
-            "try:\n    main(['generate', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('kvmlx.serving', 'kvmlx.measure', 'kvmlx.cli.'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    loaded = eval(out.strip().splitlines()[-1])  # noqa: S307 - our own subprocess's printed list
-    assert "kvmlx.cli.artifact" in loaded
-    assert not [m for m in loaded if m.startswith(("kvmlx.serving", "kvmlx.measure", "kvmlx.cli.serve",
-                                                   "kvmlx.cli.measure", "kvmlx.cli.distribute"))], loaded
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('kvmlx.', 'sqlite3'))))")
+    for args in (["generate", "--help"], ["generate", str(artifact), "--prompt", " Q", "-n", "1", "--json"]):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        loaded = eval(r.stdout.strip().splitlines()[-1])  # noqa: S307 - our own subprocess's printed list
+        assert "kvmlx.cli.artifact" in loaded
+        unused = ("kvmlx.serving", "kvmlx.measure", "kvmlx.cli.serve", "kvmlx.cli.measure", "kvmlx.cli.distribute",
+                  "kvmlx.runtime.agent", "kvmlx.runtime.store", "kvmlx.runtime.prefix.cache", "sqlite3")
+        assert not [m for m in loaded if m.startswith(unused)], (args, loaded)
+    assert '"reused_tokens"' in r.stdout
+
+
+def test_the_api_names_resolve_on_first_use():
+    """Every name in `kvmlx.__all__` (and the prefix cache's exports) resolves, `from kvmlx import *`
+    brings them all, `dir()` lists them, and a wrong name is an AttributeError."""
+    import kvmlx
+    import kvmlx.runtime.prefix as prefix
+
+    namespace: dict = {}
+    exec("from kvmlx import *", namespace)  # noqa: S102 - the star import as a user writes it
+    assert set(kvmlx.__all__) <= set(namespace) and set(kvmlx.__all__) <= set(dir(kvmlx))
+    assert kvmlx.Agent is __import__("kvmlx.runtime.agent", fromlist=["Agent"]).Agent
+    assert prefix.DEFAULT_BLOCK == prefix.PrefixCache.__init__.__kwdefaults__["block"]
+    for module in (kvmlx, prefix):
+        with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+            module.nothing_here  # noqa: B018
 
 
 def test_every_command_is_named_in_main_lazy():

@@ -19,13 +19,11 @@ from ..caches import layer_groups
 from ..errors import BadSignatureError, TrustListError
 from ..models import load_model
 from ..runtime.distributed import per_rank, running_layout
-from ..runtime.agent import Agent, chat_prefix_tokens, chat_prompt_tokens
 from ..runtime.generate import DEFAULT_MAX_TOKENS, visible_text
 from ..runtime.generate import generate as generate_api
 from ..runtime.generate import verify as verify_api
 from ..runtime.publish import DEFAULT_CHUNK
 from ..runtime.publish import publish as publish_api
-from ..runtime.store import Store
 from .cache import cache_from, cache_options
 from .app import (
     DTYPE_CHOICE,
@@ -101,15 +99,20 @@ def publish(document, out, to_store, store_dir, chat, system, model, dtype, chun
     signing = {"sign": trust_api.signer(key)} if key else {}
     signing.update(kv_quant=kv_quant, checkpoint_every=checkpoint_every)
     lm = load_model(model, dtype, parallel=parallel_mode(pipeline))
-    payload = chat_prefix_tokens(lm, text, system) if chat else text
+    if chat:
+        from ..runtime.agent import chat_prefix_tokens
+
+        text = chat_prefix_tokens(lm, text, system)
     stored = None
     with Progress("prefill", as_json) as bar:
         if to_store:
-            stored = Store(store_dir).publish(lm, payload, chunk_size=chunk_size, encoding=encoding, progress=bar,
+            from ..runtime.store import Store
+
+            stored = Store(store_dir).publish(lm, text, chunk_size=chunk_size, encoding=encoding, progress=bar,
                                                **signing)
             result = stored.result  # None when the store already held these tokens: nothing was computed
         else:
-            result = publish_api(lm, payload, out, chunk_size=chunk_size, encoding=encoding, progress=bar,
+            result = publish_api(lm, text, out, chunk_size=chunk_size, encoding=encoding, progress=bar,
                                  format_version=int(format_version), **signing)
     if result is not None:
         summary = {
@@ -275,6 +278,9 @@ def _generate_from_store(text, store_dir, chat_document, system, allow_lossy, mo
                          single_pass, no_verify_digests, as_json, require_signed=False, kv_quant=None,
                          pipeline=False, timings=None, cache_args=None, blend=None) -> None:
     """`generate` without ARTIFACT: the store finds the longest published (or cached) prefix of the prompt."""
+    from ..runtime.agent import Agent, chat_prompt_tokens
+    from ..runtime.store import Store
+
     timings = timings or Timings()
     if system is not None and chat_document is None:
         raise click.UsageError("--system needs --chat-document")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..runtime.prefix import DEFAULT_BLOCK, PrefixCache, PrefixCacheError
-from ..runtime.store import parse_size
+from ..runtime.prefix import DEFAULT_BLOCK
 
 
 def cache_options(ram: bool = False):
@@ -37,6 +36,8 @@ def cache_options(ram: bool = False):
 def _size(text, flag: str) -> int | None:
     if text is None:
         return None
+    from ..runtime.store import parse_size
+
     try:
         return parse_size(text)
     except ValueError as e:
@@ -44,10 +45,12 @@ def _size(text, flag: str) -> int | None:
 
 
 def cache_from(lm, store, kv_quant, *, no_cache: bool, cache_disk=None, cache_block: int = DEFAULT_BLOCK,
-               min_cache_tokens=None, cache_ram=None, no_persist: bool = False) -> PrefixCache | bool:
-    """The prefix cache these options ask for, or False with --no-cache (or where it cannot run)."""
+               min_cache_tokens=None, cache_ram=None, no_persist: bool = False):
+    """The prefix cache (a `PrefixCache`) these options ask for, or False with --no-cache (or where it cannot run)."""
     if no_cache:
         return False
+    from ..runtime.prefix import PrefixCache, PrefixCacheError
+
     disk, ram = _size(cache_disk, "--cache-disk"), _size(cache_ram, "--cache-ram")
     if no_persist and cache_disk is not None:
         raise click.UsageError("--cache-disk has no use with --no-persist")
