@@ -137,18 +137,22 @@ def test_first_append_does_not_reallocate(tmp_path, tiny, document):
 def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
     """The load path's destinations: evaluated MLX arrays of the asked shapes, written through memoryview.
 
-    Large buffers come from `mx.load` (no fill), small ones and any `mx.load` failure from zeros.
+    Large buffers come from `mx.load` (no fill), smaller ones and any `mx.load` failure from zeros:
+    evaluated by MLX, or under HOST_BUILT bytes in all built from host zeros (no eval).
     """
     from kvmlx.runtime import load
 
-    calls = []
-    real_load = load.mx.load
+    calls, evals = [], []
+    real_load, real_eval = load.mx.load, load.mx.eval
     monkeypatch.setattr(load.mx, "load", lambda *a, **k: calls.append(1) or real_load(*a, **k))
-    large, small = [(1, 8, 2048, 128), (1, 4, 4096, 128)], [(1, 2, 256, 8), (1, 3, 512, 4)]  # >= SMALL_BUFFER (4 MiB)
-    for shapes, via_load in ((large, True), (small, False)):
+    monkeypatch.setattr(load.mx, "eval", lambda *a, **k: evals.append(1) or real_eval(*a, **k))
+    large = [(1, 8, 2048, 128), (1, 4, 4096, 128)]  # >= SMALL_BUFFER (4 MiB) on average
+    medium, small = [(1, 8, 512, 128)] * 2, [(1, 2, 256, 8), (1, 3, 512, 4)]  # over and under HOST_BUILT (1 MiB)
+    for shapes, via_load, via_eval in ((large, True, False), (medium, False, True), (small, False, False)):
         calls.clear()
+        evals.clear()
         _check_buffers(load._uninitialized(shapes, dtype), shapes, load.DTYPES[dtype])
-        assert bool(calls) is via_load
+        assert (bool(calls), bool(evals)) == (via_load, via_eval)
 
     def broken(*args, **kwargs):
         raise RuntimeError("no load here")
@@ -157,6 +161,22 @@ def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
     arrays = load._uninitialized(large, dtype)
     assert all(not np.array(a.view(mx.uint8)).any() for a in arrays)  # the fallback: zeros
     _check_buffers(arrays, large, load.DTYPES[dtype])
+
+
+@pytest.mark.parametrize("scale", [1, 64, 4096])
+def test_destinations_of_several_dtypes_in_one_call(scale):
+    """`read_tensors` allocates every dtype's destinations in one call (one `mx.eval` at most):
+    each buffer has its own dtype and shape, at every size path."""
+    from kvmlx.runtime import load
+
+    shapes = [(1, 2, scale, 8), (1, 4, 32, 32), (1, 3, 256), (2, scale, 16)]
+    dtypes = ["bfloat16", "float32", "float16", "uint32"]
+    arrays, zeroed = load._destinations(shapes, dtypes)
+    assert [a.dtype for a in arrays] == [load.DTYPES[d] for d in dtypes]
+    for a, shape, dtype in zip(arrays, shapes, dtypes):
+        _check_buffers([a], [shape], load.DTYPES[dtype])
+    total = sum(int(np.prod(s)) * load.TENSOR_DTYPES[d] for s, d in zip(shapes, dtypes))
+    assert zeroed == (total < len(shapes) * load.SMALL_BUFFER)  # mx.load's buffers are not filled
 
 
 def _check_buffers(arrays, shapes, dtype):

@@ -61,14 +61,18 @@ from .distributed import check_parallel_support, open_part, read_bytes
 from .restore import build_states, state_tensor_names
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
+# numpy's type for building each dtype's zeros on the host (bfloat16: float32 zeros, converted as MLX copies them)
+HOST_ZEROS = {"float16": np.float16, "bfloat16": np.float32, "float32": np.float32, "uint32": np.uint32}
 DEFAULT_HEADROOM = 256  # at most one mlx-lm KVCache step of spare slots (`spare_slots`)
 MIN_HEADROOM = 16  # spare slots even for a tiny document: the first decode steps append in place
 LOAD_PATHS = ("auto", "native", "copy", "zero-copy", "overlap")
 ALLOC_LAYERS = 4  # layers allocated per `mx.load` call: few calls, yet the first reads start early (3774 tokens: 8 -> 4 layers, 64 -> 44 ms)
 SMALL_BUFFER = 4 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
+HOST_BUILT = 1 << 20  # bytes: destinations this small are built from host zeros, without an `mx.eval` (~50 us)
 PAGE = 4096  # bytes: each head's row of a loaded KV buffer is a whole number of pages (`_page_rows`)
 SERIAL_BYTES = 32 << 20  # KV bytes: a re-load (nothing to hash) this small is read on the calling thread
 SMALL_READ = 4 << 20  # bytes: `read_tensors` reads (and hashes) this little on the calling thread (~1.5 ms of BLAKE3)
+CPUS = os.cpu_count() or 1  # asked once: ~6-10 us a call, on every load
 FEW_TENSORS = 16  # a read of at most this many tensors, all in SMALL_READ, skips `mx.load` (`_native_pays`)
 
 
@@ -210,7 +214,7 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
     """Named tensors of an open artifact as evaluated MLX arrays of their stored shape and dtype: the
     read path of every cache family (version-2 states and checkpoints: plain, quantized, rotating,
     arrays). Version 3 with nothing to hash: `mx.load` reads the raw tensors (`_read_native`).
-    Otherwise destinations come from one `_uninitialized` call per dtype (no fill); each raw tensor is
+    Otherwise destinations come from one `_destinations` call for every dtype; each raw tensor is
     read straight into its buffer with one `preadv` (its digest checked while the bytes are hot), on
     the load pool unless the whole read is small and unhashed. Encoded tensors are decoded."""
     entries = [art.tensors[name] for name in names]
@@ -219,16 +223,14 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
     if _reads_natively(art, [e.name for e in entries], verify):
         out.update(zip((e.name for e in raw), _read_native(art, [e.name for e in raw], verify)))
         raw = []
-    for dtype in dict.fromkeys(e.dtype for e in raw):
-        group = [e for e in raw if e.dtype == dtype]
-        out.update(zip((e.name for e in group), _uninitialized([e.shape for e in group], dtype)))
+    out.update(zip((e.name for e in raw), _destinations([e.shape for e in raw], [e.dtype for e in raw])[0]))
 
     def read(batch: Sequence) -> None:
         for e in batch:
             art.read_into(e.name, [memoryview(out[e.name]).cast("B")], verify=verify)
 
     total = sum(e.nbytes for e in raw)
-    workers = threads or min(8, (os.cpu_count() or 1) * (2 if verify else 1))
+    workers = threads or min(8, CPUS * (2 if verify else 1))
     if workers <= 1 or total <= SMALL_READ or (not verify and total <= SERIAL_BYTES):
         read(raw)
     else:  # file order, in about 4 batches per worker: few hand-offs, yet balanced
@@ -346,10 +348,9 @@ def read_caches(
         _finish(art, hashed, recheck)
         return from_arrays(arrays, n), logits, used
     capacity = _page_rows(n + (spare_slots(n) if headroom is None else headroom), art.tensors[names[0]])
-    mx.eval(logits)
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
     # hash (a cold first load of 557 MB here: 656 -> 573 ms; warm loads unchanged)
-    workers = threads or min(8, (os.cpu_count() or 1) * (2 if hashed else 1))
+    workers = threads or min(8, CPUS * (2 if hashed else 1))
     kv_bytes = sum(art.tensors[name].nbytes for name in names)
     if used == "copy" and not hashed and threads is None and kv_bytes <= SERIAL_BYTES:
         # a small re-load: handing layers to threads costs more than copying them here (~1 ms a MB)
@@ -449,8 +450,9 @@ def _uninitialized(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[mx.arr
     return _destinations(shapes, dtype)[0]
 
 
-def _destinations(shapes: Sequence[tuple[int, ...]], dtype: str) -> tuple[list[mx.array], bool]:
-    """Evaluated MLX buffers with arbitrary contents, for the caller to overwrite entirely.
+def _destinations(shapes: Sequence[tuple[int, ...]], dtypes: str | Sequence[str]) -> tuple[list[mx.array], bool]:
+    """Evaluated MLX buffers with arbitrary contents, for the caller to overwrite entirely; `dtypes`:
+    one for all, or one per shape.
 
     MLX has no uninitialised allocation, and filling costs as much as the load itself (`mx.zeros`
     writes every byte: ~45 ms for 557 MB here, more on fresh pages). `mx.load` is the one MLX op that
@@ -459,16 +461,22 @@ def _destinations(shapes: Sequence[tuple[int, ...]], dtype: str) -> tuple[list[m
     touched after the first load) and our `preadv` is the only pass over their bytes (with the
     zeroing of the spare slots, `_copy_heads`: ~6% of them). Each buffer
     costs `mx.load` a hand-off to its I/O thread (~0.2 ms here), more than filling a small one, so
-    buffers under `SMALL_BUFFER` on average are filled instead; so are all if `mx.load` ever fails.
-    The flag says whether they were zero-filled (then nothing needs zeroing again).
+    buffers under `SMALL_BUFFER` on average are filled instead (one `mx.eval` for all: each costs
+    ~50 us, a fifth of a small load); so are all if `mx.load` ever fails. Under `HOST_BUILT` bytes in
+    all they are made from host zeros (`mx.array` copies them at once: no eval at all). The flag says
+    whether they were zero-filled (then nothing needs zeroing again).
     """
-    if sum(math.prod(shape) for shape in shapes) * TENSOR_DTYPES[dtype] >= len(shapes) * SMALL_BUFFER:
+    kinds = [dtypes] * len(shapes) if isinstance(dtypes, str) else list(dtypes)
+    sizes = [math.prod(shape) * TENSOR_DTYPES[dtype] for shape, dtype in zip(shapes, kinds)]
+    if sum(sizes) >= len(shapes) * SMALL_BUFFER:
         try:
-            arrays = mx.load(_BlankTensors(shapes, dtype), format="safetensors", stream=mx.cpu)
+            arrays = mx.load(_BlankTensors(shapes, kinds), format="safetensors", stream=mx.cpu)
             return [arrays[str(i)] for i in range(len(shapes))], False
         except Exception:  # noqa: BLE001 - any failure of the fast path just costs a fill
             pass
-    out = [mx.zeros(shape, DTYPES[dtype]) for shape in shapes]
+    if sum(sizes) <= HOST_BUILT:
+        return [mx.array(np.zeros(shape, HOST_ZEROS[dtype]), dtype=DTYPES[dtype]) for shape, dtype in zip(shapes, kinds)], True
+    out = [mx.zeros(shape, DTYPES[dtype]) for shape, dtype in zip(shapes, kinds)]
     mx.eval(out)
     return out, True
 
@@ -479,10 +487,10 @@ class _BlankTensors:
 
     _SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32"}
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: str):
-        itemsize, entries, end = TENSOR_DTYPES[dtype], {}, 0
-        for i, shape in enumerate(shapes):
-            nbytes = int(np.prod(shape)) * itemsize
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]):
+        entries, end = {}, 0
+        for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+            nbytes = int(np.prod(shape)) * TENSOR_DTYPES[dtype]
             entries[str(i)] = {"dtype": self._SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [end, end + nbytes]}
             end += nbytes
         body = json.dumps(entries).encode()
@@ -540,7 +548,7 @@ def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool, zeroed: b
 
 def _parallel(fn, items: list, threads: int | None) -> None:
     """Run `fn` over `items` on a thread pool (the work releases the GIL), re-raising the first error."""
-    workers = threads or min(8, os.cpu_count() or 1)
+    workers = threads or min(8, CPUS)
     if workers <= 1:
         for item in items:
             fn(item)
