@@ -98,6 +98,10 @@ def test_a_header_checked_before_is_checked_again_beside_another_file_size(tmp_p
     path, _ = synthetic(tmp_path)
     first = read_header(path)
     assert read_header(path) == first and read_header(path) is not first  # a fresh dict every time
+    again = read_header(path)  # a copy of the cached parse: what one caller changes, the next never sees
+    again["document"]["tokens"].append(-1)
+    again["tensors"][0]["shape"][0] = 99
+    assert read_header(path) == first and json.dumps(read_header(path), sort_keys=True) == json.dumps(first, sort_keys=True)
     data = path.read_bytes()
     for size in (len(data) - ALIGN, len(data) + ALIGN):
         bad = tmp_path / f"{size}.kvmlx"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import pickle
 import struct
 import tempfile
 import threading
@@ -280,6 +281,7 @@ class Artifact:
         self._populate = populate
         self._recorded = verified  # what a store recorded when it last hashed this file (see verified_before)
         self._mmap: mmap.mmap | None = None
+        self._native: tuple[str] | None = None  # native_source's answer, once asked
         self._lock = threading.Lock()
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -335,8 +337,10 @@ class Artifact:
         """A name under which `mx.load` opens this very file, or None: version 3 (a safetensors file)
         where the system has /dev/fd (Linux, macOS). The open descriptor's entry names the file this
         Artifact checked even if another was renamed over its path since."""
-        fd_path = f"/dev/fd/{self._fd}"
-        return fd_path if self.version not in LEGACY and os.path.exists(fd_path) else None
+        if self._native is None:
+            fd_path = f"/dev/fd/{self._fd}"
+            self._native = (fd_path if self.version not in LEGACY and os.path.exists(fd_path) else "",)
+        return self._native[0] or None
 
     def _map(self) -> mmap.mmap:
         with self._lock:
@@ -455,13 +459,16 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
         body, header_digest, block = known or envelope.parse_table(listed, name, MAX_HEADER_BYTES)
     if blake3.blake3(body).digest() != header_digest:
         raise IntegrityError(f"{name}: header does not match its digest (file altered or corrupt)")
-    try:
-        header = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
-        raise ArtifactError(f"{name}: header is not valid JSON ({type(e).__name__})") from None
     # the checks below depend on nothing else (version 3's table is rebuilt from the rest)
     checked = (header_digest, size, data_offset, version, block, table_digest)
-    entries = _VALID_HEADERS.get(checked)
+    entries, parsed = _VALID_HEADERS.get(checked, (None, None))
+    if parsed is not None:  # these very header bytes were parsed and checked: a fresh copy of that parse
+        header = pickle.loads(parsed)  # noqa: S301 - our own pickle of our own parse, never the file's bytes
+    else:
+        try:
+            header = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            raise ArtifactError(f"{name}: header is not valid JSON ({type(e).__name__})") from None
     if entries is None:
         try:
             canonical = canonical_json(header) == body
@@ -475,12 +482,16 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
         if listed is not None:
             envelope.check_table(listed, header, body, data_offset, header_digest, block, name, ALIGN)
         entries = MappingProxyType({t.name: t for t in (_entry(e) for e in header["tensors"])})
+        try:
+            parsed = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+        except RecursionError:  # a header nested deeper than pickle recurses: parsed afresh each time
+            parsed = None
         with _VALID_LOCK:
             if len(_VALID_HEADERS) >= _MAX_VALID_HEADERS:
                 del _VALID_HEADERS[next(iter(_VALID_HEADERS))]
             if len(_VALID_TABLES) >= _MAX_VALID_HEADERS:
                 del _VALID_TABLES[next(iter(_VALID_TABLES))]
-            _VALID_HEADERS[checked] = entries
+            _VALID_HEADERS[checked] = entries, parsed
             if table_digest is not None:
                 _VALID_TABLES[(table_digest, size, version)] = (body, header_digest, block)
     signature = SIGNATURE_BLOCK.unpack(block) if block is not None else None
@@ -521,11 +532,12 @@ def _read_preamble(fd: int, size: int, name: str) -> tuple[bytes, int, bytes, by
 
 # Headers that passed the canonical-JSON and structural checks in this process, by (header digest, file
 # size, data offset, version, signature, table digest): those checks are a pure function of the header's
-# bytes (which match the digest just recomputed) and of these, so a re-load skips them (0.5-1 ms a load; the JSON is
-# still parsed afresh, so no caller shares a header dict; the tensor entries, read-only, are shared). Version
+# bytes (which match the digest just recomputed) and of these, so a re-load skips them (0.5-1 ms a load), and the
+# JSON parse too: each caller gets its own copy of the parsed header (unpickled from this process's own pickle of
+# it, half the cost of parsing), so no caller shares a header dict; the tensor entries, read-only, are shared. Version
 # 3's tables checked before, by (table digest, file size, version read): their metadata as parsed then (a re-load parses
 # only the header). Bounded; the oldest entries go first.
-_VALID_HEADERS: dict[tuple, MappingProxyType] = {}
+_VALID_HEADERS: dict[tuple, tuple[MappingProxyType, bytes | None]] = {}  # checked header -> (entries, pickled header)
 _VALID_TABLES: dict[tuple, tuple] = {}
 _MAX_VALID_HEADERS = 4096
 _VALID_LOCK = threading.Lock()
