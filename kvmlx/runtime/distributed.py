@@ -203,15 +203,24 @@ def install_launcher_handlers() -> None:
 
 
 def read_bytes() -> int | None:
-    """Bytes this process has read with read/pread syscalls so far (Linux /proc/self/io `rchar`), or None."""
+    """Bytes this process has read with read/pread syscalls so far (Linux /proc/self/io `rchar`), or None.
+    The file stays open (a `pread` of it is ~2 us, an open ~10); a forked child opens its own."""
+    pid = os.getpid()
     try:
-        with open("/proc/self/io", "rb") as f:
-            for line in f:
-                if line.startswith(b"rchar:"):
-                    return int(line.split()[1])
-    except OSError:
+        if _PROC_IO[0] != pid:
+            with _PROC_IO_LOCK:
+                if _PROC_IO[0] != pid:
+                    _PROC_IO[1] = os.open(f"/proc/{pid}/io", os.O_RDONLY | os.O_CLOEXEC)
+                    _PROC_IO[0] = pid
+        text = os.pread(_PROC_IO[1], 4096, 0)
+        start = text.index(b"rchar:") + 6
+        return int(text[start : text.index(b"\n", start)])
+    except (OSError, ValueError):
         return None
-    return None
+
+
+_PROC_IO: list = [None, -1]  # [pid, descriptor of its /proc/PID/io]
+_PROC_IO_LOCK = threading.Lock()
 
 
 # ---- writing ------------------------------------------------------------------------------------------
