@@ -85,9 +85,11 @@ def header_kv_names(header: dict) -> list[str]:
     return kv_tensor_names(end, first)
 
 
-def digest(data: Any) -> str:
-    """Hex BLAKE3 of a bytes-like object (multithreaded for large inputs)."""
-    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+def digest(data: Any, threaded: bool = True) -> str:
+    """Hex BLAKE3 of a bytes-like object: multithreaded for large inputs, or on the calling thread
+    alone where the caller hashes several at once (BLAKE3's pool per call, on top of the caller's
+    workers: 72 tensors of 0.5 MB hashed at 4.3 GB/s, against 7.7 GB/s one thread each)."""
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO if threaded else 1).hexdigest()
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -383,9 +385,10 @@ class Artifact:
                 h.update(b)
             self._check_digest(name, h.hexdigest())
 
-    def check_loaded(self, name: str, data: Any) -> None:
-        """Check bytes read by someone else (`mx.load`) against a tensor's digest, and its padding."""
-        self._check_digest(name, digest(memoryview(data).cast("B")))
+    def check_loaded(self, name: str, data: Any, threaded: bool = True) -> None:
+        """Check bytes read by someone else (`mx.load`) against a tensor's digest, and its padding
+        (`threaded=False`: on this thread alone, for callers hashing several tensors at once)."""
+        self._check_digest(name, digest(memoryview(data).cast("B"), threaded))
 
     def verify_all(self) -> None:
         """Check every tensor's digest and padding (IntegrityError naming the first that fails)."""

@@ -283,7 +283,8 @@ def _read_native(art: Artifact, names: Sequence[str], verify: bool) -> list[mx.a
             raise IntegrityError(f"{art.path.name}: the file changed on disk while it was being loaded")
     mx.eval(arrays)
     if verify:
-        _parallel(lambda i: art.check_loaded(names[i], arrays[i]), list(range(len(names))), None)
+        threaded = len(names) < CPUS  # else one tensor per worker, each on one thread
+        _parallel(lambda i: art.check_loaded(names[i], arrays[i], threaded), list(range(len(names))), None)
     art.check_unchanged()
     return arrays
 
