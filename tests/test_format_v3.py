@@ -264,8 +264,17 @@ def test_version_3_loads_natively_to_the_same_kv_as_version_1(published, tiny, m
     monkeypatch.setattr(verified, "SETTLED_SECONDS", -1.0)  # files written just now may be remembered as verified
     fmt.forget_verified()
     try:
-        first = load_artifact(published["v3"], tiny)  # hashes every digest (and remembers the file)
-        assert first.load_path == ("zero-copy" if auto == "zero-copy" else "copy") and first.digests == "hashed"
+        real_cached = Artifact.cached
+        monkeypatch.setattr(Artifact, "cached", lambda self, samples=16: False)  # as if read from a disk
+        from_disk = load_artifact(published["v3"], tiny)  # hashes each tensor as it reads it
+        assert from_disk.load_path == ("zero-copy" if auto == "zero-copy" else "copy") and from_disk.digests == "hashed"
+        _same(legacy, from_disk)
+        fmt.forget_verified()
+        monkeypatch.setattr(Artifact, "cached", lambda self, samples=16: True)  # in the page cache
+        first = load_artifact(published["v3"], tiny)  # mx.load, then every digest hashed in memory (remembered)
+        assert first.load_path == auto and first.digests == "hashed"
+        _same(legacy, first)
+        monkeypatch.setattr(Artifact, "cached", real_cached)
         again = load_artifact(published["v3"], tiny)  # nothing left to hash
         assert again.load_path == auto and again.digests == "remembered"
         _same(legacy, again)
@@ -539,3 +548,28 @@ def test_every_single_bit_flip_in_the_table_is_refused(tmp_path):
             f.write(raw[i : i + 1])
     assert seen == {ArtifactError, IntegrityError, UnsupportedVersionError}
     Artifact(path).close()  # restored: valid again
+
+
+def test_the_page_cache_probe_tells_a_cached_file_from_an_evicted_one(published):
+    """`Artifact.cached` (Linux preadv2 RWF_NOWAIT): True for a file just written (its pages are in
+    the page cache), False once they are dropped; False where the system cannot tell."""
+    import os
+
+    from kvmlx.measure.bench.machine import can_evict, evict
+
+    path = published["v3"]
+    with Artifact(path) as art:
+        for name in art.tensors:  # read it all once: every page is now cached
+            art.tensor_bytes(name, verify=False).release()
+        expected = hasattr(os, "RWF_NOWAIT")
+        assert art.cached() is expected
+    if not (expected and can_evict()):
+        pytest.skip("no per-file page-cache eviction here")
+    evict(path)
+    with Artifact(path) as art:
+        assert art.cached() is False
+        assert art.cached() is False  # asked once per Artifact
+    with Artifact(path) as art:
+        art.verify_all()  # reads every page back in
+    with Artifact(path) as art:
+        assert art.cached() is True

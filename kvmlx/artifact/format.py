@@ -284,6 +284,7 @@ class Artifact:
         self._recorded = verified  # what a store recorded when it last hashed this file (see verified_before)
         self._mmap: mmap.mmap | None = None
         self._native: tuple[str] | None = None  # native_source's answer, once asked
+        self._cached: bool | None = None  # cached()'s answer, once asked
         self._lock = threading.Lock()
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -343,6 +344,29 @@ class Artifact:
             fd_path = f"/dev/fd/{self._fd}"
             self._native = (fd_path if self.version not in LEGACY and os.path.exists(fd_path) else "",)
         return self._native[0] or None
+
+    def cached(self, samples: int = 16) -> bool:
+        """Whether the tensor region is in the OS page cache: `samples` pages spread over it all read
+        without waiting for a disk (Linux `preadv2(RWF_NOWAIT)`). False where any would wait, and
+        where the system cannot tell (then a load assumes the disk: the copy path hashes as it reads).
+        Asked once per Artifact: every read of one load takes the same path."""
+        if self._cached is None:
+            self._cached = self._probe_cache(samples)
+        return self._cached
+
+    def _probe_cache(self, samples: int) -> bool:
+        flag = getattr(os, "RWF_NOWAIT", None)
+        span = self.size - self.data_offset
+        if flag is None or span <= 0:
+            return False
+        page = bytearray(4096)
+        for i in range(samples):
+            offset = self.data_offset + (span - 1) * i // max(samples - 1, 1)
+            try:
+                os.preadv(self._fd, [page], offset - offset % 4096, flag)
+            except OSError:  # EAGAIN: not cached; EOPNOTSUPP: this file system cannot say
+                return False
+        return True
 
     def _map(self) -> mmap.mmap:
         with self._lock:

@@ -2,12 +2,13 @@
 
 Three ways in, and `LoadedKV.load_path` says which ran:
 
-- ``native`` (a version-3 file with nothing to hash, everywhere but Metal, when no headroom is asked
-  for): `mx.load` reads the file, a safetensors file (artifact/envelope.py), on MLX's own I/O threads
+- ``native`` (a version-3 file with nothing to hash or in the page cache, everywhere but Metal,
+  when no headroom is asked for): `mx.load` reads the file, a safetensors file (artifact/envelope.py), on MLX's own I/O threads
   straight into exact-size arrays: mlx-lm's `load_prompt_cache` path, with kvmlx's checks around it.
   Like mlx-lm's caches, these have no spare slots: the suffix's first append grows them (one copy of
-  the document's KV). A load that must hash digests takes the copy path, which hashes each tensor
-  right after reading it, while it is hot (docs/BENCHMARKS.md: 20-25% faster cold or warm).
+  the document's KV). A load that must hash digests takes this path too when the file is in the
+  page cache (`Artifact.cached`), hashing the arrays in memory afterwards; from a disk it takes the
+  copy path, which hashes each tensor right after reading it, while the disk is busy with the next.
 
 - ``zero-copy`` (Metal: Apple Silicon's unified memory). Each 16 KiB-aligned tensor in the memory map
   is adopted by MLX as it is (`mx.asarray(view, copy=False)`): no byte is copied at load. The map stays
@@ -213,7 +214,8 @@ def _read_v2(art: Artifact, verify_digests: bool, at: int | None, names: list[st
 def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: int | None = None) -> dict[str, mx.array]:
     """Named tensors of an open artifact as evaluated MLX arrays of their stored shape and dtype: the
     read path of every cache family (version-2 states and checkpoints: plain, quantized, rotating,
-    arrays). Version 3 with nothing to hash: `mx.load` reads the raw tensors (`_read_native`).
+    arrays). Version 3 with nothing to hash, or in the page cache: `mx.load` reads the raw tensors
+    (`_read_native`, hashing them in memory if asked).
     Otherwise destinations come from one `_destinations` call for every dtype; each raw tensor is
     read straight into its buffer with one `preadv` (its digest checked while the bytes are hot), on
     the load pool unless the whole read is small and unhashed. Encoded tensors are decoded."""
@@ -255,11 +257,13 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
 
 
 def _reads_natively(art: Artifact, names: Sequence[str], verify: bool) -> bool:
-    """Whether `read_tensors` reads `names` with `mx.load`: version 3, nothing to hash, all raw, and
-    enough of them (`_native_pays`)."""
+    """Whether `read_tensors` reads `names` with `mx.load`: version 3, all raw, enough of them
+    (`_native_pays`), and nothing to hash or the file in the page cache (`Artifact.cached`): then
+    `mx.load` reads and the tensors are hashed in memory; hashing while reading (the copy path)
+    pays off only when the reads wait for a disk."""
     raw = [n for n in names if art.tensors[n].nbytes]
-    return (bool(raw) and not verify and art.native_source() is not None
-            and all(art.tensors[n].encoding == "raw" for n in names) and _native_pays(art, raw))
+    return (bool(raw) and art.native_source() is not None and all(art.tensors[n].encoding == "raw" for n in names)
+            and _native_pays(art, raw) and (not verify or art.cached()))
 
 
 def _native_pays(art: Artifact, names: Sequence[str]) -> bool:
@@ -272,8 +276,8 @@ def _native_pays(art: Artifact, names: Sequence[str]) -> bool:
 
 def _read_native(art: Artifact, names: Sequence[str], verify: bool) -> list[mx.array]:
     """Named raw tensors of a version-3 artifact, read by `mx.load` (the tensors not named are never
-    read: its arrays are lazy) and, with `verify` (`load_path="native"` asked for a hashed load),
-    checked against their digests once in memory."""
+    read: its arrays are lazy) and, with `verify`, checked against their digests once in memory
+    (one tensor per worker, each hashed on one thread)."""
     lazy = mx.load(art.native_source(), format="safetensors")
     arrays = [lazy[name] for name in names]
     del lazy
@@ -330,8 +334,8 @@ def read_caches(
     # a re-load of a file whose digests all matched earlier in this process skips hashing (format.py)
     hashed = verify_digests and not art.verified_before
     recheck = verify_digests and not hashed
-    if used == "auto":
-        used = "native" if native and headroom is None and not hashed and _native_pays(art, names) else "copy"
+    if used == "auto":  # hashing: native (then hash in memory) only where the file is cached, else copy
+        used = "native" if native and headroom is None and _native_pays(art, names) and (not hashed or art.cached()) else "copy"
     if used == "zero-copy" and not raw:
         raise ValueError("only raw artifacts can be loaded without a copy")
     if used == "native" and not native:
