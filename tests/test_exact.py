@@ -133,6 +133,28 @@ def test_first_append_does_not_reallocate(tmp_path, tiny, document):
     assert all(c.keys.shape[2] > capacity and c.offset == 200 + 60 + 1 for c in again.caches)
 
 
+def test_generate_loads_with_room_for_exactly_what_it_appends(tmp_path, tiny, document):
+    """`generate` knows what it will append (the prompt's tokens, then max_tokens): it loads with that
+    much room, so no append ever re-allocates (one copy of the document's KV in memory, never two)."""
+    from kvmlx.runtime.generate import encode_continuation, generate
+    from kvmlx.runtime.load import zero_copy_available
+
+    if zero_copy_available():
+        pytest.skip("Metal adopts the file's pages: the first append grows the cache there")
+    doc = doc_tokens(tiny, document, 300)
+    path = tmp_path / "doc.kvmlx"
+    publish(tiny, doc, path, chunk_size=CHUNK)
+    prompt = " Question: what next?"
+    appended = len(encode_continuation(tiny, prompt)) + 40
+    gen, loaded = generate(path, tiny, prompt, max_tokens=40)
+    assert loaded.load_path == "copy" and len(gen.tokens) <= 40
+    capacity = {c.keys.shape[2] for c in loaded.caches}
+    assert len(capacity) == 1 and 300 + appended <= capacity.pop() < 300 + appended + 64  # rounded to whole pages
+    again, _ = generate(path, tiny, prompt, max_tokens=40)
+    assert again.tokens == gen.tokens == continue_from(tiny, load_artifact(path, tiny, load_path="copy"),
+                                                       encode_continuation(tiny, prompt), max_tokens=40).tokens
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
     """The load path's destinations: evaluated MLX arrays of the asked shapes, written through memoryview.

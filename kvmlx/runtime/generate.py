@@ -198,10 +198,15 @@ def encode_continuation(lm: LoadedModel, prompt: str) -> list[int]:
     return list(lm.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
 
 
-def _load_with_prompt(artifact, lm: LoadedModel, prompt: str, verify_digests: bool,
+def _load_with_prompt(artifact, lm: LoadedModel, prompt: str, verify_digests: bool, max_tokens: int,
                       require_exact: bool = False, **kwargs) -> tuple[LoadedKV, list[int]]:
-    loaded = load_artifact(artifact, lm, verify_digests=verify_digests, require_exact=require_exact, **kwargs)
-    return loaded, split_prompt(loaded, loaded.tokens + encode_continuation(lm, prompt))
+    """Load with room for exactly what this run appends (the prompt's tokens, then `max_tokens`): the
+    caches never grow, so the document's KV is never copied again and the peak memory is one copy
+    of it (a load without spare slots, `native`, would grow it at the first append)."""
+    continuation = encode_continuation(lm, prompt)
+    loaded = load_artifact(artifact, lm, verify_digests=verify_digests, require_exact=require_exact,
+                           headroom=len(continuation) + max_tokens, **kwargs)
+    return loaded, split_prompt(loaded, loaded.tokens + continuation)
 
 
 def generate(
@@ -223,7 +228,7 @@ def generate(
     `kv_quant`: this run's `--kv-bits` settings ("artifact": continue with the artifact's; else a difference is refused).
     """
     t0 = time.perf_counter()
-    loaded, suffix = _load_with_prompt(artifact, lm, prompt, verify_digests, require_exact,
+    loaded, suffix = _load_with_prompt(artifact, lm, prompt, verify_digests, max_tokens, require_exact,
                                        require_signed=require_signed, trust_list=trust_list, kv_quant=kv_quant)
     return continue_from(lm, loaded, suffix, max_tokens=max_tokens, on_token=on_token, started=t0), loaded
 
@@ -246,7 +251,7 @@ def verify(
     With `single_pass`, also compare against one unchunked forward over document + prompt.
     """
     t0 = time.perf_counter()
-    loaded, suffix = _load_with_prompt(artifact, lm, prompt, True, require_signed=require_signed, trust_list=trust_list,
+    loaded, suffix = _load_with_prompt(artifact, lm, prompt, True, max_tokens, require_signed=require_signed, trust_list=trust_list,
                                        kv_quant=kv_quant)
     reuse = continue_from(lm, loaded, suffix, max_tokens=max_tokens, stop_at_eos=False, on_token=on_token,
                           keep_logits=True, started=t0)
