@@ -437,6 +437,23 @@ def test_a_command_imports_only_its_own_module(artifact):
     assert '"reused_tokens"' in r.stdout
 
 
+def test_the_program_imports_mlx_lm_first_except_for_commands_without_it():
+    """`kvmlx` (cli.run) imports mlx-lm at the top of the stack before a command module that uses it,
+    and not before the ones that never do (`WITHOUT_MLX_LM`): each is checked in a fresh interpreter."""
+    from kvmlx.cli import WITHOUT_MLX_LM
+
+    code = ("import sys; from kvmlx.cli import run\n"
+            "try:\n    run(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('mlx_lm' in sys.modules)")
+    for args, expected in ((["--version"], False), (["trust", "ls"], False), (["keygen", "--help"], False), (["store", "--help"], True)):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == str(expected), (args, r.stdout, r.stderr)
+    for module in WITHOUT_MLX_LM:
+        r = subprocess.run([sys.executable, "-c", f"import sys, kvmlx.cli.{module}; print('mlx_lm' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.stdout.strip() == "False", (module, r.stderr)
+
+
 def test_the_api_names_resolve_on_first_use():
     """Every name in `kvmlx.__all__` (and the prefix cache's exports) resolves, `from kvmlx import *`
     brings them all, `dir()` lists them, and a wrong name is an AttributeError."""
