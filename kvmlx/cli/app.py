@@ -153,11 +153,12 @@ def _join_launcher() -> None:
     """Under `mlx.launch`: join the group, quiet every rank's stdout but rank 0's, and turn the
     launcher's SIGTERM (sent to all ranks when one fails) into a one-line error."""
     from ..models import distributed_group
-    from ..runtime.distributed import install_launcher_handlers
 
     group = distributed_group()
     if group is None:
         return
+    from ..runtime.distributed import install_launcher_handlers  # (imports mlx-lm: only under a launcher)
+
     _RANK[:] = [group.rank()]
     install_launcher_handlers()
     if group.rank() != 0:
