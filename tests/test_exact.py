@@ -155,6 +155,25 @@ def test_generate_loads_with_room_for_exactly_what_it_appends(tmp_path, tiny, do
                                                        encode_continuation(tiny, prompt), max_tokens=40).tokens
 
 
+def test_the_copy_path_tells_the_os_it_reads_in_order(tmp_path, tiny, document, monkeypatch):
+    """A copy-path load advises sequential reads on its descriptor (POSIX_FADV_SEQUENTIAL: read-ahead
+    for a cold file); an `mx.load` load leaves that to MLX."""
+    from kvmlx.artifact.format import Artifact
+
+    path = tmp_path / "doc.kvmlx"
+    publish(tiny, doc_tokens(tiny, document, 100), path, chunk_size=CHUNK)
+    with Artifact(path) as art:
+        art.reading_in_order()  # a real call: no error where the system has posix_fadvise, nothing where not
+    calls = []
+    real = Artifact.reading_in_order
+    monkeypatch.setattr(Artifact, "reading_in_order", lambda self: calls.append(self.path) or real(self))
+    copied = load_artifact(path, tiny, load_path="copy")
+    assert copied.load_path == "copy" and calls == [path]
+    calls.clear()
+    native = load_artifact(path, tiny, load_path="native", verify_digests=False)
+    assert native.load_path == "native" and calls == []
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
     """The load path's destinations: evaluated MLX arrays of the asked shapes, written through memoryview.

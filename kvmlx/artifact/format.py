@@ -345,6 +345,13 @@ class Artifact:
             self._native = (fd_path if self.version not in LEGACY and os.path.exists(fd_path) else "",)
         return self._native[0] or None
 
+    def reading_in_order(self) -> None:
+        """Tell the OS that this file's tensors are about to be read front to back (POSIX_FADV_SEQUENTIAL
+        on this descriptor: a larger read-ahead window). From a disk the copy path's reads then wait
+        less (docs/BENCHMARKS.md); nothing happens where the system has no `posix_fadvise` (macOS)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, self.data_offset, 0, os.POSIX_FADV_SEQUENTIAL)
+
     def cached(self, samples: int = 16) -> bool:
         """Whether the tensor region is in the OS page cache: `samples` pages spread over it all read
         without waiting for a disk (Linux `preadv2(RWF_NOWAIT)`). False where any would wait, and

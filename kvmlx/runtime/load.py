@@ -232,6 +232,8 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
             art.read_into(e.name, [memoryview(out[e.name]).cast("B")], verify=verify)
 
     total = sum(e.nbytes for e in raw)
+    if total > SMALL_READ:
+        art.reading_in_order()
     workers = threads or min(8, CPUS * (2 if verify else 1))
     if workers <= 1 or total <= SMALL_READ or (not verify and total <= SERIAL_BYTES):
         read(raw)
@@ -353,6 +355,7 @@ def read_caches(
         _finish(art, hashed, recheck)
         return from_arrays(arrays, n), logits, used
     capacity = _page_rows(n + (spare_slots(n) if headroom is None else headroom), art.tensors[names[0]])
+    art.reading_in_order()
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
     # hash (a cold first load of 557 MB here: 656 -> 573 ms; warm loads unchanged)
     workers = threads or min(8, CPUS * (2 if hashed else 1))
