@@ -155,6 +155,26 @@ def test_generate_loads_with_room_for_exactly_what_it_appends(tmp_path, tiny, do
                                                        encode_continuation(tiny, prompt), max_tokens=40).tokens
 
 
+def test_mx_load_is_chosen_where_it_pays():
+    """`_native_pays`: mx.load for more than SMALL_READ bytes, or for more than FEW_TENSORS tensors
+    whose destinations need an mx.eval (more than HOST_BUILT bytes, spare slots counted); the
+    calling thread's reads otherwise."""
+    from types import SimpleNamespace
+
+    from kvmlx.runtime import load
+
+    def art(count, each):
+        return SimpleNamespace(tensors={f"t{i}": SimpleNamespace(nbytes=each) for i in range(count)})
+
+    pays = lambda a, dest=None: load._native_pays(a, list(a.tensors), dest)  # noqa: E731
+    many = load.FEW_TENSORS + 8
+    assert pays(art(2, load.SMALL_READ))  # a few large tensors
+    assert not pays(art(load.FEW_TENSORS, 1024))  # a handful of small ones
+    assert not pays(art(many, load.HOST_BUILT // (2 * many)))  # many, but no eval: builtin:tiny --kv-bits 8
+    assert pays(art(many, load.HOST_BUILT // many + 1))  # many, and their destinations need an eval
+    assert pays(art(many, 1024), dest=load.HOST_BUILT + 1)  # ... counting the copy path's spare slots
+
+
 def test_the_copy_path_tells_the_os_it_reads_in_order(tmp_path, tiny, document, monkeypatch):
     """A copy-path load advises sequential reads on its descriptor (POSIX_FADV_SEQUENTIAL: read-ahead
     for a cold file); an `mx.load` load leaves that to MLX."""

@@ -74,7 +74,7 @@ PAGE = 4096  # bytes: each head's row of a loaded KV buffer is a whole number of
 SERIAL_BYTES = 32 << 20  # KV bytes: a re-load (nothing to hash) this small is read on the calling thread
 SMALL_READ = 4 << 20  # bytes: `read_tensors` reads (and hashes) this little on the calling thread (~1.5 ms of BLAKE3)
 CPUS = os.cpu_count() or 1  # asked once: ~6-10 us a call, on every load
-FEW_TENSORS = 16  # a read of at most this many tensors, all in SMALL_READ, skips `mx.load` (`_native_pays`)
+FEW_TENSORS = 16  # a read of at most this many tensors within SMALL_READ skips `mx.load`; of more, where no eval (`_native_pays`)
 
 
 @dataclass
@@ -268,12 +268,16 @@ def _reads_natively(art: Artifact, names: Sequence[str], verify: bool) -> bool:
             and _native_pays(art, raw) and (not verify or art.cached()))
 
 
-def _native_pays(art: Artifact, names: Sequence[str]) -> bool:
-    """Whether `mx.load` beats reads on the calling thread: not for a handful of small tensors, where its
-    fixed cost (parsing the table, a hand-off per tensor to its I/O threads) exceeds the reads
-    (builtin:hybrid's 9 tensors, 512 tokens: a whole load 0.67 against 0.53 ms; builtin:tiny's 8:
-    0.62 against 0.57 ms; 72 tensors of 8 KB each: native 1.6 against 2.5 ms)."""
-    return len(names) > FEW_TENSORS or sum(art.tensors[n].nbytes for n in names) > SMALL_READ
+def _native_pays(art: Artifact, names: Sequence[str], destination_bytes: int | None = None) -> bool:
+    """Whether `mx.load` beats reads on the calling thread. Its fixed cost (~0.5 ms: parsing the
+    table, a hand-off per tensor to its I/O threads) exceeds the reads of a few MB; and the reads'
+    destinations cost no `mx.eval` while they total at most HOST_BUILT, so then any number of
+    tensors is read faster (builtin:tiny with `--kv-bits 8`, 24 tensors of 0.3 MB in all: 0.37
+    against 0.75 ms). `destination_bytes`: what the copy path would allocate, when it is more than
+    the stored bytes (spare slots)."""
+    stored = sum(art.tensors[n].nbytes for n in names)
+    needs_eval = (stored if destination_bytes is None else destination_bytes) > HOST_BUILT
+    return stored > SMALL_READ or (len(names) > FEW_TENSORS and needs_eval)
 
 
 def _read_native(art: Artifact, names: Sequence[str], verify: bool) -> list[mx.array]:
@@ -336,8 +340,11 @@ def read_caches(
     # a re-load of a file whose digests all matched earlier in this process skips hashing (format.py)
     hashed = verify_digests and not art.verified_before
     recheck = verify_digests and not hashed
+    capacity = _page_rows(n + (spare_slots(n) if headroom is None else headroom), art.tensors[names[0]])
     if used == "auto":  # hashing: native (then hash in memory) only where the file is cached, else copy
-        used = "native" if native and headroom is None and _native_pays(art, names) and (not hashed or art.cached()) else "copy"
+        destination = sum(art.tensors[name].nbytes // n * capacity for name in names) if n else None
+        used = ("native" if native and headroom is None and _native_pays(art, names, destination) and (not hashed or art.cached())
+                else "copy")
     if used == "zero-copy" and not raw:
         raise ValueError("only raw artifacts can be loaded without a copy")
     if used == "native" and not native:
@@ -354,7 +361,6 @@ def read_caches(
         mx.eval(logits, arrays)
         _finish(art, hashed, recheck)
         return from_arrays(arrays, n), logits, used
-    capacity = _page_rows(n + (spare_slots(n) if headroom is None else headroom), art.tensors[names[0]])
     art.reading_in_order()
     # hashing workers leave the disk idle: with twice as many workers as cores, some read while others
     # hash (a cold first load of 557 MB here: 656 -> 573 ms; warm loads unchanged)
