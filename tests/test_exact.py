@@ -161,7 +161,7 @@ def test_mx_load_is_chosen_where_it_pays():
     calling thread's reads otherwise."""
     from types import SimpleNamespace
 
-    from kvmlx.runtime import load
+    from kvmlx.runtime import buffers, load
 
     def art(count, each):
         return SimpleNamespace(tensors={f"t{i}": SimpleNamespace(nbytes=each) for i in range(count)})
@@ -170,9 +170,9 @@ def test_mx_load_is_chosen_where_it_pays():
     many = load.FEW_TENSORS + 8
     assert pays(art(2, load.SMALL_READ))  # a few large tensors
     assert not pays(art(load.FEW_TENSORS, 1024))  # a handful of small ones
-    assert not pays(art(many, load.HOST_BUILT // (2 * many)))  # many, but no eval: builtin:tiny --kv-bits 8
-    assert pays(art(many, load.HOST_BUILT // many + 1))  # many, and their destinations need an eval
-    assert pays(art(many, 1024), dest=load.HOST_BUILT + 1)  # ... counting the copy path's spare slots
+    assert not pays(art(many, buffers.HOST_BUILT // (2 * many)))  # many, but no eval: builtin:tiny --kv-bits 8
+    assert pays(art(many, buffers.HOST_BUILT // many + 1))  # many, and their destinations need an eval
+    assert pays(art(many, 1024), dest=buffers.HOST_BUILT + 1)  # ... counting the copy path's spare slots
 
 
 def test_the_copy_path_tells_the_os_it_reads_in_order(tmp_path, tiny, document, monkeypatch):
@@ -201,43 +201,43 @@ def test_uninitialized_buffers_are_writable_mlx_memory(dtype, monkeypatch):
     Large buffers come from `mx.load` (no fill), smaller ones and any `mx.load` failure from zeros:
     evaluated by MLX, or under HOST_BUILT bytes in all built from host zeros (no eval).
     """
-    from kvmlx.runtime import load
+    from kvmlx.runtime import buffers
 
     calls, evals = [], []
-    real_load, real_eval = load.mx.load, load.mx.eval
-    monkeypatch.setattr(load.mx, "load", lambda *a, **k: calls.append(1) or real_load(*a, **k))
-    monkeypatch.setattr(load.mx, "eval", lambda *a, **k: evals.append(1) or real_eval(*a, **k))
+    real_load, real_eval = buffers.mx.load, buffers.mx.eval
+    monkeypatch.setattr(buffers.mx, "load", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(buffers.mx, "eval", lambda *a, **k: evals.append(1) or real_eval(*a, **k))
     large = [(1, 8, 2048, 128), (1, 4, 4096, 128)]  # >= SMALL_BUFFER (4 MiB) on average
     medium, small = [(1, 8, 512, 128)] * 2, [(1, 2, 256, 8), (1, 3, 512, 4)]  # over and under HOST_BUILT (1 MiB)
     for shapes, via_load, via_eval in ((large, True, False), (medium, False, True), (small, False, False)):
         calls.clear()
         evals.clear()
-        _check_buffers(load._uninitialized(shapes, dtype), shapes, load.DTYPES[dtype])
+        _check_buffers(buffers.uninitialized(shapes, dtype), shapes, buffers.DTYPES[dtype])
         assert (bool(calls), bool(evals)) == (via_load, via_eval)
 
     def broken(*args, **kwargs):
         raise RuntimeError("no load here")
 
-    monkeypatch.setattr(load.mx, "load", broken)
-    arrays = load._uninitialized(large, dtype)
+    monkeypatch.setattr(buffers.mx, "load", broken)
+    arrays = buffers.uninitialized(large, dtype)
     assert all(not np.array(a.view(mx.uint8)).any() for a in arrays)  # the fallback: zeros
-    _check_buffers(arrays, large, load.DTYPES[dtype])
+    _check_buffers(arrays, large, buffers.DTYPES[dtype])
 
 
 @pytest.mark.parametrize("scale", [1, 64, 4096])
 def test_destinations_of_several_dtypes_in_one_call(scale):
     """`read_tensors` allocates every dtype's destinations in one call (one `mx.eval` at most):
     each buffer has its own dtype and shape, at every size path."""
-    from kvmlx.runtime import load
+    from kvmlx.runtime import buffers
 
     shapes = [(1, 2, scale, 8), (1, 4, 32, 32), (1, 3, 256), (2, scale, 16)]
     dtypes = ["bfloat16", "float32", "float16", "uint32"]
-    arrays, zeroed = load._destinations(shapes, dtypes)
-    assert [a.dtype for a in arrays] == [load.DTYPES[d] for d in dtypes]
+    arrays, zeroed = buffers.destinations(shapes, dtypes)
+    assert [a.dtype for a in arrays] == [buffers.DTYPES[d] for d in dtypes]
     for a, shape, dtype in zip(arrays, shapes, dtypes):
-        _check_buffers([a], [shape], load.DTYPES[dtype])
-    total = sum(int(np.prod(s)) * load.TENSOR_DTYPES[d] for s, d in zip(shapes, dtypes))
-    assert zeroed == (total < len(shapes) * load.SMALL_BUFFER)  # mx.load's buffers are not filled
+        _check_buffers([a], [shape], buffers.DTYPES[dtype])
+    total = sum(int(np.prod(s)) * buffers.TENSOR_DTYPES[d] for s, d in zip(shapes, dtypes))
+    assert zeroed == (total < len(shapes) * buffers.SMALL_BUFFER)  # mx.load's buffers are not filled
 
 
 def _check_buffers(arrays, shapes, dtype):
@@ -251,9 +251,9 @@ def _check_buffers(arrays, shapes, dtype):
 def test_spare_slots_are_zero_even_in_recycled_memory(tmp_path, tiny, document, monkeypatch):
     """Destinations come from MLX's buffer cache uninitialised; what the document does not fill is
     zeroed, so `save_prompt_cache` (which writes the whole buffer) never leaks earlier memory."""
-    from kvmlx.runtime import load
+    from kvmlx.runtime import buffers
 
-    monkeypatch.setattr(load, "SMALL_BUFFER", 0)  # the uninitialised path, whatever the buffers' size
+    monkeypatch.setattr(buffers, "SMALL_BUFFER", 0)  # the uninitialised path, whatever the buffers' size
     doc = doc_tokens(tiny, document, 40)
     path = tmp_path / "doc.kvmlx"
     publish(tiny, doc, path, chunk_size=CHUNK)

@@ -238,12 +238,13 @@ def test_version_3_loads_natively_to_the_same_kv_as_version_1(published, tiny, m
     from kvmlx.runtime.generate import continue_from
     from kvmlx.runtime.load import load_artifact, zero_copy_available
 
+    from kvmlx.runtime import buffers
     from kvmlx.runtime import load as load_mod
 
     few = load_artifact(published["v3"], tiny, verify_digests=False)  # builtin:tiny: 8 tensors of < 1 MB
     assert few.load_path == ("zero-copy" if zero_copy_available() else "copy")  # reads beat mx.load's fixed cost
     monkeypatch.setattr(load_mod, "FEW_TENSORS", 0)  # as for a real model's 48+ tensors,
-    monkeypatch.setattr(load_mod, "HOST_BUILT", 0)  # whose destinations need an mx.eval
+    monkeypatch.setattr(buffers, "HOST_BUILT", 0)  # whose destinations need an mx.eval
     auto = "zero-copy" if zero_copy_available() else "native"  # what "auto" picks for v3 with nothing to hash
     with Artifact(published["v1"]) as old, Artifact(published["v3"]) as new:
         assert (old.version, old.header["version"], new.version, new.header["version"]) == (1, 1, 3, 3)

@@ -19,7 +19,7 @@ Three ways in, and `LoadedKV.load_path` says which ran:
   whose first L slots per head hold the document and whose spare slots (`spare_slots`: up to 256, at
   most L/8) are free, so the suffix's first appends write in place (mlx-lm's `KVCache` re-allocates
   and concatenates the whole prefix when an append exceeds its capacity; the spare slots are zeroed).
-  Buffers come uninitialised from MLX's cache (`_uninitialized`); the main thread allocates the next
+  Buffers come uninitialised from MLX's cache (`buffers.destinations`); the main thread allocates the next
   layers while worker threads (started once per process) read and verify the ones before (preadv and
   BLAKE3 release the GIL); a small re-load (nothing to hash) is read on the calling thread. No memory
   map is made here.
@@ -37,10 +37,8 @@ Either way the caches are plain `mlx_lm.models.cache.KVCache` objects, usable as
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -52,24 +50,21 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..artifact.encodings import decode
-from ..artifact.format import DTYPE_SIZES, ENCODINGS, TENSOR_DTYPES, Artifact, VerifiedIdentity, header_kv_names
+from ..artifact.format import DTYPE_SIZES, ENCODINGS, Artifact, VerifiedIdentity, header_kv_names
 from ..artifact.identity import check_binding, model_fingerprint, tokenizer_fingerprint
 from ..artifact.trust import SignatureStatus, TrustList, check_signature
 from ..caches import KVQuantization, StreamedKVCache, check_model, from_arrays, model_specs, quantization_of
 from ..errors import IntegrityError, KVQuantizationMismatchError, LossyArtifactError, ModelMismatchError, PrefixMismatchError
 from ..models import LoadedModel
+from . import buffers
+from .buffers import DTYPES
 from .distributed import check_parallel_support, open_part, read_bytes
 from .restore import build_states, state_tensor_names
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
-# numpy's type for building each dtype's zeros on the host (bfloat16: float32 zeros, converted as MLX copies them)
-HOST_ZEROS = {"float16": np.float16, "bfloat16": np.float32, "float32": np.float32, "uint32": np.uint32}
 DEFAULT_HEADROOM = 256  # at most one mlx-lm KVCache step of spare slots (`spare_slots`)
 MIN_HEADROOM = 16  # spare slots even for a tiny document: the first decode steps append in place
 LOAD_PATHS = ("auto", "native", "copy", "zero-copy", "overlap")
 ALLOC_LAYERS = 4  # layers allocated per `mx.load` call: few calls, yet the first reads start early (3774 tokens: 8 -> 4 layers, 64 -> 44 ms)
-SMALL_BUFFER = 4 << 20  # bytes: below this, zero-filling a buffer is cheaper than `mx.load`'s hand-off
-HOST_BUILT = 1 << 20  # bytes: destinations this small are built from host zeros, without an `mx.eval` (~50 us)
 PAGE = 4096  # bytes: each head's row of a loaded KV buffer is a whole number of pages (`_page_rows`)
 SERIAL_BYTES = 32 << 20  # KV bytes: a re-load (nothing to hash) this small is read on the calling thread
 SMALL_READ = 4 << 20  # bytes: `read_tensors` reads (and hashes) this little on the calling thread (~1.5 ms of BLAKE3)
@@ -216,7 +211,7 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
     read path of every cache family (version-2 states and checkpoints: plain, quantized, rotating,
     arrays). Version 3 with nothing to hash, or in the page cache: `mx.load` reads the raw tensors
     (`_read_native`, hashing them in memory if asked).
-    Otherwise destinations come from one `_destinations` call for every dtype; each raw tensor is
+    Otherwise destinations come from one `buffers.destinations` call for every dtype; each raw tensor is
     read straight into its buffer with one `preadv` (its digest checked while the bytes are hot), on
     the load pool unless the whole read is small and unhashed. Encoded tensors are decoded."""
     entries = [art.tensors[name] for name in names]
@@ -225,7 +220,7 @@ def read_tensors(art: Artifact, names: Sequence[str], verify: bool, *, threads: 
     if _reads_natively(art, [e.name for e in entries], verify):
         out.update(zip((e.name for e in raw), _read_native(art, [e.name for e in raw], verify)))
         raw = []
-    out.update(zip((e.name for e in raw), _destinations([e.shape for e in raw], [e.dtype for e in raw])[0]))
+    out.update(zip((e.name for e in raw), buffers.destinations([e.shape for e in raw], [e.dtype for e in raw])[0]))
 
     def read(batch: Sequence) -> None:
         for e in batch:
@@ -271,12 +266,12 @@ def _reads_natively(art: Artifact, names: Sequence[str], verify: bool) -> bool:
 def _native_pays(art: Artifact, names: Sequence[str], destination_bytes: int | None = None) -> bool:
     """Whether `mx.load` beats reads on the calling thread. Its fixed cost (~0.5 ms: parsing the
     table, a hand-off per tensor to its I/O threads) exceeds the reads of a few MB; and the reads'
-    destinations cost no `mx.eval` while they total at most HOST_BUILT, so then any number of
+    destinations cost no `mx.eval` while they total at most `buffers.HOST_BUILT`, so then any number of
     tensors is read faster (builtin:tiny with `--kv-bits 8`, 24 tensors of 0.3 MB in all: 0.37
     against 0.75 ms). `destination_bytes`: what the copy path would allocate, when it is more than
     the stored bytes (spare slots)."""
     stored = sum(art.tensors[n].nbytes for n in names)
-    needs_eval = (stored if destination_bytes is None else destination_bytes) > HOST_BUILT
+    needs_eval = (stored if destination_bytes is None else destination_bytes) > buffers.HOST_BUILT
     return stored > SMALL_READ or (len(names) > FEW_TENSORS and needs_eval)
 
 
@@ -368,7 +363,7 @@ def read_caches(
     kv_bytes = sum(art.tensors[name].nbytes for name in names)
     if used == "copy" and not hashed and threads is None and kv_bytes <= SERIAL_BYTES:
         # a small re-load: handing layers to threads costs more than copying them here (~1 ms a MB)
-        arrays, zeroed = _destinations([_with_capacity(art.tensors[name].shape, capacity) for name in names],
+        arrays, zeroed = buffers.destinations([_with_capacity(art.tensors[name].shape, capacity) for name in names],
                                        art.tensors[names[0]].dtype)
         for i in range(0, len(names), 2):
             _copy_layer(art, names[i : i + 2], arrays[i : i + 2], False, False, zeroed)
@@ -380,7 +375,7 @@ def read_caches(
     for first in range(0, len(names), 2 * ALLOC_LAYERS):
         # allocate a few layers here while workers read the ones before: allocation and reads overlap
         group = names[first : first + 2 * ALLOC_LAYERS]
-        fresh, zeroed = _destinations([_with_capacity(art.tensors[name].shape, capacity) for name in group],
+        fresh, zeroed = buffers.destinations([_with_capacity(art.tensors[name].shape, capacity) for name in group],
                                       art.tensors[group[0]].dtype)
         arrays += fresh
         for i in range(first, first + len(group), 2):
@@ -459,76 +454,6 @@ def _adopt(art: Artifact, name: str) -> mx.array:
     return mx.asarray(raw, copy=False).view(DTYPES[entry.dtype]).reshape(entry.shape)
 
 
-def _uninitialized(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[mx.array]:
-    """Evaluated MLX buffers of `shapes` with arbitrary contents (`_destinations` says more)."""
-    return _destinations(shapes, dtype)[0]
-
-
-def _destinations(shapes: Sequence[tuple[int, ...]], dtypes: str | Sequence[str]) -> tuple[list[mx.array], bool]:
-    """Evaluated MLX buffers with arbitrary contents, for the caller to overwrite entirely; `dtypes`:
-    one for all, or one per shape.
-
-    MLX has no uninitialised allocation, and filling costs as much as the load itself (`mx.zeros`
-    writes every byte: ~45 ms for 557 MB here, more on fresh pages). `mx.load` is the one MLX op that
-    allocates without writing: it hands each new buffer to the reader to fill. `_BlankTensors` is a
-    reader that leaves them as they are, so the buffers come straight from MLX's cache (already
-    touched after the first load) and our `preadv` is the only pass over their bytes (with the
-    zeroing of the spare slots, `_copy_heads`: ~6% of them). Each buffer
-    costs `mx.load` a hand-off to its I/O thread (~0.2 ms here), more than filling a small one, so
-    buffers under `SMALL_BUFFER` on average are filled instead (one `mx.eval` for all: each costs
-    ~50 us, a fifth of a small load); so are all if `mx.load` ever fails. Under `HOST_BUILT` bytes in
-    all they are made from host zeros (`mx.array` copies them at once: no eval at all). The flag says
-    whether they were zero-filled (then nothing needs zeroing again).
-    """
-    kinds = [dtypes] * len(shapes) if isinstance(dtypes, str) else list(dtypes)
-    sizes = [math.prod(shape) * TENSOR_DTYPES[dtype] for shape, dtype in zip(shapes, kinds)]
-    if sum(sizes) >= len(shapes) * SMALL_BUFFER:
-        try:
-            arrays = mx.load(_BlankTensors(shapes, kinds), format="safetensors", stream=mx.cpu)
-            return [arrays[str(i)] for i in range(len(shapes))], False
-        except Exception:  # noqa: BLE001 - any failure of the fast path just costs a fill
-            pass
-    if sum(sizes) <= HOST_BUILT:
-        return [mx.array(np.zeros(shape, HOST_ZEROS[dtype]), dtype=DTYPES[dtype]) for shape, dtype in zip(shapes, kinds)], True
-    out = [mx.zeros(shape, DTYPES[dtype]) for shape, dtype in zip(shapes, kinds)]
-    mx.eval(out)
-    return out, True
-
-
-class _BlankTensors:
-    """A read-only file object holding a safetensors header for `shapes` and no data: reads of the
-    data region return without writing, which leaves `mx.load`'s fresh buffers uninitialised."""
-
-    _SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32"}
-
-    def __init__(self, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]):
-        entries, end = {}, 0
-        for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
-            nbytes = int(np.prod(shape)) * TENSOR_DTYPES[dtype]
-            entries[str(i)] = {"dtype": self._SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [end, end + nbytes]}
-            end += nbytes
-        body = json.dumps(entries).encode()
-        body += b" " * (-len(body) % 8)
-        self._head = struct.pack("<Q", len(body)) + body
-        self._size = len(self._head) + end
-        self._pos = 0
-        self.closed = False
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = (0, self._pos, self._size)[whence] + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer: memoryview) -> int:
-        n = memoryview(buffer).nbytes
-        if self._pos < len(self._head):
-            memoryview(buffer).cast("B")[:] = self._head[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-
 def _with_capacity(shape: Sequence[int], capacity: int) -> tuple[int, ...]:
     b, heads, _, head_dim = shape
     return (b, heads, capacity, head_dim)
@@ -540,10 +465,10 @@ def _copy_heads(art: Artifact, name: str, dst: mx.array, verify: bool, zeroed: b
 
     Raw tensors are read straight from the file into the MLX buffer (one `preadv` per tensor, one
     copy); encoded ones are decoded from the map first. Digests are checked either way. The spare
-    slots are zeroed because `dst` may be recycled memory (`_uninitialized`) and mlx-lm's
+    slots are zeroed because `dst` may be recycled memory (`buffers.destinations`) and mlx-lm's
     `KVCache.state` hands out the whole buffer: `save_prompt_cache` of a loaded cache must not
     write whatever this process held there before (another document's KV). `zeroed`: `dst` was
-    zero-filled when it was made (`_destinations`), so the spare slots already are.
+    zero-filled when it was made (`buffers.destinations`), so the spare slots already are.
     """
     entry = art.tensors[name]
     heads = entry.shape[1]
