@@ -33,10 +33,10 @@ from .errors import (  # noqa: E402 - the errors are small, and `except kvmlx.Kv
     UnsupportedParallelError,
     UnsupportedVersionError,
 )
-from .exports import exported_from, lazy_exports  # noqa: E402
+from .exports import lazy_exports  # noqa: E402
 
 # The API, each name imported from its module on first use (kvmlx.exports).
-__getattr__, __dir__ = lazy_exports(__name__, globals(), exported_from({
+__getattr__, __dir__ = lazy_exports(__name__, globals(), {
     ".artifact.format": ("Artifact", "read_header"),
     ".caches": ("KVQuantization",),
     ".models": ("LoadedModel", "load_model"),
@@ -46,7 +46,7 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), exported_from({
     ".runtime.publish": ("PublishResult", "publish"),
     ".runtime.restore": ("caches_at",),
     ".runtime.store": ("Store", "StoreError"),
-}))
+})
 
 __all__ = [
     "Agent", "Store", "StoreError", "chat_prefix_tokens", "chat_prompt_tokens",

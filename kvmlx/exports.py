@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib
 
 
-def lazy_exports(package: str, namespace: dict, exports: dict[str, str]):
-    """(__getattr__, __dir__) for the package `package` whose globals are `namespace`: each name of
-    `exports` is imported from its module (relative to the package) on first use, then kept."""
+def lazy_exports(package: str, namespace: dict, modules: dict[str, tuple[str, ...]]):
+    """(__getattr__, __dir__) for the package `package` whose globals are `namespace`: each name that
+    `modules` lists under a module (relative to the package) is imported from it on first use, then kept."""
+    exports = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name: str):
         module = exports.get(name)
@@ -24,8 +25,3 @@ def lazy_exports(package: str, namespace: dict, exports: dict[str, str]):
         return sorted({*namespace, *exports})
 
     return __getattr__, __dir__
-
-
-def exported_from(modules: dict[str, tuple[str, ...]]) -> dict[str, str]:
-    """{name: module} from {module: names}."""
-    return {name: module for module, names in modules.items() for name in names}
