@@ -3,8 +3,8 @@
 Three ways in, and `LoadedKV.load_path` says which ran:
 
 - ``native`` (a version-3 file with nothing to hash or in the page cache, everywhere but Metal,
-  when no headroom is asked for): `mx.load` reads the file, a safetensors file (artifact/envelope.py), on MLX's own I/O threads
-  straight into exact-size arrays: mlx-lm's `load_prompt_cache` path, with kvmlx's checks around it.
+  when no headroom is asked for): `mx.load` reads the file, a safetensors file (artifact/envelope.py),
+  on MLX's own I/O threads straight into exact-size arrays: mlx-lm's `load_prompt_cache` path, with kvmlx's checks around it.
   Like mlx-lm's caches, these have no spare slots: the suffix's first append grows them (one copy of
   the document's KV). A load that must hash digests takes this path too when the file is in the
   page cache (`Artifact.cached`), hashing the arrays in memory afterwards; from a disk it takes the
@@ -19,10 +19,10 @@ Three ways in, and `LoadedKV.load_path` says which ran:
   whose first L slots per head hold the document and whose spare slots (`spare_slots`: up to 256, at
   most L/8) are free, so the suffix's first appends write in place (mlx-lm's `KVCache` re-allocates
   and concatenates the whole prefix when an append exceeds its capacity; the spare slots are zeroed).
-  Buffers come uninitialised from MLX's cache (`buffers.destinations`); the main thread allocates the next
-  layers while worker threads (started once per process) read and verify the ones before (preadv and
-  BLAKE3 release the GIL); a small re-load (nothing to hash) is read on the calling thread. No memory
-  map is made here.
+  Buffers come from `buffers.destinations` (uninitialised, from MLX's cache, when large); the main
+  thread allocates the next layers while worker threads (started once per process) read and verify
+  the ones before (preadv and BLAKE3 release the GIL); a small re-load (nothing to hash) is read on
+  the calling thread. No memory map is made here.
 
 Digests are hashed once per file per process: a re-load of the same unchanged file only re-checks
 its identity (`Artifact.verified_before`, docs/FORMAT.md).
