@@ -12,6 +12,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..artifact.envelope import ST_DTYPES
 from ..artifact.format import TENSOR_DTYPES
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
@@ -61,13 +62,11 @@ class _BlankTensors:
     """A read-only file object holding a safetensors header for `shapes` and no data: reads of the
     data region return without writing, which leaves `mx.load`'s fresh buffers uninitialised."""
 
-    _SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32"}
-
     def __init__(self, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str]):
         entries, end = {}, 0
         for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
             nbytes = int(np.prod(shape)) * TENSOR_DTYPES[dtype]
-            entries[str(i)] = {"dtype": self._SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [end, end + nbytes]}
+            entries[str(i)] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [end, end + nbytes]}
             end += nbytes
         body = json.dumps(entries).encode()
         body += b" " * (-len(body) % 8)
