@@ -73,7 +73,7 @@ def read_table(fd: int, size: int, name: str, first: bytes, max_header: int) -> 
 def parse_table(raw: bytes, name: str, max_header: int) -> tuple[bytes, bytes, bytes | None]:
     """(header body, header digest, public key + signature or None) from a table's metadata, checked."""
     try:
-        listed = json.loads(raw.decode("ascii"), parse_constant=_reject)
+        listed = json.loads(raw.decode("ascii"), parse_constant=reject_constant)
     except (ValueError, RecursionError) as e:
         raise ArtifactError(f"{name}: safetensors table is not valid JSON ({type(e).__name__})") from None
     meta = listed.get("__metadata__") if isinstance(listed, dict) else None
@@ -109,5 +109,6 @@ def check_table(raw: bytes, header: dict, body: bytes, data_offset: int, header_
         raise ArtifactError(f"{name}: data offset {data_offset} is not the first {align}-byte boundary after the table")
 
 
-def _reject(token: str) -> None:
+def reject_constant(token: str) -> None:
+    """`json.loads`'s `parse_constant`: NaN and Infinity are no JSON number kvmlx accepts."""
     raise ValueError(f"non-finite number {token}")

@@ -500,7 +500,7 @@ def _parse(fd: int, size: int, name: str) -> tuple[dict, int, bytes, tuple[bytes
         header = pickle.loads(parsed)  # noqa: S301 - our own pickle of our own parse, never the file's bytes
     else:
         try:
-            header = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+            header = json.loads(body.decode("utf-8"), parse_constant=envelope.reject_constant)
         except (ValueError, RecursionError) as e:
             raise ArtifactError(f"{name}: header is not valid JSON ({type(e).__name__})") from None
     if entries is None:
@@ -575,10 +575,6 @@ _VALID_HEADERS: dict[tuple, tuple[MappingProxyType, bytes | None]] = {}  # check
 _VALID_TABLES: dict[tuple, tuple] = {}
 _MAX_VALID_HEADERS = 4096
 _VALID_LOCK = threading.Lock()
-
-
-def _reject_constant(token: str) -> None:
-    raise ValueError(f"non-finite number {token}")
 
 
 def _entry(e: dict) -> TensorEntry:
