@@ -30,11 +30,6 @@ class RecordWriter:
             self._outstanding += 1
         self._queue.put(write)
 
-    @property
-    def outstanding(self) -> int:
-        with self._done:
-            return self._outstanding
-
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every write submitted so far has run; False if `timeout` passed first."""
         with self._done:
