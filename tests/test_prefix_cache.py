@@ -134,8 +134,15 @@ def test_engine_turns_exact_across_restart_batched(tiny, preset, toks, tmp_path,
                 prev = kept[k - 1][i]
                 # the batch holds the KV of every answer token (mlx-lm runs one step ahead): all of it is reused
                 assert s["cached_tokens"] == s2["cached_tokens"] >= len(prev[0]) + ANSWER - 1, (k, i, s)
-                # restarted: from disk (a prefix the other conversation just read is in memory by then)
-                assert set(s["cached_by_tier"]) == {"memory"} and s2["cached_by_tier"].get("disk", 0) > 0
+                assert set(s["cached_by_tier"]) == {"memory"}, (k, i, s)
+                assert sum(s2["cached_by_tier"].values()) == s2["cached_tokens"], (k, i, s2)
+        if k:
+            # restarted: the conversation restored first read all of it from disk. Which one that is depends
+            # on arrival order, and the other may then find every record it needs in memory: when turn 0
+            # saved conversation 0 first, conversation 1's chain runs through its last record (two shared
+            # tokens), so conversation 1 restored first leaves all of conversation 0's prefix in memory.
+            tiers = [s2["cached_by_tier"] for *_, s2 in row_b]
+            assert any(t.get("memory", 0) == 0 and t.get("disk", 0) > 0 for t in tiers), (k, tiers)
         assert alone[k][0][:3] == alone_fresh[k][0][:3], k
         assert alone[k][0][3]["cached_tokens"] == alone_fresh[k][0][3]["cached_tokens"] == row_a[0][3]["cached_tokens"]
     pc = stats["prefix_cache"]
