@@ -150,6 +150,40 @@ def test_engine_turns_exact_across_restart_batched(tiny, preset, toks, tmp_path,
     assert stats["cached_tokens_by_tier"]["memory"] == stats["cached_tokens"]
 
 
+def test_engine_keeps_a_prompt_while_it_decodes(tiny, toks, tmp_path):
+    """A prompt is kept when its prefill in the batch ends, not only when its request finishes: a
+    request sharing it that arrives while the first still decodes reuses all but its last token (which
+    the batch runs as the first decode input), from memory, and answers exactly as from scratch."""
+    eng = Engine(tiny, Store(tmp_path / "s"), cache=cache_for(tiny, tmp_path / "s")).start()
+    first_prompt, prompt = toks[:60], toks[:60] + toks[300:310]
+    events = {"first": [], "second": []}
+    done = {k: threading.Event() for k in events}
+
+    def emit(name):
+        def f(kind, payload):
+            events[name].append((kind, payload))
+            if kind in ("done", "error", "timeout"):
+                done[name].set()
+        return f
+    try:
+        first = Job(list(first_prompt), Params(max_tokens=4000, ignore_eos=True), emit("first"))
+        eng.submit(first)
+        deadline = time.monotonic() + 60
+        while not any(k == "token" for k, _ in events["first"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        eng.submit(Job(list(prompt), Params(max_tokens=ANSWER, ignore_eos=True), emit("second")))
+        assert done["second"].wait(60)
+        assert not done["first"].is_set()  # still decoding when it was reused
+        first.cancelled.set()
+    finally:
+        eng.stop()
+    start = [p for k, p in events["second"] if k == "start"][0]
+    assert start["cached_tokens"] == len(first_prompt) - 1 and start["cached_by_tier"] == {"memory": 59}, start
+    tokens = [p[0] for k, p in events["second"] if k == "token"]
+    ref = from_scratch(tiny, prompt[:59], prompt[59:], chunk_size=512, max_tokens=ANSWER, stop_at_eos=False)
+    assert tokens == ref.tokens
+
+
 def test_http_stream_and_not_keep_and_report(tiny, toks, tmp_path):
     """Streamed and non-streamed chat requests both leave their conversation cached; usage's
     cached_tokens counts it, and /metrics and /v1/kvmlx/stats report it by tier."""
