@@ -15,6 +15,7 @@ from mlx_lm.sample_utils import make_logits_processors
 from kvmlx.runtime.generate import from_scratch
 from kvmlx.runtime.publish import DEFAULT_CHUNK
 from kvmlx.runtime.store import Store
+from kvmlx.serving import engine as engine_module
 from kvmlx.serving.engine import Engine, Job, QueueFull
 from kvmlx.serving.sampling import Params
 
@@ -219,3 +220,32 @@ def test_kv_bits_requests_decode_alone(tiny, toks, tmp_path):
     agent = Agent(tiny, Store(tmp_path / "s"), kv_quant=quant, cache=False)
     for p, r in zip(prompts, recs):
         assert r.tokens == agent.generate(p, max_tokens=8, stop_at_eos=False).tokens
+
+
+def test_a_burst_is_admitted_together(tiny, toks, monkeypatch):
+    """An idle engine holds its first job while another request is still being read (`arrival`), so
+    the two start in one step; a request that never finishes arriving holds nobody past GATHER_SECONDS."""
+    monkeypatch.setattr(engine_module, "GATHER_SECONDS", 60.0)
+    eng = Engine(tiny, None, cache=False).start()
+    try:
+        first, second = Rec(), Rec()
+        with eng.arrival() as arrived:
+            eng.submit(job(toks[:40], first, max_tokens=2))
+            arrived()
+            with eng.arrival():  # the second request is still being read
+                time.sleep(0.3)
+                assert not first.events  # held back for it
+                submitted = time.monotonic()
+                eng.submit(job(toks[100:140], second, max_tokens=2))
+        assert first.done.wait(60) and second.done.wait(60)
+        assert first.when["start"] >= submitted and first.tokens and second.tokens
+
+        monkeypatch.setattr(engine_module, "GATHER_SECONDS", 0.05)
+        alone = Rec()
+        with eng.arrival():  # never submitted
+            with eng.arrival() as arrived:
+                eng.submit(job(toks[:40], alone, max_tokens=2))
+            assert alone.done.wait(60) and alone.tokens == first.tokens
+        assert eng._arriving == 0
+    finally:
+        eng.stop()

@@ -143,6 +143,8 @@ def test_queue_full_is_429(idle):
     r = post(client, BASE)
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "queue_full"
+    # refused (and every 4xx before it): no request is left counted as still arriving
+    assert engine._arriving == 0
 
 
 def test_alias_and_logprobs(live):

@@ -12,7 +12,9 @@ A request (a `Job`) goes waiting -> prefilling -> decoding:
   interleaved with the decode steps, so a huge prompt delays everyone else by about one chunk; a
   prompt's last chunk (all of a short suffix) goes into the `BatchGenerator`, which prefills the
   last chunks of one step together in one batched forward. When the prompt *is* the document, the
-  stored logits give the first token with no model call.
+  stored logits give the first token with no model call. An idle engine given the first request of
+  a burst waits (at most `GATHER_SECONDS`) while the HTTP side still reads the others (`arrival`),
+  so that the burst is prefilled and decoded together.
 - **decoding**: the request's caches go into mlx-lm's `BatchGenerator` (`insert(..., caches=...)`):
   one batched forward per step for every decoding request, mlx-lm's samplers, logits processors and
   stop tokens; mlx-lm merges the caches into its batch cache (a copy), so the shared KV is never written.
@@ -36,6 +38,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
@@ -58,6 +61,7 @@ DEFAULT_MAX_BATCH = 32  # requests prefilling or decoding at once (mlx_lm.server
 PREFILL_BATCH = 8  # last chunks BatchGenerator prefills in one forward (mlx_lm.server's prompt concurrency)
 DEFAULT_MAX_QUEUED = 256  # requests waiting beyond those
 DEFAULT_REQUEST_TIMEOUT = 600.0  # seconds from arrival to the last token
+GATHER_SECONDS = 0.05  # from idle, the longest the first request waits for others still being parsed
 
 
 class _Float32Logits:
@@ -118,6 +122,7 @@ class Engine:
         self.decode_steps = 0
         self.started = time.time()
         self._queued = 0  # submitted and not yet decoding or finished (read by the HTTP thread)
+        self._arriving = 0  # requests the HTTP side is reading and tokenizing (`arrival`), not yet submitted
         self._joined = self._skipped = False  # requests joined the batch last step; long prompts sat out
         self._lock = threading.Lock()  # guards the counters read by the HTTP thread
         self._thread: threading.Thread | None = None
@@ -148,6 +153,28 @@ class Engine:
             job.deadline = time.monotonic() + self.request_timeout
         self.inbox.put(job)
 
+    @contextmanager
+    def arrival(self):
+        """Around a request's reading and tokenizing; yields `arrived()`, to call once it is submitted
+        (or refused; leaving the block calls it too). While any request is arriving, an idle engine holds
+        its first job back, at most `GATHER_SECONDS`, so that a burst is admitted, prefilled and decoded
+        together rather than one request alone and then the rest (mlx_lm.server gets the same grouping
+        by tokenizing every queued request on its generation thread before it steps)."""
+        left = [True]
+
+        def arrived() -> None:
+            with self._lock:
+                if left[0]:
+                    left[0] = False
+                    self._arriving -= 1
+
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield arrived
+        finally:
+            arrived()
+
     def _busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding or self.solo)
 
@@ -158,16 +185,24 @@ class Engine:
             self._step_all()
 
     def _take_jobs(self) -> bool:
-        """Move queued jobs to `waiting`, blocking only when idle; False once told to stop."""
-        try:
-            while True:
-                job = self.inbox.get(block=not self._busy())
-                if job is None:
-                    return False
-                self.waiting.append(job)
-        except queue.Empty:
-            pass
-        return True
+        """Move queued jobs to `waiting`, blocking only when idle; False once told to stop. From idle,
+        the rest of a burst still being read (`arrival`) is waited for, at most `GATHER_SECONDS`."""
+        idle, until = not self._busy(), 0.0
+        while True:
+            if not self._busy():
+                job = self.inbox.get()
+                until = time.monotonic() + GATHER_SECONDS
+            else:
+                gather = idle and self._arriving > 0 and time.monotonic() < until
+                try:
+                    job = self.inbox.get(timeout=0.002) if gather else self.inbox.get_nowait()
+                except queue.Empty:
+                    if gather:
+                        continue
+                    return True
+            if job is None:
+                return False
+            self.waiting.append(job)
 
     def _step_all(self) -> None:
         """One engine step: drop cancelled and expired jobs, decode the batch, then prefill."""

@@ -138,32 +138,36 @@ class Server:
                              f"{self.max_prompt_tokens}", param, "context_length_exceeded")
 
     async def completions(self, request):
-        try:
-            body = await self._body(request)
-            tokens = req.prompt_tokens(body, self.lm.tokenizer, self.vocab_size)
-            self._check_length(tokens, "prompt")
-            params, stops = req.params(body, self.vocab_size, chat=False), req.stops(body)
-            blend = self._blend(body)
-        except BadRequest as e:
-            return self._error(e.status, str(e), param=e.param, code=e.code)
-        return await self._respond(request, body, tokens, params, stops, chat=False, blend=blend)
+        with self.engine.arrival() as arrived:
+            try:
+                body = await self._body(request)
+                tokens = req.prompt_tokens(body, self.lm.tokenizer, self.vocab_size)
+                self._check_length(tokens, "prompt")
+                params, stops = req.params(body, self.vocab_size, chat=False), req.stops(body)
+                blend = self._blend(body)
+            except BadRequest as e:
+                return self._error(e.status, str(e), param=e.param, code=e.code)
+            return await self._respond(request, body, tokens, params, stops, chat=False, blend=blend,
+                                       arrived=arrived)
 
     async def chat(self, request):
-        try:
-            body = await self._body(request)
-            msgs = req.messages(body)
+        with self.engine.arrival() as arrived:
             try:
-                tokens = _render(self.lm, msgs)
-            except ChatTemplateError as e:
-                raise BadRequest(str(e), "messages")
-            except Exception as e:  # a template that raises on this conversation (e.g. roles out of order)
-                raise BadRequest(f"the chat template cannot render these messages: {str(e)[:200]}", "messages")
-            self._check_length(tokens, "messages")
-            params, stops = req.params(body, self.vocab_size, chat=True), req.stops(body)
-            blend = self._blend(body)
-        except BadRequest as e:
-            return self._error(e.status, str(e), param=e.param, code=e.code)
-        return await self._respond(request, body, tokens, params, stops, chat=True, blend=blend)
+                body = await self._body(request)
+                msgs = req.messages(body)
+                try:
+                    tokens = _render(self.lm, msgs)
+                except ChatTemplateError as e:
+                    raise BadRequest(str(e), "messages")
+                except Exception as e:  # a template that raises on this conversation (e.g. roles out of order)
+                    raise BadRequest(f"the chat template cannot render these messages: {str(e)[:200]}", "messages")
+                self._check_length(tokens, "messages")
+                params, stops = req.params(body, self.vocab_size, chat=True), req.stops(body)
+                blend = self._blend(body)
+            except BadRequest as e:
+                return self._error(e.status, str(e), param=e.param, code=e.code)
+            return await self._respond(request, body, tokens, params, stops, chat=True, blend=blend,
+                                       arrived=arrived)
 
     def _blend(self, body: dict) -> BlendSettings | None:
         """The request's blend settings (its `blend` field, else the server's default), or a 400 naming
@@ -184,7 +188,7 @@ class Server:
         return blend
 
     async def _respond(self, request, body: dict, tokens: list[int], params: Params, stops: list[str], chat: bool,
-                       blend: BlendSettings | None = None):
+                       blend: BlendSettings | None = None, arrived: Callable[[], None] = lambda: None):
         from starlette.responses import JSONResponse, StreamingResponse
 
         loop = asyncio.get_running_loop()
@@ -200,6 +204,8 @@ class Server:
         except QueueFull as e:
             return self._error(429, str(e), "rate_limit_error", code="queue_full",
                                headers={"Retry-After": str(e.retry_after)})
+        finally:
+            arrived()
 
         if not body.get("stream"):
             try:
