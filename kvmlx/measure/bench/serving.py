@@ -17,6 +17,7 @@ subprocesses (`python -m kvmlx serve`, `python -m mlx_lm server`).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -197,14 +198,18 @@ def run_serve_bench(model: str = "builtin:small", *, doc_tokens: int = 1024,
     with tempfile.TemporaryDirectory(prefix="kvmlx-bench-serve-") as tmp:
         store = Store(os.path.join(tmp, "store"))
         pub = store.publish(lm, document)
+        store.close()  # from here on only copied, one copy per repeat
         # the long prompt matches nothing in the store (its first character differs from the document's)
         long_prompt = "Z" + document_text(lm, long_tokens) if long_tokens else ""
         runs: dict[str, list[dict]] = {s: [] for s in servers}
         for rep in range(repeats):
             order = servers if rep % 2 == 0 else tuple(reversed(servers))
+            # each repeat's kvmlx starts from the published document alone: an earlier repeat's prefix
+            # cache would hold its first and restart prompts whole
+            rep_store = Store(shutil.copytree(store.root, os.path.join(tmp, f"store-{rep}")))
             for kind in order:
                 run: dict = {"repeat": rep}
-                with _server(kind, model, lm.path, store, tmp) as (base, name, startup):
+                with _server(kind, model, lm.path, rep_store, tmp) as (base, name, startup):
                     run["startup_seconds"] = startup
                     run["first"] = _stream(_client(base), name, document + "\n\nQuestion: what is this about?",
                                            max_tokens)
@@ -228,7 +233,7 @@ def run_serve_bench(model: str = "builtin:small", *, doc_tokens: int = 1024,
                                                    chunk_seconds=DEFAULT_CHUNK * s / n if n else None,
                                                    cancelled=st1["cancelled"] - st0["cancelled"])
                         tick(f"{kind} fairness")
-                with _server(kind, model, lm.path, store, tmp) as (base, name, startup):
+                with _server(kind, model, lm.path, rep_store, tmp) as (base, name, startup):
                     run["restart_startup_seconds"] = startup
                     run["restart"] = _stream(_client(base), name, document + "\n\nQuestion: and after a restart?",
                                              max_tokens)
