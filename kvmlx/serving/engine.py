@@ -268,13 +268,13 @@ class Engine:
     # -- decoding --
 
     def _decode_step(self) -> None:
-        """BatchGenerator calls until one yields tokens: the batched prefill of the prompts handed to it
-        (each kept in the prefix cache as it ends), then one batched decode step for every decoding
-        request."""
+        """BatchGenerator calls until one yields tokens: the batched prefill of the prompts handed to it,
+        then one batched decode step for every decoding request; then the prompts that ended are kept."""
+        ended: dict = {}
         with self.bg.stats() as st:
             while True:
                 prompted, responses = self.bg.next()
-                self._keep_prompts(prompted)
+                ended.update(self._ended_prompts(prompted))
                 if responses or not prompted:
                     break
         with self._lock:
@@ -296,19 +296,23 @@ class Engine:
                 del self.decoding[r.uid]
                 self._end(d.job, "completed", queued=False)
                 self._keep(list(r.all_tokens), r.prompt_cache, d.base, job_blend=d.job.blend)
+        for uid, (caches, tokens) in ended.items():  # after the first tokens went out (finished: kept above)
+            if (d := self.decoding.get(uid)) is not None:
+                self._keep(list(tokens), caches, d.base, job_blend=d.job.blend)
 
-    def _keep_prompts(self, prompted: list) -> None:
-        """Prompts whose prefill in the BatchGenerator just ended (all but their last token) go into the
-        prefix cache at once, as mlx_lm.server keeps them: requests arriving while these still decode
+    def _ended_prompts(self, prompted: list) -> dict:
+        """{uid: (caches, tokens)} of the prompts whose prefill in the BatchGenerator just ended (all but
+        their last token; copied out now, kept once the step's tokens are out). They go into
+        the prefix cache at once, as mlx_lm.server keeps them: requests arriving while these still decode
         reuse them, not only those arriving after they finish. Under concurrent load that is what
         separated the two servers: 16 clients asking the same template of question over one published
         document prefilled 491 tokens in kvmlx against mlx_lm.server's 415 (docs/BENCHMARKS.md)."""
         ended = [r.uid for r in prompted if r.end_of_segment and not r.end_of_prompt and r.uid in self.decoding]
         if not ended or self.cache is None:
-            return
-        for uid, (caches, tokens) in self.bg.extract_cache(ended).items():
-            d = self.decoding[uid]
-            self._keep(list(tokens), caches, d.base, job_blend=d.job.blend)
+            return {}
+        caches = self.bg.extract_cache(ended)
+        mx.eval([c.state for cs, _ in caches.values() for c in cs])  # copies now: the batch's arrays move on
+        return caches
 
     # -- prefilling --
 
