@@ -155,8 +155,8 @@ class Engine:
 
     @contextmanager
     def arrival(self):
-        """Around a request's reading and tokenizing; yields `arrived()`, to call once it is submitted
-        (or refused; leaving the block calls it too). While any request is arriving, an idle engine holds
+        """Around a request's reading and tokenizing; yields `arrived()`, to call just before it is
+        submitted (leaving the block calls it too). While any request is arriving, an idle engine holds
         its first job back, at most `GATHER_SECONDS`, so that a burst is admitted, prefilled and decoded
         together rather than one request alone and then the rest (mlx_lm.server gets the same grouping
         by tokenizing every queued request on its generation thread before it steps)."""

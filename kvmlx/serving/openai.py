@@ -199,13 +199,12 @@ class Server:
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         out = _Output(self.lm.tokenizer, self.engine.eos, stops)
+        arrived()  # before it is queued: an idle engine taking it must not wait for it as still arriving
         try:
             self.engine.submit(job)
         except QueueFull as e:
             return self._error(429, str(e), "rate_limit_error", code="queue_full",
                                headers={"Retry-After": str(e.retry_after)})
-        finally:
-            arrived()
 
         if not body.get("stream"):
             try:
