@@ -138,35 +138,33 @@ class Server:
                              f"{self.max_prompt_tokens}", param, "context_length_exceeded")
 
     async def completions(self, request):
-        with self.engine.arrival() as arrived:
-            try:
-                body = await self._body(request)
-                tokens = req.prompt_tokens(body, self.lm.tokenizer, self.vocab_size)
-                self._check_length(tokens, "prompt")
-                params, stops = req.params(body, self.vocab_size, chat=False), req.stops(body)
-                blend = self._blend(body)
-            except BadRequest as e:
-                return self._error(e.status, str(e), param=e.param, code=e.code)
-            return await self._respond(request, body, tokens, params, stops, chat=False, blend=blend,
-                                       arrived=arrived)
+        return await self._handle(request, chat=False, param="prompt",
+                                  tokenize=lambda body: req.prompt_tokens(body, self.lm.tokenizer, self.vocab_size))
 
     async def chat(self, request):
+        return await self._handle(request, chat=True, param="messages", tokenize=self._chat_tokens)
+
+    def _chat_tokens(self, body: dict) -> list[int]:
+        msgs = req.messages(body)
+        try:
+            return _render(self.lm, msgs)
+        except ChatTemplateError as e:
+            raise BadRequest(str(e), "messages")
+        except Exception as e:  # a template that raises on this conversation (e.g. roles out of order)
+            raise BadRequest(f"the chat template cannot render these messages: {str(e)[:200]}", "messages")
+
+    async def _handle(self, request, *, chat: bool, param: str, tokenize: Callable[[dict], list[int]]):
+        """Read, check and tokenize a request (counted as arriving meanwhile: `Engine.arrival`), then answer it."""
         with self.engine.arrival() as arrived:
             try:
                 body = await self._body(request)
-                msgs = req.messages(body)
-                try:
-                    tokens = _render(self.lm, msgs)
-                except ChatTemplateError as e:
-                    raise BadRequest(str(e), "messages")
-                except Exception as e:  # a template that raises on this conversation (e.g. roles out of order)
-                    raise BadRequest(f"the chat template cannot render these messages: {str(e)[:200]}", "messages")
-                self._check_length(tokens, "messages")
-                params, stops = req.params(body, self.vocab_size, chat=True), req.stops(body)
+                tokens = tokenize(body)
+                self._check_length(tokens, param)
+                params, stops = req.params(body, self.vocab_size, chat=chat), req.stops(body)
                 blend = self._blend(body)
             except BadRequest as e:
                 return self._error(e.status, str(e), param=e.param, code=e.code)
-            return await self._respond(request, body, tokens, params, stops, chat=True, blend=blend,
+            return await self._respond(request, body, tokens, params, stops, chat=chat, blend=blend,
                                        arrived=arrived)
 
     def _blend(self, body: dict) -> BlendSettings | None:
