@@ -186,7 +186,7 @@ class Server:
         return blend
 
     async def _respond(self, request, body: dict, tokens: list[int], params: Params, stops: list[str], chat: bool,
-                       blend: BlendSettings | None = None, arrived: Callable[[], None] = lambda: None):
+                       blend: BlendSettings | None, arrived: Callable[[], None]):
         from starlette.responses import JSONResponse, StreamingResponse
 
         loop = asyncio.get_running_loop()
