@@ -77,6 +77,15 @@ def test_agent_turns_exact_across_restart(tiny, preset, toks, tmp_path, family):
         assert a.tiers == {"memory": before} and b.tiers == {"disk": before}
 
 
+def recorder(events: dict, done: dict, key):
+    """An `emit` for one job: its events go to events[key]; done[key] is set at its end."""
+    def f(kind, payload):
+        events[key].append((kind, payload))
+        if kind in ("done", "error", "timeout"):
+            done[key].set()
+    return f
+
+
 def run_engine(lm, root, convs, *, restart: bool, stream_params=None):
     """Turns of several conversations, all of a turn submitted together (one batch); returns per turn
     [(prompt, tokens, logprobs, start info)] per conversation."""
@@ -91,15 +100,9 @@ def run_engine(lm, root, convs, *, restart: bool, stream_params=None):
                 eng = make()
             events = [[] for _ in prompts]
             done = [threading.Event() for _ in prompts]
-
-            def emit(i):
-                def f(kind, payload):
-                    events[i].append((kind, payload))
-                    if kind in ("done", "error", "timeout"):
-                        done[i].set()
-                return f
             for i, p in enumerate(prompts):
-                eng.submit(Job(list(p), Params(max_tokens=ANSWER, ignore_eos=True, logprobs=True), emit(i)))
+                eng.submit(Job(list(p), Params(max_tokens=ANSWER, ignore_eos=True, logprobs=True),
+                               recorder(events, done, i)))
             assert all(d.wait(120) for d in done)
             row = []
             for i, ev in enumerate(events):
@@ -158,20 +161,13 @@ def test_engine_keeps_a_prompt_while_it_decodes(tiny, toks, tmp_path):
     first_prompt, prompt = toks[:60], toks[:60] + toks[300:310]
     events = {"first": [], "second": []}
     done = {k: threading.Event() for k in events}
-
-    def emit(name):
-        def f(kind, payload):
-            events[name].append((kind, payload))
-            if kind in ("done", "error", "timeout"):
-                done[name].set()
-        return f
     try:
-        first = Job(list(first_prompt), Params(max_tokens=4000, ignore_eos=True), emit("first"))
+        first = Job(list(first_prompt), Params(max_tokens=4000, ignore_eos=True), recorder(events, done, "first"))
         eng.submit(first)
         deadline = time.monotonic() + 60
         while not any(k == "token" for k, _ in events["first"]) and time.monotonic() < deadline:
             time.sleep(0.01)
-        eng.submit(Job(list(prompt), Params(max_tokens=ANSWER, ignore_eos=True), emit("second")))
+        eng.submit(Job(list(prompt), Params(max_tokens=ANSWER, ignore_eos=True), recorder(events, done, "second")))
         assert done["second"].wait(60)
         assert not done["first"].is_set()  # still decoding when it was reused
         first.cancelled.set()
